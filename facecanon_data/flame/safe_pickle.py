@@ -1,0 +1,128 @@
+"""Restricted unpickling for FLAME's pickles.
+
+FLAME 2020 ``generic_model.pkl`` is a Python 2 pickle holding ``chumpy`` arrays, ``scipy.sparse``
+matrices and numpy arrays; ``FLAME_masks.pkl`` holds numpy arrays. chumpy itself no longer imports on
+numpy >= 1.24, and a pickle may name any callable. So we never let pickle import anything: a fixed
+allow-list maps the globals these files legitimately use to safe constructors, chumpy objects become
+inert state holders converted to numpy afterwards, and every other global raises before it can run.
+"""
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """Raised when a pickle names a global outside the allow-list."""
+
+
+class _ChumpyPlaceholder:
+    """Stands in for ``chumpy.ch.Ch`` (and subclasses); keeps only the pickled state."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def to_numpy(self) -> np.ndarray:
+        state = self.state
+        if isinstance(state, dict):
+            for key in ("x", "a", "_x"):
+                if key in state and isinstance(state[key], np.ndarray):
+                    return np.asarray(state[key])
+            arrays = [v for v in state.values() if isinstance(v, np.ndarray)]
+            if len(arrays) == 1:
+                return np.asarray(arrays[0])
+        raise pickle.UnpicklingError("chumpy object without a recognizable array in its state")
+
+
+def _object_new(cls: type, *args: Any) -> Any:
+    """``copy_reg._reconstructor`` restricted to our placeholder and plain ``object``."""
+    return cls.__new__(cls)
+
+
+def _reconstructor(cls: type, base: type, state: Any) -> Any:
+    if cls is not _ChumpyPlaceholder:
+        raise UnsafePickleError(f"copy_reg._reconstructor for {cls!r} is not allowed")
+    return _ChumpyPlaceholder()
+
+
+def _sparse_class(name: str) -> type:
+    import scipy.sparse as sp
+
+    return getattr(sp, name)
+
+
+_NUMPY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+}
+_SPARSE_NAMES = {"csc_matrix", "csr_matrix", "coo_matrix"}
+_SPARSE_MODULES = {"scipy.sparse.csc", "scipy.sparse.csr", "scipy.sparse.coo", "scipy.sparse._csc",
+                   "scipy.sparse._csr", "scipy.sparse._coo", "scipy.sparse"}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only numpy arrays, scipy sparse matrices and chumpy arrays."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _NUMPY_GLOBALS:
+            import numpy.core.multiarray as multiarray  # noqa: F401  (numpy 1.x location)
+
+            if name == "_reconstruct":
+                return np.core.multiarray._reconstruct
+            if name == "scalar":
+                return np.core.multiarray.scalar
+            return getattr(np, name)
+        if module in _SPARSE_MODULES and name in _SPARSE_NAMES:
+            return _sparse_class(name)
+        if module.startswith("chumpy"):
+            return _ChumpyPlaceholder
+        if module in ("copy_reg", "copyreg") and name == "_reconstructor":
+            return _reconstructor
+        if module in ("__builtin__", "builtins") and name == "object":
+            return object
+        if (module, name) == ("_codecs", "encode"):  # protocol-2 pickles store bytes this way
+            import codecs
+
+            return codecs.encode
+        raise UnsafePickleError(f"refusing to load global {module}.{name}")
+
+
+def _to_plain(value: Any) -> Any:
+    """Replace chumpy placeholders by numpy arrays, recursively through dicts/lists."""
+    if isinstance(value, _ChumpyPlaceholder):
+        return value.to_numpy()
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_plain(v) for v in value)
+    return value
+
+
+def safe_load_pickle(path: str | Path) -> Any:
+    """Load a FLAME-family pickle without executing code from it.
+
+    Raises ``FileNotFoundError`` for a missing file and ``UnsafePickleError`` (naming the file and the
+    refused global) for anything outside the allow-list.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    data = path.read_bytes()
+    try:
+        obj = RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(f"{path}: {exc}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        raise pickle.UnpicklingError(f"{path}: not a readable FLAME pickle ({exc})") from None
+    return _to_plain(obj)
