@@ -1,1 +1,113 @@
-def main():\n    pass
+"""``facecanon-data``: the command line. It parses, configures logging, and delegates; nothing else.
+
+Contract for every stage subcommand: ``--root DIR`` (capture root, default from the pipeline),
+``--subject ID``, ``--work DIR``, ``--pipeline TOML`` (default ``pipelines/synthetic.toml``) and
+``--json`` (one JSON object with the stage's figures as the last line of stdout; logs go to stderr).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Build depth + FLAME canonical-map training data from multi-view face captures.")
+
+PipelineOpt = typer.Option(None, "--pipeline", help="Pipeline TOML (default: pipelines/synthetic.toml).")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object with the figures as the last stdout line.")
+
+
+@app.callback()
+def _group() -> None:
+    """Build depth + FLAME canonical-map training data from multi-view face captures."""
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _load(pipeline: Optional[Path], overrides: dict | None = None):
+    from .config import ConfigError, load_pipeline
+    from .paths import default_pipeline
+
+    try:
+        return load_pipeline(pipeline or default_pipeline(), overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _fail(message: str, code: int = 2):
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _emit(result: dict, as_json: bool, human: str) -> None:
+    if as_json:
+        typer.echo(json.dumps(result, default=str))
+    else:
+        typer.echo(human)
+
+
+@app.command()
+def synth(
+    out: Path = typer.Option(None, "--out", help="Output folder: writes OUT/capture (NeRSemble v2 layout), "
+                             "OUT/ground_truth and OUT/synth.json. Default: the pipeline's synth.out."),
+    subjects: int = typer.Option(None, "--subjects", min=1, help="Number of subjects (ids 900, 901, ...)."),
+    sequences: int = typer.Option(None, "--sequences", min=1, max=13,
+                                  help="Sequences per subject, named like NeRSemble's (EXP-1-head first)."),
+    frames: int = typer.Option(None, "--frames", min=1, help="Frames per sequence."),
+    seed: int = typer.Option(None, "--seed", help="Random seed; the output is deterministic for a seed."),
+    workers: int = typer.Option(None, "--workers", min=0, help="Render processes (0 = one per core)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify",
+                                help="Run FaceMesh on every frontal-camera frame and report the detection rate."),
+    pipeline: Optional[Path] = PipelineOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Render synthetic subjects with ground truth, in NeRSemble v2's on-disk layout."""
+    _setup_logging()
+    overrides = {k: v for k, v in dict(subjects=subjects, sequences=sequences, frames=frames, seed=seed,
+                                       workers=workers).items() if v is not None}
+    if out is not None:
+        overrides["out"] = str(out)
+    cfg = _load(pipeline, {"synth": overrides})
+    from rich.progress import Progress
+
+    from .synthetic.synth import synthesize
+
+    with Progress(transient=True, console=_stderr_console()) as bar:
+        task = bar.add_task("rendering videos", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        report = synthesize(cfg, verify=verify, progress=progress)
+    result = dataclasses.asdict(report)
+    rate = report.facemesh_detection_rate
+    human = (f"wrote {len(report.subjects)} subject(s) {', '.join(report.subjects)} x {len(report.sequences)} "
+             f"sequence(s) x {report.frames_per_sequence} frames x {report.cameras} cameras "
+             f"= {report.images_written} images at {report.full_resolution[0]}x{report.full_resolution[1]} "
+             f"(working {report.working_resolution[0]}x{report.working_resolution[1]}) into {report.out} "
+             f"in {report.seconds:.0f} s")
+    if rate is not None:
+        human += f"\nFaceMesh found a face in {rate:.1%} of {report.facemesh_frames} frontal-camera frames"
+    _emit(result, as_json, human)
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -240,3 +240,24 @@ def load_landmark_embedding(path: str | Path, num_faces: int) -> LandmarkEmbeddi
     if face_idx.max() >= num_faces or mp_idx.max() >= 478 or mp_idx.min() < 0:
         raise AssetError(f"{path}: indices out of range (faces {num_faces}, MediaPipe 478)")
     return LandmarkEmbedding(face_idx=face_idx, bary=bary, mediapipe_idx=mp_idx)
+
+
+def load_assets(flame_cfg) -> FlameAssets:
+    """The head model of a pipeline (``FlameConfig``): FLAME files, or the synthetic head (built on first use)."""
+    from ..paths import expand
+
+    if flame_cfg.kind == "synthetic":
+        from ..synthetic.head_model import ensure_head_model
+
+        files = ensure_head_model(expand(flame_cfg.synthetic_dir))
+        model_path, masks_path, emb_path = files.model, files.masks, files.embedding
+    else:
+        if not flame_cfg.model:
+            raise AssetError("flame.model is not set: point it at FLAME's generic_model.pkl (flame_assets/README.md)")
+        model_path = expand(flame_cfg.model)
+        masks_path = expand(flame_cfg.masks) if flame_cfg.masks else None
+        emb_path = expand(flame_cfg.embedding) if flame_cfg.embedding else None
+    model = load_flame_model(model_path)
+    masks = load_masks(masks_path, model.num_vertices) if masks_path else {}
+    emb = load_landmark_embedding(emb_path, len(model.faces)) if emb_path else None
+    return FlameAssets(model=model, masks=masks, embedding=emb)

@@ -17,6 +17,7 @@ import numpy as np
 from ..cameras import Camera
 
 BACKGROUND_RGB = np.array([0.62, 0.63, 0.65])
+HAIR_RGB = np.array([0.23, 0.16, 0.10], np.float32)
 LIGHT_DIR = np.array([0.25, 0.55, 0.8]) / np.linalg.norm([0.25, 0.55, 0.8])
 
 
@@ -43,12 +44,16 @@ class _Waves:
         d = rng.normal(size=(count, 3))
         d /= np.linalg.norm(d, axis=1, keepdims=True)
         lam = wavelength_m * rng.uniform(0.7, 1.4, size=count)
-        self.omega = (2 * np.pi / lam)[:, None] * d
-        self.phase = rng.uniform(0, 2 * np.pi, size=count)
-        self.norm = np.sqrt(count / 2.0)
+        self.omega = ((2 * np.pi / lam)[:, None] * d).T.astype(np.float32)  # (3, count)
+        self.phase = rng.uniform(0, 2 * np.pi, size=count).astype(np.float32)
+        self.norm = np.float32(np.sqrt(count / 2.0))
 
     def __call__(self, p: np.ndarray) -> np.ndarray:
-        return np.sin(p @ self.omega.T + self.phase).sum(1) / self.norm
+        """(N, 3) float32 points, meters -> (N,) float32, unit variance."""
+        arg = p @ self.omega
+        arg += self.phase
+        np.sin(arg, out=arg)
+        return arg.sum(1) / self.norm
 
 
 class HeadRenderer:
@@ -58,10 +63,14 @@ class HeadRenderer:
         faces: (F, 3) triangles. texture: the model's texture attributes (``synthetic_texture.npz``).
         template: (V, 3) template vertices: the texture is a function of these.
         photo: (h, w, 3) uint8 photograph the face texture comes from.
+        ``texture``, ``template`` and ``photo`` may be None for geometry-only rendering (``color=False``).
     """
 
-    def __init__(self, faces: np.ndarray, texture: dict, template: np.ndarray, photo: np.ndarray):
+    def __init__(self, faces: np.ndarray, texture: dict | None, template: np.ndarray | None,
+                 photo: np.ndarray | None):
         self.faces = faces.astype(np.int64)
+        if texture is None:  # geometry only (ground-truth maps)
+            return
         self.template = template.astype(np.float32)
         self.photo = photo.astype(np.float32) / 255.0
         self.photo_uv = texture["photo_uv"].astype(np.float32)
@@ -128,15 +137,21 @@ class HeadRenderer:
         a = self._interp(attrs, tri, bary)
         uv, w_photo, w_hair, w_mouth = a[:, :2], a[:, 2:3], a[:, 3:4], a[:, 4:5]
         # Procedural skin: tone variation, mottling and small dark spots (features for SIFT).
+        # Each pattern is evaluated only where it is visible (the waves dominate the cost).
         spots = np.clip((self.spots(p) - 1.0) * 1.6, 0, 1)[:, None]
-        skin = self.skin * (1 + 0.07 * self.tone(p)[:, None] + 0.06 * self.mottle(p)[:, None]) * (1 - 0.35 * spots)
-        hair_base = np.array([0.23, 0.16, 0.10], np.float32)
-        hair = hair_base * (1 + 0.35 * self.strands(p * np.array([1.0, 0.25, 1.0]))[:, None]
-                            + 0.15 * self.mottle(p)[:, None])
-        photo = _bilinear(self.photo, uv)
-        photo = photo * (1 - 0.1 * spots)  # fine detail the upsampled photo lacks
-        col = skin * (1 - w_hair) + hair * w_hair
-        col = col * (1 - w_photo) + photo * w_photo
+        col = _bilinear(self.photo, uv) * (1 - 0.1 * spots)  # fine detail the upsampled photo lacks
+        proc = w_photo[:, 0] < 0.999
+        if proc.any():
+            q, wh, sp = p[proc], w_hair[proc], spots[proc]
+            mottle = self.mottle(q)[:, None]
+            skin = self.skin * (1 + 0.07 * self.tone(q)[:, None] + 0.06 * mottle) * (1 - 0.35 * sp)
+            hairy = wh[:, 0] > 1e-3
+            if hairy.any():
+                strands = self.strands(q[hairy] * np.array([1.0, 0.25, 1.0], np.float32))[:, None]
+                hair = HAIR_RGB * (1 + 0.35 * strands + 0.15 * mottle[hairy])
+                skin[hairy] = skin[hairy] * (1 - wh[hairy]) + hair * wh[hairy]
+            wp = w_photo[proc]
+            col[proc] = col[proc] * wp + skin * (1 - wp)
         col = col * (1 - w_mouth) + np.array([0.18, 0.05, 0.05], np.float32) * w_mouth
         # Lambertian shading with smooth (interpolated) vertex normals of the posed mesh.
         normals = self._vertex_normals(vertices)

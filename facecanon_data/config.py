@@ -1,0 +1,137 @@
+"""Typed pipeline configuration, loaded from ``pipelines/*.toml``.
+
+Every default lives here, in the dataclasses; a TOML file only overrides. Unknown tables or keys and
+wrongly typed values are errors that name the file and the key. Paths may use ``{project}`` for the
+repository root; other relative paths are relative to the current directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .cameras import FRONTAL_SERIAL
+
+
+class ConfigError(ValueError):
+    """A pipeline file is unreadable or has an unknown / mistyped key; names the file and key."""
+
+
+@dataclass
+class CaptureConfig:
+    """Where the capture is and how images are read."""
+
+    root: str = "synth-out/capture"  # NeRSemble v2 root ({pid}/calibration, {pid}/sequences)
+    ground_truth: str = ""  # synthetic ground-truth folder; empty for real captures
+    downscale: int = 4  # working resolution = full / downscale (the paper: 4)
+    color_correction: bool = True  # apply color_calibration.json where present
+    frontal_serial: str = FRONTAL_SERIAL
+
+
+@dataclass
+class FlameConfig:
+    """The head model. ``kind = "synthetic"`` generates the project's own head on first use."""
+
+    kind: str = "synthetic"  # "synthetic" | "flame"
+    model: str = ""  # FLAME: generic_model.pkl / flame2023.pkl
+    masks: str = ""  # FLAME: FLAME_masks.pkl
+    embedding: str = ""  # FLAME: mediapipe_landmark_embedding.npz
+    synthetic_dir: str = "{project}/flame_assets/synthetic"
+
+
+@dataclass
+class SynthConfig:
+    """The embedded synthetic capture (``facecanon-data synth``)."""
+
+    out: str = "synth-out"  # writes {out}/capture and {out}/ground_truth
+    subjects: int = 1
+    sequences: int = 2
+    frames: int = 30
+    seed: int = 0
+    width: int = 832  # full-resolution image size; the working size is width / capture.downscale
+    height: int = 1216
+    focal: float = 2900.0  # pixels at full resolution
+    camera_distance: float = 1.05  # meters
+    max_yaw_deg: float = 40.0
+    fps: float = 25.0
+    alpha_maps: bool = True  # also write foreground mattes, like some NeRSemble releases
+    workers: int = 0  # render processes; 0 = one per core
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "synthetic"
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    flame: FlameConfig = field(default_factory=FlameConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    source_file: str = ""  # where it was loaded from (not part of the hash)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source_file")
+        return d
+
+    def hash(self) -> str:
+        """Content hash of the effective configuration (recorded in every artifact)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ in (int, float, str, bool) and not (isinstance(value, typ) and not (typ is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _fill(obj: Any, table: dict[str, Any], where: str) -> None:
+    hints = get_type_hints(type(obj))
+    for key, value in table.items():
+        if key not in hints or key == "source_file":
+            known = ", ".join(k for k in hints if k != "source_file")
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {known})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{key}: expected a table")
+            _fill(current, value, f"{where}.{key}")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], f"{where}.{key}"))
+
+
+def load_pipeline(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read a pipeline TOML over the defaults; ``overrides`` is a nested dict applied last."""
+    from .paths import expand
+
+    path = expand(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: pipeline file not found")
+    try:
+        table = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    cfg = PipelineConfig()
+    _fill(cfg, table, str(path))
+    if overrides:
+        _fill(cfg, overrides, f"{path} (command-line overrides)")
+    cfg.source_file = str(path)
+    _validate(cfg, str(path))
+    return cfg
+
+
+def _validate(cfg: PipelineConfig, where: str) -> None:
+    if cfg.capture.downscale < 1:
+        raise ConfigError(f"{where}: capture.downscale must be >= 1")
+    if cfg.flame.kind not in ("synthetic", "flame"):
+        raise ConfigError(f"{where}: flame.kind must be 'synthetic' or 'flame', got {cfg.flame.kind!r}")
+    s = cfg.synth
+    for name in ("subjects", "sequences", "frames", "width", "height"):
+        if getattr(s, name) < 1:
+            raise ConfigError(f"{where}: synth.{name} must be >= 1")
+    if s.width % 2 or s.height % 2:
+        raise ConfigError(f"{where}: synth.width and synth.height must be even (video encoding)")

@@ -1,0 +1,183 @@
+"""NeRSemble v2 on disk, in the layout its official data kit reads.
+
+``{root}/{pid}/calibration/camera_params.json``  ``{"world_2_cam": {serial: 4x4}, "intrinsics": 3x3}``
+``{root}/{pid}/calibration/color_calibration.json``  ``{serial: (3, terms) CCM}`` (optional)
+``{root}/{pid}/sequences/{SEQ}/images/cam_{serial}.mp4``
+``{root}/{pid}/sequences/{SEQ}/alpha_maps/cam_{serial}.mp4`` (optional foreground mattes)
+"""
+from __future__ import annotations
+
+import json
+import re
+from contextlib import ExitStack
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from ..cameras import NERSEMBLE_SERIALS, Camera
+from .base import CaptureSource, GroundTruthAccess
+from .video import CaptureFileError, VideoReader
+
+NON_PERFORMANCE_SEQUENCES = ("BACKGROUND",)
+_SUBJECT_RE = re.compile(r"^\d{3}$")
+
+
+def _resize(image: np.ndarray, downscale: float) -> np.ndarray:
+    if downscale == 1:
+        return image
+    import cv2
+
+    h, w = image.shape[:2]
+    size = (int(round(w / downscale)), int(round(h / downscale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CaptureFileError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CaptureFileError(f"{path}: not valid JSON ({exc})") from None
+
+
+class NeRSembleSource(CaptureSource):
+    """Reads NeRSemble v2 captures (and the synthetic captures written in the same layout).
+
+    Args:
+        root: folder holding ``{pid:03d}/`` subject folders.
+        ground_truth_root: folder of synthetic ground truth (``{pid}/...``); None for real data.
+        color_correction: apply ``color_calibration.json`` when the subject has one.
+    """
+
+    def __init__(self, root: str | Path, ground_truth_root: str | Path | None = None,
+                 color_correction: bool = True):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise CaptureFileError(f"{self.root}: capture root not found")
+        self.ground_truth_root = Path(ground_truth_root) if ground_truth_root else None
+        self.color_correction = color_correction
+        self._calibration = lru_cache(maxsize=None)(self._load_calibration)
+        self._ccm = lru_cache(maxsize=None)(self._load_ccm)
+
+    # -- layout --------------------------------------------------------------------------------
+    def subject_dir(self, subject: str) -> Path:
+        if not _SUBJECT_RE.match(subject):
+            raise ValueError(f"subject id {subject!r} is not a 3-digit NeRSemble id")
+        path = self.root / subject
+        if not path.is_dir():
+            raise CaptureFileError(f"{path}: subject folder not found")
+        return path
+
+    def video_path(self, subject: str, sequence: str, serial: str, kind: str = "images") -> Path:
+        return self.subject_dir(subject) / "sequences" / sequence / kind / f"cam_{serial}.mp4"
+
+    def subjects(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and _SUBJECT_RE.match(p.name)
+                      and (p / "calibration" / "camera_params.json").is_file())
+
+    def sequences(self, subject: str) -> list[str]:
+        seq_dir = self.subject_dir(subject) / "sequences"
+        if not seq_dir.is_dir():
+            raise CaptureFileError(f"{seq_dir}: no sequences folder")
+        return sorted(p.name for p in seq_dir.iterdir()
+                      if p.is_dir() and p.name not in NON_PERFORMANCE_SEQUENCES and (p / "images").is_dir())
+
+    # -- calibration ---------------------------------------------------------------------------
+    def _load_calibration(self, subject: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        path = self.subject_dir(subject) / "calibration" / "camera_params.json"
+        raw = _read_json(path)
+        try:
+            w2c = {str(s): np.asarray(m, dtype=np.float64) for s, m in raw["world_2_cam"].items()}
+            k = np.asarray(raw["intrinsics"], dtype=np.float64)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CaptureFileError(f"{path}: expected keys 'world_2_cam' and 'intrinsics' ({exc})") from None
+        if k.shape != (3, 3) or any(m.shape != (4, 4) for m in w2c.values()) or not w2c:
+            raise CaptureFileError(f"{path}: intrinsics must be 3x3 and every world_2_cam 4x4")
+        for serial, m in w2c.items():
+            r = m[:3, :3]
+            if not np.allclose(r @ r.T, np.eye(3), atol=1e-4) or not np.allclose(m[3], [0, 0, 0, 1]):
+                raise CaptureFileError(f"{path}: world_2_cam of camera {serial} is not a rigid transform")
+        return w2c, k
+
+    def _load_ccm(self, subject: str) -> dict[str, np.ndarray] | None:
+        path = self.subject_dir(subject) / "calibration" / "color_calibration.json"
+        if not (self.color_correction and path.is_file()):
+            return None
+        raw = _read_json(path)
+        out = {}
+        for serial, m in raw.items():
+            m = np.asarray(m, dtype=np.float64)
+            if m.ndim != 2 or m.shape[0] != 3:
+                raise CaptureFileError(f"{path}: CCM of camera {serial} has shape {m.shape}, expected (3, terms)")
+            out[str(serial)] = m
+        return out
+
+    def serials(self, subject: str) -> list[str]:
+        w2c, _ = self._calibration(subject)
+        order = {s: i for i, s in enumerate(NERSEMBLE_SERIALS)}
+        return sorted(w2c, key=lambda s: (order.get(s, len(order)), s))
+
+    def image_size(self, subject: str, sequence: str | None = None) -> tuple[int, int]:
+        """(width, height) at full resolution, read from a video header (calibration has no size)."""
+        sequence = sequence or self.sequences(subject)[0]
+        with VideoReader(self.video_path(subject, sequence, self.serials(subject)[0])) as r:
+            return r.width, r.height
+
+    def cameras(self, subject: str, sequence: str | None = None, downscale: float = 1) -> dict[str, Camera]:
+        w2c, k = self._calibration(subject)
+        width, height = self.image_size(subject, sequence)
+        return {s: Camera(s, k.copy(), w2c[s], width, height).scaled(downscale) for s in self.serials(subject)}
+
+    # -- frames --------------------------------------------------------------------------------
+    def num_frames(self, subject: str, sequence: str) -> int:
+        with VideoReader(self.video_path(subject, sequence, self.serials(subject)[0])) as r:
+            return r.num_frames
+
+    def _postprocess(self, subject: str, serial: str, image: np.ndarray, downscale: float) -> np.ndarray:
+        ccm = self._ccm(subject)
+        if ccm is not None:
+            from .color import apply_color_correction
+
+            if serial not in ccm:
+                raise CaptureFileError(f"{self.subject_dir(subject)}/calibration/color_calibration.json: "
+                                       f"no CCM for camera {serial}")
+            image = apply_color_correction(image, ccm[serial])
+        return _resize(image, downscale)
+
+    def frames(self, subject: str, sequence: str, serial: str, indices: Iterable[int] | None = None,
+               downscale: float = 1) -> Iterator[tuple[int, np.ndarray]]:
+        with VideoReader(self.video_path(subject, sequence, serial)) as reader:
+            for i, img in reader.frames(indices):
+                yield i, self._postprocess(subject, serial, img, downscale)
+
+    def timestamps(self, subject: str, sequence: str, indices: Iterable[int],
+                   downscale: float = 1) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        serials = self.serials(subject)
+        with ExitStack() as stack:
+            readers = {s: stack.enter_context(VideoReader(self.video_path(subject, sequence, s))) for s in serials}
+            for i in sorted(set(int(i) for i in indices)):
+                yield i, {s: self._postprocess(subject, s, r.read(i), downscale) for s, r in readers.items()}
+
+    def masks(self, subject: str, sequence: str, serial: str, indices: Iterable[int],
+              downscale: float = 1) -> Iterator[tuple[int, np.ndarray]] | None:
+        path = self.video_path(subject, sequence, serial, kind="alpha_maps")
+        if not path.is_file():
+            return None
+
+        def gen():
+            with VideoReader(path) as reader:
+                for i, img in reader.frames(indices):
+                    yield i, _resize(img[..., 0], downscale).astype(np.float32) / 255.0
+
+        return gen()
+
+    def ground_truth(self, subject: str) -> GroundTruthAccess | None:
+        if self.ground_truth_root is None or not (self.ground_truth_root / subject).is_dir():
+            return None
+        from ..synthetic.ground_truth import SyntheticGroundTruth
+
+        return SyntheticGroundTruth(self.ground_truth_root / subject, self.cameras(subject))

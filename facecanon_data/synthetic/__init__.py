@@ -1,0 +1,1 @@
+"""The embedded synthetic capture: a morphable head in FLAME's layout, rendered in NeRSemble's layout."""

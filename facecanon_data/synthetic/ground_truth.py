@@ -1,0 +1,64 @@
+"""Ground truth of a synthetic subject, kept apart from the capture the pipeline reads.
+
+On disk, ``{gt_root}/{pid}/``:
+  ``subject.npz``  shape (S,), offsets (V, 3), canonical_vertices (V, 3), faces (F, 3), model_digest
+  ``{SEQ}.npz``    per frame: expression (T, E), global_rot/neck/jaw/left_eye/right_eye/translation
+                   (T, 3), vertices (T, V, 3) float32 posed mesh in world meters
+
+Per-view maps are not stored (16 views x frames x 4 float channels would be gigabytes); they are
+ray-cast on request from the stored posed mesh with the same renderer and cameras that made the
+images, so they are exactly the ground truth of what the video shows.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from ..cameras import Camera
+
+
+class SyntheticGroundTruth:
+    def __init__(self, folder: str | Path, cameras: dict[str, Camera]):
+        self.folder = Path(folder)
+        path = self.folder / "subject.npz"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: ground-truth subject file not found")
+        with np.load(path, allow_pickle=False) as z:
+            self.subject = {k: z[k] for k in z.files}
+        self.cameras = cameras
+        self._sequence = lru_cache(maxsize=4)(self._load_sequence)
+
+    @property
+    def faces(self) -> np.ndarray:
+        return self.subject["faces"]
+
+    def canonical_vertices(self) -> np.ndarray:
+        """(V, 3) float32 canonical mesh: shape + static offsets, zero expression and pose."""
+        return self.subject["canonical_vertices"]
+
+    def _load_sequence(self, sequence: str) -> dict[str, np.ndarray]:
+        path = self.folder / f"{sequence}.npz"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: ground truth for sequence {sequence!r} not found")
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    def frame(self, sequence: str, frame: int) -> dict[str, np.ndarray]:
+        """Parameters and posed ``vertices`` (V, 3) of one frame."""
+        seq = self._sequence(sequence)
+        if not 0 <= frame < len(seq["vertices"]):
+            raise IndexError(f"{self.folder}/{sequence}.npz: frame {frame} out of range")
+        return {k: v[frame] for k, v in seq.items()}
+
+    def view_maps(self, sequence: str, frame: int, serial: str, downscale: float = 1) -> dict[str, np.ndarray]:
+        """Ground-truth maps of one view: depth (H, W) m (0 = empty), mask (H, W) bool,
+        canonical (H, W, 3) m, triangle (H, W) int64 (-1 = empty)."""
+        from .render import HeadRenderer
+
+        cam = self.cameras[serial].scaled(downscale)
+        renderer = HeadRenderer(self.faces, None, None, None)
+        out = renderer.render(self.frame(sequence, frame)["vertices"], cam,
+                              canonical_vertices=self.canonical_vertices(), color=False)
+        return {"depth": out.depth, "mask": out.mask, "canonical": out.canonical, "triangle": out.triangle}

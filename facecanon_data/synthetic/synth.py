@@ -1,0 +1,209 @@
+"""``facecanon-data synth``: render synthetic subjects in NeRSemble v2's layout, ground truth aside.
+
+Output (``out``):
+  ``capture/{pid}/calibration/camera_params.json``, ``capture/{pid}/sequences/{SEQ}/images/cam_{serial}.mp4``
+  (+ ``alpha_maps/`` when enabled) — read unchanged by :class:`NeRSembleSource`;
+  ``ground_truth/{pid}/subject.npz`` and ``ground_truth/{pid}/{SEQ}.npz`` (see ``ground_truth.py``);
+  ``synth.json`` — the configuration, seed and summary.
+
+Each subject is written into a hidden staging folder and renamed into place when complete, so an
+interrupted run never leaves a half-written subject that a reader could mistake for a whole one.
+Subject ids are 900, 901, ... (never a real NeRSemble id). Deterministic for a seed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..cameras import Camera
+from ..config import PipelineConfig, SynthConfig
+from .performance import SEQUENCE_NAMES, random_identity, random_performance
+from .rig import nersemble_like_rig
+
+log = logging.getLogger(__name__)
+FIRST_SYNTHETIC_ID = 900
+
+
+@dataclass
+class SynthReport:
+    out: str
+    subjects: list[str]
+    sequences: list[str]
+    frames_per_sequence: int
+    cameras: int
+    full_resolution: tuple[int, int]
+    working_resolution: tuple[int, int]
+    images_written: int
+    seconds: float
+    facemesh_detection_rate: float | None = None
+    facemesh_frames: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# render workers (one process per core; each renders whole videos, one writer per file)
+
+_WORKER: dict = {}
+
+
+def _init_worker(asset_dir: str) -> None:
+    from skimage import data
+
+    from ..flame.assets import load_flame_model
+    from .head_model import model_files
+    from .render import HeadRenderer
+
+    files = model_files(asset_dir)
+    model = load_flame_model(files.model)
+    with np.load(files.texture) as z:
+        texture = {k: z[k] for k in z.files}
+    _WORKER["renderer"] = HeadRenderer(model.faces, texture, model.v_template, data.astronaut())
+
+
+def _render_video(task: dict) -> int:
+    """Render one camera of one sequence into its mp4 (and alpha mp4)."""
+    from ..sources.video import VideoWriter
+
+    renderer = _WORKER["renderer"]
+    cam: Camera = task["camera"]
+    vertices = np.load(task["vertices_file"], mmap_mode="r")
+    writers = [VideoWriter(task["video"], cam.width, cam.height, task["fps"])]
+    if task["alpha"]:
+        writers.append(VideoWriter(task["alpha"], cam.width, cam.height, task["fps"]))
+    try:
+        for t in range(len(vertices)):
+            out = renderer.render(np.asarray(vertices[t]), cam)
+            writers[0].write(out.rgb)
+            if task["alpha"]:
+                writers[1].write(np.repeat((out.mask * 255).astype(np.uint8)[..., None], 3, -1))
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    for w in writers:
+        w.close()
+    return len(vertices)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def synthesize(cfg: PipelineConfig, out: str | Path | None = None, verify: bool = True,
+               progress=None) -> SynthReport:
+    """Render ``cfg.synth`` subjects into ``out`` (default ``cfg.synth.out``); see module docstring."""
+    import torch
+
+    from ..flame.assets import load_assets
+    from ..flame.lbs import FlameLayer, FlameParams
+    from ..paths import expand
+
+    s: SynthConfig = cfg.synth
+    out = Path(out or s.out)
+    if s.sequences > len(SEQUENCE_NAMES):
+        raise ValueError(f"--sequences at most {len(SEQUENCE_NAMES)} (NeRSemble's performance sequences)")
+    work_w, work_h = s.width // cfg.capture.downscale, s.height // cfg.capture.downscale
+    if work_w < 400:
+        log.warning("working resolution %dx%d is narrower than 400 px", work_w, work_h)
+    t0 = time.time()
+    assets = load_assets(cfg.flame)
+    model = assets.model
+    layer = FlameLayer(model)
+    cameras = nersemble_like_rig(s.width, s.height, s.focal, s.camera_distance)
+    capture_root, gt_root = out / "capture", out / "ground_truth"
+    capture_root.mkdir(parents=True, exist_ok=True)
+    gt_root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(s.seed)
+    sequences = list(SEQUENCE_NAMES[: s.sequences])
+    subjects = [f"{FIRST_SYNTHETIC_ID + i:03d}" for i in range(s.subjects)]
+    workers = s.workers or max(1, min(os.cpu_count() or 1, 16))
+    total_videos = len(subjects) * len(sequences) * len(cameras)
+    done_videos = 0
+    images = 0
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # torch/open3d state in the parent must not leak into workers
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(str(expand(cfg.flame.synthetic_dir)),)) as pool:
+        for pid in subjects:
+            stage_cap = capture_root / f".{pid}.partial"
+            stage_gt = gt_root / f".{pid}.partial"
+            for d in (stage_cap, stage_gt):
+                shutil.rmtree(d, ignore_errors=True)
+                d.mkdir(parents=True)
+            ident = random_identity(rng, model.v_template, model.num_shape)
+            _write_calibration(stage_cap / "calibration", cameras)
+            params0 = FlameParams.zeros(1, model.num_shape, model.num_expression)
+            params0.shape = torch.as_tensor(ident.shape)
+            params0.offsets = torch.as_tensor(ident.offsets)
+            canonical = layer.canonical_vertices(params0).numpy().astype(np.float32)
+            np.savez(stage_gt / "subject.npz", shape=ident.shape, offsets=ident.offsets,
+                     canonical_vertices=canonical, faces=model.faces, model_digest=np.array(model.digest),
+                     seed=np.array(s.seed))
+            tasks = []
+            for si, seq in enumerate(sequences):
+                perf = random_performance(rng, s.frames, model.num_expression, head_sequence=(si == 0),
+                                          max_yaw_deg=s.max_yaw_deg)
+                p = FlameParams.from_numpy({**perf.as_dict(), "shape": ident.shape, "offsets": ident.offsets})
+                with torch.no_grad():
+                    verts = layer(p).numpy().astype(np.float32)
+                np.savez(stage_gt / f"{seq}.npz", vertices=verts, **perf.as_dict())
+                vfile = stage_gt / f".{seq}.vertices.npy"
+                np.save(vfile, verts)
+                seq_dir = stage_cap / "sequences" / seq
+                for cam in cameras:
+                    tasks.append({"camera": cam, "vertices_file": str(vfile), "fps": s.fps,
+                                  "video": str(seq_dir / "images" / f"cam_{cam.serial}.mp4"),
+                                  "alpha": str(seq_dir / "alpha_maps" / f"cam_{cam.serial}.mp4") if s.alpha_maps else ""})
+            for n in pool.map(_render_video, tasks):
+                images += n
+                done_videos += 1
+                if progress:
+                    progress(done_videos, total_videos)
+            for f in stage_gt.glob(".*.vertices.npy"):
+                f.unlink()
+            for final, stage in ((capture_root / pid, stage_cap), (gt_root / pid, stage_gt)):
+                if final.exists():
+                    shutil.rmtree(final)
+                stage.rename(final)
+    report = SynthReport(out=str(out), subjects=subjects, sequences=sequences, frames_per_sequence=s.frames,
+                         cameras=len(cameras), full_resolution=(s.width, s.height),
+                         working_resolution=(work_w, work_h), images_written=images, seconds=0.0)
+    if verify:
+        from ..sources import NeRSembleSource
+
+        rate, n = facemesh_detection_rate(NeRSembleSource(capture_root), subjects, cfg.capture.frontal_serial,
+                                          cfg.capture.downscale)
+        report.facemesh_detection_rate, report.facemesh_frames = rate, n
+    report.seconds = round(time.time() - t0, 1)
+    (out / "synth.json").write_text(json.dumps({"config": cfg.to_dict(), "config_hash": cfg.hash(),
+                                                "report": report.__dict__}, indent=2))
+    return report
+
+
+def _write_calibration(folder: Path, cameras: list[Camera]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    params = {"world_2_cam": {c.serial: c.world_2_cam.tolist() for c in cameras},
+              "intrinsics": cameras[0].K.tolist()}
+    (folder / "camera_params.json").write_text(json.dumps(params, indent=1))
+
+
+def facemesh_detection_rate(source, subjects: list[str], serial: str, downscale: float) -> tuple[float, int]:
+    """Fraction of frontal-camera frames (all sequences) in which FaceMesh finds a face."""
+    from ..facemesh import FaceMeshDetector
+
+    found = total = 0
+    with FaceMeshDetector(static_image_mode=True) as det:
+        for pid in subjects:
+            for seq in source.sequences(pid):
+                for _, img in source.frames(pid, seq, serial, downscale=downscale):
+                    total += 1
+                    found += det.detect(img) is not None
+    return (found / total if total else 0.0), total
