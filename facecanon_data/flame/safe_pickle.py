@@ -71,6 +71,10 @@ _SPARSE_MODULES = {"scipy.sparse.csc", "scipy.sparse.csr", "scipy.sparse.coo", "
                    "scipy.sparse._csr", "scipy.sparse._coo", "scipy.sparse"}
 
 
+# Containers chumpy's state uses; constructing them runs no user code.
+_SAFE_BUILTINS = {"object": object, "set": set, "frozenset": frozenset, "slice": slice}
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only numpy arrays, scipy sparse matrices and chumpy arrays."""
 
@@ -89,8 +93,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             return _ChumpyPlaceholder
         if module in ("copy_reg", "copyreg") and name == "_reconstructor":
             return _reconstructor
-        if module in ("__builtin__", "builtins") and name == "object":
-            return object
+        if module in ("__builtin__", "builtins") and name in _SAFE_BUILTINS:
+            return _SAFE_BUILTINS[name]
         if (module, name) == ("_codecs", "encode"):  # protocol-2 pickles store bytes this way
             import codecs
 

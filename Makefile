@@ -1,0 +1,33 @@
+# `make demo` and `make test` do all set-up themselves on a fresh machine (venv, system library, package).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test sysdeps clean
+
+# open3d needs libusb-1.0 at import time; install it when missing and we are root, else say what to do.
+sysdeps:
+	@if ! ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0'; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing libusb-1.0-0 (needed by open3d)"; \
+	    apt-get update -qq >/dev/null && apt-get install -y -qq libusb-1.0-0 >/dev/null; \
+	  else \
+	    echo "error: open3d needs the system library libusb-1.0-0; run: sudo apt-get install libusb-1.0-0" >&2; exit 1; \
+	  fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory sysdeps
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/facecanon-data synth --out demo-out --subjects 1 --sequences 2 --frames 30 --seed 0
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) demo-out synth-out .pytest_cache flame_assets/synthetic

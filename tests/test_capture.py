@@ -1,0 +1,112 @@
+"""synth -> NeRSembleSource round trip, ground-truth consistency, FaceMesh on the frontal camera."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from facecanon_data.cameras import FRONTAL_SERIAL, NERSEMBLE_SERIALS
+from facecanon_data.sources import CaptureFileError, NeRSembleSource
+
+
+@pytest.fixture(scope="module")
+def source(synth_capture):
+    out = synth_capture["out"]
+    return NeRSembleSource(out / "capture", out / "ground_truth")
+
+
+def test_layout_counts_and_cameras(source, synth_capture):
+    cfg = synth_capture["cfg"]
+    assert source.subjects() == ["900"]
+    assert source.sequences("900") == ["EXP-1-head", "EXP-2-eyes"]
+    assert set(source.serials("900")) == set(NERSEMBLE_SERIALS) and len(source.serials("900")) == 16
+    assert source.num_frames("900", "EXP-1-head") == 8
+    cams = source.cameras("900", downscale=cfg.capture.downscale)
+    front = cams[FRONTAL_SERIAL]
+    assert (front.width, front.height) == (416, 608) and front.width >= 400
+    assert front.K[0, 0] == pytest.approx(cfg.synth.focal / 2)
+    # The frontal camera looks straight at the face: its centre is on the +z axis.
+    c = front.center
+    assert abs(c[0]) < 1e-6 and c[2] > 0.9
+    # Cameras are about 1 m from the head.
+    dists = [np.linalg.norm(cam.center) for cam in cams.values()]
+    assert 0.9 < min(dists) and max(dists) < 1.2
+    assert not list((synth_capture["out"] / "capture").glob(".*partial*"))
+
+
+def test_sequential_and_timestamp_reads_agree(source):
+    seq = "EXP-2-eyes"
+    by_camera = dict(source.frames("900", seq, FRONTAL_SERIAL, indices=[1, 5, 6], downscale=2))
+    assert sorted(by_camera) == [1, 5, 6]
+    ts = source.timestamp("900", seq, 5, downscale=2)
+    assert set(ts) == set(source.serials("900"))
+    np.testing.assert_array_equal(ts[FRONTAL_SERIAL], by_camera[5])
+    assert ts[FRONTAL_SERIAL].shape == (608, 416, 3) and ts[FRONTAL_SERIAL].dtype == np.uint8
+
+
+def test_ground_truth_mesh_projects_into_masks_and_onto_depth(source):
+    gt = source.ground_truth("900")
+    assert gt is not None
+    cams = source.cameras("900", downscale=2)
+    checked = 0
+    for serial in (FRONTAL_SERIAL, "222200042", "221501007"):
+        frame = gt.frame("EXP-1-head", 3)
+        maps = gt.view_maps("EXP-1-head", 3, serial, downscale=2)
+        cam = cams[serial]
+        uv, z = cam.project(frame["vertices"].astype(np.float64))
+        px = np.floor(uv + 0.5).astype(int)
+        inside = (px[:, 0] >= 0) & (px[:, 0] < cam.width) & (px[:, 1] >= 0) & (px[:, 1] < cam.height)
+        assert inside.all()
+        in_mask = maps["mask"][px[:, 1], px[:, 0]]
+        assert in_mask.mean() > 0.97
+        # The rest sit on the silhouette: in the 8-neighbourhood of the mask.
+        import scipy.ndimage as ndi
+
+        near = ndi.binary_dilation(maps["mask"], structure=np.ones((3, 3)))[px[:, 1], px[:, 0]]
+        assert near.all()
+        d = maps["depth"][px[:, 1], px[:, 0]]
+        # No vertex lies in front of the rendered surface; the visible ones lie on it.
+        assert (d[in_mask] <= z[in_mask] + 0.003).mean() > 0.99
+        assert (np.abs(d[in_mask] - z[in_mask]) < 0.002).mean() > 0.3
+        checked += 1
+    assert checked == 3
+
+
+def test_ground_truth_masks_match_alpha_maps_and_canonical_is_neutral(source):
+    gt = source.ground_truth("900")
+    maps = gt.view_maps("EXP-2-eyes", 4, FRONTAL_SERIAL, downscale=2)
+    alpha = dict(source.masks("900", "EXP-2-eyes", FRONTAL_SERIAL, [4], downscale=2))[4] > 0.5
+    assert (alpha == maps["mask"]).mean() > 0.99
+    canon = maps["canonical"][maps["mask"]]
+    cv = gt.canonical_vertices()
+    lo, hi = cv.min(0) - 1e-4, cv.max(0) + 1e-4
+    assert ((canon >= lo) & (canon <= hi)).all()
+    assert np.abs(maps["canonical"][~maps["mask"]]).max() == 0
+
+
+def test_facemesh_finds_the_face_in_frontal_frames(synth_capture):
+    report = synth_capture["report"]
+    assert report.facemesh_frames == 16
+    assert report.facemesh_detection_rate >= 0.95
+
+
+def test_synth_json_records_config_and_hash(synth_capture):
+    meta = json.loads((synth_capture["out"] / "synth.json").read_text())
+    assert meta["config_hash"] == synth_capture["cfg"].hash()
+    assert meta["report"]["images_written"] == 2 * 8 * 16
+
+
+def test_errors_name_the_file(tmp_path, source, synth_capture):
+    with pytest.raises(CaptureFileError, match="capture root not found"):
+        NeRSembleSource(tmp_path / "missing")
+    bad = tmp_path / "root" / "901" / "calibration"
+    bad.mkdir(parents=True)
+    (bad / "camera_params.json").write_text("{not json")
+    src = NeRSembleSource(tmp_path / "root")
+    with pytest.raises(CaptureFileError, match=r"901/calibration/camera_params.json: not valid JSON"):
+        src.serials("901")
+    with pytest.raises(CaptureFileError, match=r"cam_222200037.mp4: video file not found"):
+        next(source.frames("900", "EXP-9-jaw-2", FRONTAL_SERIAL))
+    with pytest.raises(ValueError, match="3-digit"):
+        source.sequences("../900")

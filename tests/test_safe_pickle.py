@@ -1,0 +1,87 @@
+"""The restricted unpickler: FLAME-style pickles load, anything that would run code is refused."""
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import types
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from facecanon_data.flame.assets import load_flame_model
+from facecanon_data.flame.safe_pickle import UnsafePickleError, safe_load_pickle
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_refuses_code_execution(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps({"v_template": _Exploit(marker)}, protocol=2))
+    with pytest.raises(UnsafePickleError, match="evil.pkl.*posix.system|evil.pkl.*os.system"):
+        safe_load_pickle(path)
+    assert not marker.exists()
+
+
+def test_refuses_builtins_eval(tmp_path):
+    path = tmp_path / "eval.pkl"
+    # GLOBAL builtins.eval, then call it: a classic payload built by hand.
+    path.write_bytes(b"cbuiltins\neval\n(V__import__('os').getcwd()\ntR.")
+    with pytest.raises(UnsafePickleError, match="builtins.eval"):
+        safe_load_pickle(path)
+
+
+def _fake_chumpy_module():
+    """A stand-in ``chumpy.ch.Ch`` class so we can write a pickle shaped like FLAME 2020's."""
+    chumpy = types.ModuleType("chumpy")
+    ch = types.ModuleType("chumpy.ch")
+
+    class Ch:
+        def __init__(self, x):
+            self.x = x
+
+        def __getstate__(self):
+            return {"x": self.x, "_dirty_vars": set()}
+
+    Ch.__module__ = "chumpy.ch"
+    Ch.__qualname__ = "Ch"
+    ch.Ch = Ch
+    chumpy.ch = ch
+    return chumpy, ch
+
+
+def test_loads_chumpy_and_sparse_flame_layout(tmp_path, monkeypatch):
+    chumpy, ch = _fake_chumpy_module()
+    monkeypatch.setitem(sys.modules, "chumpy", chumpy)
+    monkeypatch.setitem(sys.modules, "chumpy.ch", ch)
+    rng = np.random.default_rng(0)
+    v, f = rng.normal(size=(6, 3)), np.array([[0, 1, 2], [2, 3, 4], [3, 4, 5]])
+    weights = np.abs(rng.normal(size=(6, 5)))
+    weights /= weights.sum(1, keepdims=True)
+    raw = {"v_template": ch.Ch(v), "f": f.astype(np.uint32), "shapedirs": ch.Ch(rng.normal(size=(6, 3, 400))),
+           "posedirs": rng.normal(size=(6, 3, 36)), "J_regressor": sp.csc_matrix(np.full((5, 6), 1 / 6)),
+           "weights": ch.Ch(weights), "kintree_table": np.array([[2 ** 32 - 1, 0, 1, 1, 1], [0, 1, 2, 3, 4]])}
+    path = tmp_path / "generic_model.pkl"
+    path.write_bytes(pickle.dumps(raw, protocol=2))
+    monkeypatch.delitem(sys.modules, "chumpy")
+    monkeypatch.delitem(sys.modules, "chumpy.ch")
+    model = load_flame_model(path)
+    np.testing.assert_allclose(model.v_template, v.astype(np.float32))
+    assert model.num_shape == 300 and model.num_expression == 100
+    assert model.posedirs.shape == (36, 18) and list(model.parents) == [-1, 0, 1, 1, 1]
+    assert (tmp_path / "generic_model.npz").is_file()  # cache written
+    again = load_flame_model(path)  # from the cache
+    np.testing.assert_array_equal(again.shapedirs, model.shapedirs)
+
+
+def test_missing_file_names_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pkl"):
+        load_flame_model(tmp_path / "nope.pkl")
