@@ -65,10 +65,18 @@ def test_ground_truth_mesh_projects_into_masks_and_onto_depth(source):
 
         near = ndi.binary_dilation(maps["mask"], structure=np.ones((3, 3)))[px[:, 1], px[:, 0]]
         assert near.all()
-        d = maps["depth"][px[:, 1], px[:, 0]]
-        # No vertex lies in front of the rendered surface; the visible ones lie on it.
-        assert (d[in_mask] <= z[in_mask] + 0.003).mean() > 0.99
-        assert (np.abs(d[in_mask] - z[in_mask]) < 0.002).mean() > 0.3
+        depth = np.where(maps["mask"], maps["depth"], np.inf)
+        d = depth[px[:, 1], px[:, 0]]
+        # Away from depth discontinuities (3x3 depth range < 5 mm), no vertex lies in front of the
+        # rendered surface, and the visible ones lie on it; the tolerance is the sampling error of a
+        # half-pixel offset, bounded by the local depth range, plus 0.5 mm.
+        with np.errstate(invalid="ignore"):
+            local = (ndi.maximum_filter(depth, 3) - ndi.minimum_filter(depth, 3))[px[:, 1], px[:, 0]]
+        smooth = local < 0.005
+        tol = 0.0005 + local[smooth]
+        assert smooth.mean() > 0.75
+        assert (d[smooth] <= z[smooth] + tol).all()
+        assert (np.abs(d[smooth] - z[smooth]) < tol).mean() > 0.1  # a side view sees ~15 %
         checked += 1
     assert checked == 3
 
