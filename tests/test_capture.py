@@ -103,6 +103,10 @@ def test_synth_json_records_config_and_hash(synth_capture):
     meta = json.loads((synth_capture["out"] / "synth.json").read_text())
     assert meta["config_hash"] == synth_capture["cfg"].hash()
     assert meta["report"]["images_written"] == 2 * 8 * 16
+    import cv2
+
+    sheet = cv2.imread(str(synth_capture["out"] / "preview.png"))
+    assert sheet.shape[1] == 8 * 160 and sheet.shape[0] > 4 * 200  # 2 sequence rows + 2 camera rows
 
 
 def test_errors_name_the_file(tmp_path, source, synth_capture):

@@ -22,6 +22,7 @@ Construction (all in FLAME's frame: meters, x to the subject's left, y up, z out
 """
 from __future__ import annotations
 
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,6 @@ from ..flame.assets import FLAME_NUM_SHAPE
 FACE_WIDTH_M = 0.145
 SHELL_DIRECTIONS = 4200
 NUM_EXPRESSION_SLOTS = 100
-MODEL_VERSION = 1
 
 IDENTITY_NAMES = ("scale", "head_width", "face_length", "nose_protrusion", "nose_width", "jaw_width",
                   "chin_protrusion", "cheek_fullness", "brow_ridge", "eye_spacing", "forehead_slope",
@@ -590,14 +590,14 @@ def write_head_model(folder: str | Path, image: np.ndarray | None = None) -> Hea
     files = model_files(folder)
 
     def atomic(path: Path, write) -> None:
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent builders never collide
         with open(tmp, "wb") as fh:
             write(fh)
         tmp.replace(path)
 
     atomic(files.masks, lambda fh: pickle.dump(built["masks"], fh, protocol=2))
     atomic(files.embedding, lambda fh: np.savez(fh, **built["embedding"]))
-    atomic(files.texture, lambda fh: np.savez(fh, model_version=np.array(MODEL_VERSION), **built["texture"]))
+    atomic(files.texture, lambda fh: np.savez(fh, builder_digest=np.array(_builder_digest()), **built["texture"]))
     atomic(files.model, lambda fh: pickle.dump(built["model"], fh, protocol=2))  # written last: marks completion
     return files
 
@@ -607,6 +607,16 @@ def ensure_head_model(folder: str | Path) -> HeadModelFiles:
     files = model_files(folder)
     ok = all(p.is_file() for p in (files.model, files.masks, files.embedding, files.texture))
     if ok:
-        with np.load(files.texture) as z:
-            ok = int(z["model_version"]) == MODEL_VERSION
+        try:
+            with np.load(files.texture) as z:
+                ok = str(z["builder_digest"]) == _builder_digest()
+        except (KeyError, ValueError, OSError):
+            ok = False
     return files if ok else write_head_model(folder)
+
+
+def _builder_digest() -> str:
+    """Hash of this module's source: a changed builder regenerates the model on next use."""
+    import hashlib
+
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]

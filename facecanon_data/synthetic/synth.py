@@ -4,7 +4,7 @@ Output (``out``):
   ``capture/{pid}/calibration/camera_params.json``, ``capture/{pid}/sequences/{SEQ}/images/cam_{serial}.mp4``
   (+ ``alpha_maps/`` when enabled) — read unchanged by :class:`NeRSembleSource`;
   ``ground_truth/{pid}/subject.npz`` and ``ground_truth/{pid}/{SEQ}.npz`` (see ``ground_truth.py``);
-  ``synth.json`` — the configuration, seed and summary.
+  ``synth.json`` — the configuration, seed and summary; ``preview.png`` — a contact sheet to look at.
 
 Each subject is written into a hidden staging folder and renamed into place when complete, so an
 interrupted run never leaves a half-written subject that a reader could mistake for a whole one.
@@ -176,11 +176,12 @@ def synthesize(cfg: PipelineConfig, out: str | Path | None = None, verify: bool 
     report = SynthReport(out=str(out), subjects=subjects, sequences=sequences, frames_per_sequence=s.frames,
                          cameras=len(cameras), full_resolution=(s.width, s.height),
                          working_resolution=(work_w, work_h), images_written=images, seconds=0.0)
-    if verify:
-        from ..sources import NeRSembleSource
+    from ..sources import NeRSembleSource
 
-        rate, n = facemesh_detection_rate(NeRSembleSource(capture_root), subjects, cfg.capture.frontal_serial,
-                                          cfg.capture.downscale)
+    source = NeRSembleSource(capture_root)
+    write_preview(source, subjects[0], out / "preview.png", cfg.capture.frontal_serial)
+    if verify:
+        rate, n = facemesh_detection_rate(source, subjects, cfg.capture.frontal_serial, cfg.capture.downscale)
         report.facemesh_detection_rate, report.facemesh_frames = rate, n
     report.seconds = round(time.time() - t0, 1)
     (out / "synth.json").write_text(json.dumps({"config": cfg.to_dict(), "config_hash": cfg.hash(),
@@ -207,3 +208,25 @@ def facemesh_detection_rate(source, subjects: list[str], serial: str, downscale:
                     total += 1
                     found += det.detect(img) is not None
     return (found / total if total else 0.0), total
+
+
+def write_preview(source, subject: str, path: Path, frontal: str, thumb_width: int = 160) -> None:
+    """Contact sheet: the frontal camera over time (a row per sequence) and all cameras at frame 0."""
+    import cv2
+
+    def thumb(img):
+        h = int(round(img.shape[0] * thumb_width / img.shape[1]))
+        return cv2.resize(img, (thumb_width, h), interpolation=cv2.INTER_AREA)
+
+    rows = []
+    for seq in source.sequences(subject):
+        n = source.num_frames(subject, seq)
+        picks = sorted(set(np.linspace(0, n - 1, min(n, 8)).round().astype(int)))
+        rows.append([thumb(img) for _, img in source.frames(subject, seq, frontal, picks)])
+    views = source.timestamp(subject, source.sequences(subject)[0], 0)
+    cams = [thumb(views[s]) for s in source.serials(subject)]
+    rows += [cams[:8], cams[8:]]
+    width = max(len(r) for r in rows)
+    blank = np.zeros_like(rows[0][0])
+    sheet = np.concatenate([np.concatenate(r + [blank] * (width - len(r)), 1) for r in rows], 0)
+    cv2.imwrite(str(path), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
