@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/facecanon-data synth --out demo-out --subjects 1 --sequences 2 --frames 30 --seed 0
+	$(BIN)/facecanon-data synth --out synth-out --subjects 1 --sequences 2 --frames 30 --seed 0
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -103,7 +103,7 @@ def _dense(a) -> np.ndarray:
     return np.asarray(a.toarray() if hasattr(a, "toarray") else a)
 
 
-def model_from_flame_dict(raw: dict, source: str, digest: str, num_shape: int | None = None) -> FlameModel:
+def model_from_flame_dict(raw: dict, source: str, digest: str) -> FlameModel:
     """Build a :class:`FlameModel` from a FLAME pickle's dict; validates keys and shapes."""
     missing = [k for k in _REQUIRED_KEYS if k not in raw]
     if missing:
@@ -115,7 +115,7 @@ def model_from_flame_dict(raw: dict, source: str, digest: str, num_shape: int | 
     dirs = np.asarray(raw["shapedirs"], np.float32)
     if dirs.shape[:2] != (n_v, 3):
         raise AssetError(f"{source}: shapedirs has shape {dirs.shape}, expected ({n_v}, 3, K)")
-    n_shape = int(raw.get("num_shape", num_shape or min(FLAME_NUM_SHAPE, dirs.shape[2])))
+    n_shape = min(FLAME_NUM_SHAPE, dirs.shape[2])
     posedirs = np.asarray(raw["posedirs"], np.float32)
     if posedirs.shape[:2] != (n_v, 3):
         raise AssetError(f"{source}: posedirs has shape {posedirs.shape}, expected ({n_v}, 3, P)")

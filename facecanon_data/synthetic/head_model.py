@@ -122,7 +122,7 @@ def build_face_mask(landmarks_px: np.ndarray, oval_edges) -> dict:
     for up, lo in zip(fmt.INNER_LIP_UPPER, fmt.INNER_LIP_LOWER):
         mid = 0.5 * (verts[up] + verts[lo])
         verts[up], verts[lo] = mid.copy(), mid.copy()
-    verts[:, 2] -= verts[:, 2].max() - 0.0  # nose tip at z = 0 before the final recentring
+    verts[:, 2] -= verts[:, 2].max()  # nose tip at z = 0 until the final recentring
     return {"verts": verts, "faces": tri.astype(np.int64), "faces_filled": filled.astype(np.int64), "photo_uv": uv.astype(np.float32),
             "oval": np.asarray(oval), "px_to_m": s}
 
@@ -356,8 +356,8 @@ def _expression_fields(fb: _FieldBuilder, v: np.ndarray) -> list[np.ndarray]:
         f.append(fb.from_anchors(anchors, 0.014))  # eye_close_right / left
     f.append(fb.from_anchors({i: np.array([0.006 * np.sign(v[i, 0]), 0, 0.004]) for i in cheeks}, 0.035))
     f.append(fb.from_anchors({i: np.array([0, -0.005, -0.001]) for i in corners}, 0.03))  # mouth_frown
-    f.append(fb.from_anchors({i: np.array([-0.006, 0, 0]) for i in lips}, 0.03))  # mouth_left (toward -x? see README)
-    f.append(fb.from_anchors({i: np.array([0.006, 0, 0]) for i in lips}, 0.03))  # mouth_right
+    f.append(fb.from_anchors({i: np.array([0.006, 0, 0]) for i in lips}, 0.03))  # mouth_left: to the subject's left (+x)
+    f.append(fb.from_anchors({i: np.array([-0.006, 0, 0]) for i in lips}, 0.03))  # mouth_right
     sneer = {i: np.array([0, 0.004, 0.001]) for i in fmt.OUTER_LIP_UPPER + (48, 64, 278, 294, 98, 327)}
     f.append(fb.from_anchors(sneer, 0.025))
     f.append(fb.from_anchors({i: np.array([0.007 * side(i), -0.001, -0.002]) for i in corners}, 0.03))
@@ -470,7 +470,6 @@ def build_head_model(image: np.ndarray | None = None) -> dict:
 
     # ---- skinning weights
     photo_uv = mask["photo_uv"]
-    w_jaw = np.zeros(n_v)
     x, y, z = v[:, 0], v[:, 1], v[:, 2]
     z_front = v[:n_mask, 2].max()
     sep = y_mouth + (tmj[1] - y_mouth) * np.clip((z_front - 0.02 - z) / (z_front - 0.02 - tmj[2]), 0, 1)
