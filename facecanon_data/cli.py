@@ -99,6 +99,75 @@ def synth(
     _emit(result, as_json, human)
 
 
+RootOpt = typer.Option(None, "--root", help="Capture root (NeRSemble v2 layout). Default: the pipeline's capture.root.")
+SubjectOpt = typer.Option(None, "--subject", help="Subject id, e.g. 900. Default: the capture's only subject.")
+WorkOpt = typer.Option(None, "--work", help="Work folder for stage outputs ({work}/{subject}/{stage}). Default: the pipeline's work.")
+
+
+def _open(cfg, root, subject):
+    """Capture source and subject id for a stage command, with clear errors."""
+    from .sources import CaptureFileError, open_source
+
+    try:
+        source = open_source(cfg.capture, root)
+        if subject is None:
+            subjects = source.subjects()
+            if len(subjects) != 1:
+                _fail(f"{source.root}: --subject is required (subjects: {', '.join(subjects) or 'none'})")
+            subject = subjects[0]
+        source.subject_dir(subject)
+    except (CaptureFileError, ValueError) as exc:
+        _fail(str(exc))
+    return source, subject
+
+
+@app.command("select")
+def select_cmd(root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectOpt, work: Optional[Path] = WorkOpt,
+               pipeline: Optional[Path] = PipelineOpt, as_json: bool = JsonOpt) -> None:
+    """Pick timestamps: MediaPipe on the frontal camera, farthest-point sampling on expression + pose."""
+    _setup_logging()
+    cfg = _load(pipeline)
+    source, subject = _open(cfg, root, subject)
+    from rich.progress import Progress
+
+    from .features import ModelFileError
+    from .stages.select import run_select
+
+    try:
+        with Progress(transient=True, console=_stderr_console()) as bar:
+            task = bar.add_task(f"select {subject}: MediaPipe on {cfg.capture.frontal_serial}", total=None)
+            result = run_select(source, subject, cfg, work or cfg.work,
+                                progress=lambda d, t: bar.update(task, completed=d, total=t))
+    except (ModelFileError, ValueError) as exc:
+        _fail(str(exc))
+    fig = result.figures()
+    human = (f"subject {subject}: {result.selected_expression} expression + {result.selected_pose} pose timestamps "
+             f"from {result.frames_processed} frames ({result.backend}, face found in "
+             f"{result.frontal_detect_rate:.1%}, {result.frames_per_second:.0f} frames/s)")
+    if result.gt_coverage_gain is not None:
+        human += (f"\nground truth: coverage gain over uniform-in-time picks {result.gt_coverage_gain:.2f} (p95), "
+                  f"{result.gt_coverage_gain_mean:.2f} (mean)")
+    _emit(fig, as_json, human)
+
+
+@app.command("bench")
+def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select."),
+              root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectOpt,
+              pipeline: Optional[Path] = PipelineOpt, as_json: bool = JsonOpt) -> None:
+    """Run a benchmark: the target and its named baseline measured in the same run, and their ratio."""
+    _setup_logging()
+    cfg = _load(pipeline)
+    benches = {"select": "bench_select"}
+    if name not in benches:
+        _fail(f"unknown benchmark {name!r} (available: {', '.join(benches)})")
+    source, subject = _open(cfg, root, subject)
+    from . import bench
+
+    result = getattr(bench, benches[name])(source, subject, cfg)
+    human = "\n".join(f"{k}: {v}" for k, v in result.items())
+    _emit(result, as_json, human)
+
+
 def _stderr_console():
     from rich.console import Console
 

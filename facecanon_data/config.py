@@ -63,17 +63,43 @@ class SynthConfig:
 
 
 @dataclass
+class SelectConfig:
+    """Stage ``select``: MediaPipe features on the frontal camera, farthest-point timestamp selection."""
+
+    num_expression: int = 40  # picks on the expression features (the paper: 40)
+    num_pose: int = 10  # further picks on the pose features, disjoint from the above (the paper: 10)
+    frame_stride: int = 1  # process every n-th frame of each sequence
+    include_sequences: list[str] = field(default_factory=list)  # empty = all performance sequences
+    exclude_sequences: list[str] = field(default_factory=lambda: ["BACKGROUND"])
+    # MediaPipe Tasks FaceLandmarker model (blendshapes backend). Empty: $FACECANON_FACE_LANDMARKER,
+    # and if that is unset too, the offline FaceMesh backend.
+    face_landmarker_task: str = ""
+    expression_dim: int = 16  # FaceMesh backend: PCA dimension of the aligned landmark residuals
+    min_detection_confidence: float = 0.5
+    downscale: int = 0  # resolution MediaPipe sees; 0 = capture.downscale
+    queue_frames: int = 16  # decoded frames buffered ahead of the detector
+
+
+@dataclass
 class PipelineConfig:
     name: str = "synthetic"
+    work: str = "work"  # per-subject stage outputs: {work}/{subject}/{stage}/
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     flame: FlameConfig = field(default_factory=FlameConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     source_file: str = ""  # where it was loaded from (not part of the hash)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("source_file")
         return d
+
+    def section_hash(self, *sections: str) -> str:
+        """Hash of some sections only: a stage's outputs depend on its inputs' sections, not all."""
+        d = self.to_dict()
+        blob = json.dumps({k: d[k] for k in sections}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
 
     def hash(self) -> str:
         """Content hash of the effective configuration (recorded in every artifact)."""
@@ -82,6 +108,10 @@ class PipelineConfig:
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
+    if typ == list[str]:
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return list(value)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ in (int, float, str, bool) and not (isinstance(value, typ) and not (typ is int and isinstance(value, bool))):
@@ -133,5 +163,8 @@ def _validate(cfg: PipelineConfig, where: str) -> None:
     for name in ("subjects", "sequences", "frames", "width", "height"):
         if getattr(s, name) < 1:
             raise ConfigError(f"{where}: synth.{name} must be >= 1")
+    sel = cfg.select
+    if sel.num_expression < 0 or sel.num_pose < 0 or sel.frame_stride < 1 or sel.expression_dim < 1:
+        raise ConfigError(f"{where}: select counts must be >= 0, frame_stride and expression_dim >= 1")
     if s.width % 2 or s.height % 2:
         raise ConfigError(f"{where}: synth.width and synth.height must be even (video encoding)")

@@ -180,4 +180,5 @@ class NeRSembleSource(CaptureSource):
             return None
         from ..synthetic.ground_truth import SyntheticGroundTruth
 
-        return SyntheticGroundTruth(self.ground_truth_root / subject, self.cameras(subject))
+        return SyntheticGroundTruth(self.ground_truth_root / subject, self.cameras(subject),
+                                    self.subject_dir(subject) / "calibration" / "camera_params.json")

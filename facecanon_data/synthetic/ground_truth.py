@@ -19,14 +19,28 @@ import numpy as np
 from ..cameras import Camera
 
 
+def file_digest(path: str | Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+class GroundTruthMismatch(ValueError):
+    """The ground truth belongs to another capture than the one being read."""
+
+
 class SyntheticGroundTruth:
-    def __init__(self, folder: str | Path, cameras: dict[str, Camera]):
+    def __init__(self, folder: str | Path, cameras: dict[str, Camera], calibration_file: str | Path | None = None):
         self.folder = Path(folder)
         path = self.folder / "subject.npz"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: ground-truth subject file not found")
         with np.load(path, allow_pickle=False) as z:
             self.subject = {k: z[k] for k in z.files}
+        if calibration_file is not None and "calibration_digest" in self.subject:
+            if str(self.subject["calibration_digest"]) != file_digest(calibration_file):
+                raise GroundTruthMismatch(f"{path}: ground truth was written for another capture "
+                                          f"(calibration differs from {calibration_file})")
         self.cameras = cameras
         self._sequence = lru_cache(maxsize=4)(self._load_sequence)
 

@@ -139,14 +139,14 @@ def synthesize(cfg: PipelineConfig, out: str | Path | None = None, verify: bool 
                 shutil.rmtree(d, ignore_errors=True)
                 d.mkdir(parents=True)
             ident = random_identity(rng, model.v_template, model.num_shape)
-            _write_calibration(stage_cap / "calibration", cameras)
+            calib_digest = _write_calibration(stage_cap / "calibration", cameras)
             params0 = FlameParams.zeros(1, model.num_shape, model.num_expression)
             params0.shape = torch.as_tensor(ident.shape)
             params0.offsets = torch.as_tensor(ident.offsets)
             canonical = layer.canonical_vertices(params0).numpy().astype(np.float32)
             np.savez(stage_gt / "subject.npz", shape=ident.shape, offsets=ident.offsets,
                      canonical_vertices=canonical, faces=model.faces, model_digest=np.array(model.digest),
-                     seed=np.array(s.seed))
+                     calibration_digest=np.array(calib_digest), seed=np.array(s.seed))
             tasks = []
             for si, seq in enumerate(sequences):
                 perf = random_performance(rng, s.frames, model.num_expression, head_sequence=(si == 0),
@@ -189,11 +189,16 @@ def synthesize(cfg: PipelineConfig, out: str | Path | None = None, verify: bool 
     return report
 
 
-def _write_calibration(folder: Path, cameras: list[Camera]) -> None:
+def _write_calibration(folder: Path, cameras: list[Camera]) -> str:
+    """Write camera_params.json; returns its content digest (ground truth records it)."""
+    from .ground_truth import file_digest
+
     folder.mkdir(parents=True, exist_ok=True)
     params = {"world_2_cam": {c.serial: c.world_2_cam.tolist() for c in cameras},
               "intrinsics": cameras[0].K.tolist()}
-    (folder / "camera_params.json").write_text(json.dumps(params, indent=1))
+    path = folder / "camera_params.json"
+    path.write_text(json.dumps(params, indent=1))
+    return file_digest(path)
 
 
 def facemesh_detection_rate(source, subjects: list[str], serial: str, downscale: float) -> tuple[float, int]:

@@ -1,0 +1,42 @@
+"""Benchmarks: ``facecanon-data bench NAME``. Each measures a target against its baseline in one run."""
+from __future__ import annotations
+
+import tempfile
+import time
+
+from .config import PipelineConfig
+from .sources.base import CaptureSource
+
+
+def bench_select(source: CaptureSource, subject: str, cfg: PipelineConfig) -> dict:
+    """Frames/s of the whole ``select`` stage vs MediaPipe alone on the same frames, pre-decoded.
+
+    The baseline is the detector's own speed: the same backend, same frames, same resolution, with
+    every frame already decoded in memory. The stage must run near it (``ratio`` = stage / baseline).
+    """
+    from .features import make_backend
+    from .stages.select import frame_plan, run_select
+
+    plan = frame_plan(source, subject, cfg)
+    downscale = cfg.select.downscale or cfg.capture.downscale
+    frames = [(seq, img) for seq, idx in plan
+              for _, img in source.frames(subject, seq, cfg.capture.frontal_serial, idx, downscale=downscale)]
+    backend = make_backend(cfg.select, cfg.source_file)
+    t0 = time.perf_counter()
+    current = None
+    for seq, img in frames:
+        if seq != current:
+            backend.start_sequence()
+            current = seq
+        backend.observe(img)
+    backend.close()
+    detector_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="bench-select-") as work:
+        t0 = time.perf_counter()
+        result = run_select(source, subject, cfg, work)
+        stage_s = time.perf_counter() - t0
+    n = len(frames)
+    return {"bench": "select", "subject": subject, "frames": n, "backend": result.backend,
+            "stage_frames_per_s": round(n / stage_s, 2), "baseline": "mediapipe_alone_predecoded",
+            "baseline_frames_per_s": round(n / detector_s, 2), "ratio": round(detector_s / stage_s, 3),
+            "target_ratio": 0.8}
