@@ -145,8 +145,9 @@ def select_cmd(root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectO
              f"from {result.frames_processed} frames ({result.backend}, face found in "
              f"{result.frontal_detect_rate:.1%}, {result.frames_per_second:.0f} frames/s)")
     if result.gt_coverage_gain is not None:
-        human += (f"\nground truth: coverage gain over uniform-in-time picks {result.gt_coverage_gain:.2f} (p95), "
-                  f"{result.gt_coverage_gain_mean:.2f} (mean)")
+        human += (f"\nground truth: expression picks cover the expression space {result.gt_coverage_gain:.2f}x "
+                  f"(p95) / {result.gt_coverage_gain_mean:.2f}x (mean) better than uniform-in-time picks; "
+                  f"all picks {result.gt_coverage_gain_all:.2f}x / {result.gt_coverage_gain_all_mean:.2f}x")
     _emit(fig, as_json, human)
 
 

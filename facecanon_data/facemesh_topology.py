@@ -40,3 +40,14 @@ EMBEDDED_LANDMARKS = tuple(sorted(set(
     + MOUTH_CORNERS_OUTER + RIGHT_EYE_CORNERS + RIGHT_EYE_UPPER + RIGHT_EYE_LOWER + LEFT_EYE_CORNERS
     + LEFT_EYE_UPPER + LEFT_EYE_LOWER + RIGHT_EYEBROW + LEFT_EYEBROW + NOSE + RIGHT_IRIS[:1] + LEFT_IRIS[:1]
 )))
+
+# Landmarks that move little with expression (nose bridge, forehead, eye corners, temples): the
+# anchors of the rigid alignment. The jaw and lips are deliberately absent.
+RIGID_ANCHORS = (1, 4, 5, 6, 8, 9, 10, 33, 127, 133, 151, 168, 195, 197, 234, 263, 356, 362, 454)
+# Landmarks whose motion is expression: lips, eyelids, brows, cheeks, nose wings, chin (no irises:
+# gaze is not expression).
+EXPRESSIVE = tuple(sorted(set(
+    INNER_LIP_UPPER + INNER_LIP_LOWER + OUTER_LIP_UPPER + OUTER_LIP_LOWER + MOUTH_CORNERS_INNER
+    + MOUTH_CORNERS_OUTER + RIGHT_EYE_UPPER + RIGHT_EYE_LOWER + LEFT_EYE_UPPER + LEFT_EYE_LOWER
+    + RIGHT_EYEBROW + LEFT_EYEBROW + RIGHT_CHEEK + LEFT_CHEEK + (48, 64, 98, 278, 294, 327, 17, 152, 199, 200)
+)))

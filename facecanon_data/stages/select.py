@@ -43,8 +43,10 @@ class SelectResult:
     selected_pose: int
     seconds: float
     frames_per_second: float
-    gt_coverage_gain: float | None = None
-    gt_coverage_gain_mean: float | None = None
+    gt_coverage_gain: float | None = None  # expression picks vs as many uniform-in-time picks (p95)
+    gt_coverage_gain_mean: float | None = None  # the same with the mean distance
+    gt_coverage_gain_all: float | None = None  # all picks (expression + pose) vs as many uniform (p95)
+    gt_coverage_gain_all_mean: float | None = None
     selection: list[tuple[str, int, str, int]] = field(default_factory=list)  # (sequence, frame, reason, rank)
 
     def figures(self) -> dict:
@@ -169,8 +171,10 @@ def run_select(source: CaptureSource, subject: str, cfg: PipelineConfig, work,
                           frames_per_second=round(len(obs) / max(seconds, 1e-9), 2), selection=selection)
     gt = source.ground_truth(subject)
     if gt is not None:
-        chosen = np.concatenate([pick_e, pick_p])
-        result.gt_coverage_gain, result.gt_coverage_gain_mean = ground_truth_coverage_gain(gt, keys, chosen)
+        gt_space = ground_truth_expression_space(gt, keys)
+        result.gt_coverage_gain, result.gt_coverage_gain_mean = coverage_gain(gt_space, pick_e)
+        result.gt_coverage_gain_all, result.gt_coverage_gain_all_mean = coverage_gain(
+            gt_space, np.concatenate([pick_e, pick_p]))
     out.finish(cfg.section_hash("capture", "select"), result.figures())
     return result
 
@@ -198,20 +202,22 @@ def _coverage(points: np.ndarray, chosen: np.ndarray) -> tuple[float, float]:
     return float(np.percentile(d, 95)), float(d.mean())
 
 
-def ground_truth_coverage_gain(gt, keys: list[tuple[str, int]], chosen: np.ndarray) -> tuple[float, float]:
-    """How much better our picks cover the ground-truth expression space than uniform-in-time picks.
+def ground_truth_expression_space(gt, keys: list[tuple[str, int]]) -> np.ndarray:
+    """(N, E + 3) ground-truth expression vector per processed frame: FLAME expression coefficients
+    with the jaw rotation (radians) appended, since trackers treat jaw opening as expression."""
+    return np.asarray([np.concatenate([gt.frame(seq, f)["expression"], gt.frame(seq, f)["jaw"]])
+                       for seq, f in keys], np.float64)
 
-    The space: FLAME expression coefficients with the jaw rotation (radians) appended, since trackers
-    treat jaw opening as part of expression. Returns (p95 gain, mean gain); > 1 is better than uniform.
+
+def coverage_gain(points: np.ndarray, chosen: np.ndarray) -> tuple[float, float]:
+    """How much better ``chosen`` covers ``points`` than as many uniform-in-time picks.
+
+    Coverage = distance from every frame to its nearest pick; returns (p95 ratio, mean ratio),
+    uniform / ours, so > 1 means our picks cover the space better.
     """
-    gt_vec = []
-    for seq, f in keys:
-        fr = gt.frame(seq, f)
-        gt_vec.append(np.concatenate([fr["expression"], fr["jaw"]]))
-    pts = np.asarray(gt_vec, np.float64)
-    uniform = np.unique(np.linspace(0, len(keys) - 1, len(chosen)).round().astype(int))
-    p95_u, mean_u = _coverage(pts, uniform)
-    p95_o, mean_o = _coverage(pts, chosen)
+    uniform = np.unique(np.linspace(0, len(points) - 1, len(chosen)).round().astype(int))
+    p95_u, mean_u = _coverage(points, uniform)
+    p95_o, mean_o = _coverage(points, chosen)
     return round(p95_u / max(p95_o, 1e-12), 3), round(mean_u / max(mean_o, 1e-12), 3)
 
 
