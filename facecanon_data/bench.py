@@ -40,3 +40,35 @@ def bench_select(source: CaptureSource, subject: str, cfg: PipelineConfig) -> di
             "stage_frames_per_s": round(n / stage_s, 2), "baseline": "mediapipe_alone_predecoded",
             "baseline_frames_per_s": round(n / detector_s, 2), "ratio": round(detector_s / stage_s, 3),
             "target_ratio": 0.8}
+
+
+def bench_reconstruct(source: CaptureSource, subject: str, cfg: PipelineConfig, count: int = 4) -> dict:
+    """Time inside COLMAP calls vs the whole ``reconstruct`` stage (decode, image writing, clean-up,
+    depth maps, outputs), per timestamp, on ``count`` timestamps spread over the first sequences.
+
+    Target: our overhead (1 - COLMAP time / stage time) at most 10 %.
+    """
+    import numpy as np
+
+    from .stages.reconstruct import run_reconstruct
+
+    seqs = source.sequences(subject)
+    picks = []
+    for k in range(count):
+        seq = seqs[k % len(seqs)]
+        n = source.num_frames(subject, seq)
+        picks.append((seq, int(round((k // len(seqs) + 0.5) * n / max(1, -(-count // len(seqs)))))))
+    with tempfile.TemporaryDirectory(prefix="bench-reconstruct-") as work:
+        t0 = time.perf_counter()
+        result = run_reconstruct(source, subject, cfg, work, timestamps=picks)
+        stage_s = time.perf_counter() - t0
+    colmap_s = sum(t.colmap_seconds for t in result.timestamps)
+    per_ts = [{"timestamp": t.key, "colmap_s": t.colmap_seconds, "timestamp_total_s": t.total_seconds}
+              for t in result.timestamps]
+    return {"bench": "reconstruct", "subject": subject, "timestamps": len(per_ts), "dense": result.dense,
+            "stage_s": round(stage_s, 2), "colmap_s": round(colmap_s, 2),
+            "seconds_per_timestamp": round(stage_s / max(1, len(per_ts)), 2),
+            "baseline": "time_inside_colmap_calls", "ratio": round(colmap_s / stage_s, 3),
+            "overhead": round(1 - colmap_s / stage_s, 3), "target_overhead": 0.10,
+            "per_timestamp": per_ts, "kept": result.timestamps_kept,
+            "median_points": float(np.median([t.num_points for t in result.timestamps]))}

@@ -151,14 +151,46 @@ def select_cmd(root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectO
     _emit(fig, as_json, human)
 
 
+@app.command("reconstruct")
+def reconstruct_cmd(root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectOpt, work: Optional[Path] = WorkOpt,
+                    timestamps: Optional[str] = typer.Option(
+                        None, "--timestamps", help="SEQ:FRAME[,SEQ:FRAME...] instead of the select stage's picks."),
+                    pipeline: Optional[Path] = PipelineOpt, as_json: bool = JsonOpt) -> None:
+    """COLMAP with the calibrated cameras on each selected timestamp; keep those with all views registered."""
+    _setup_logging()
+    cfg = _load(pipeline)
+    source, subject = _open(cfg, root, subject)
+    from rich.progress import Progress
+
+    from .stages.reconstruct import parse_timestamps, run_reconstruct
+
+    try:
+        picks = parse_timestamps(timestamps) if timestamps else None
+        with Progress(transient=True, console=_stderr_console()) as bar:
+            task = bar.add_task(f"reconstruct {subject}", total=None)
+            result = run_reconstruct(source, subject, cfg, work or cfg.work, timestamps=picks,
+                                     progress=lambda d, t: bar.update(task, completed=d, total=t))
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        _fail(str(exc))
+    human = (f"subject {subject}: kept {result.timestamps_kept}/{result.timestamps_total} timestamps "
+             f"(every view registered; min views registered {result.views_registered_min}), "
+             f"median {result.points_median:.0f} points, {'dense' if result.dense else 'sparse'}, "
+             f"{result.seconds_per_timestamp:.1f} s per timestamp")
+    if result.gt_point_error_median_mm is not None:
+        human += f"\nground truth: median point-to-mesh error {result.gt_point_error_median_mm:.3f} mm"
+    for key, why in result.dropped.items():
+        human += f"\ndropped {key}: {why}"
+    _emit(result.figures(), as_json, human)
+
+
 @app.command("bench")
-def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select."),
+def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, reconstruct."),
               root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectOpt,
               pipeline: Optional[Path] = PipelineOpt, as_json: bool = JsonOpt) -> None:
     """Run a benchmark: the target and its named baseline measured in the same run, and their ratio."""
     _setup_logging()
     cfg = _load(pipeline)
-    benches = {"select": "bench_select"}
+    benches = {"select": "bench_select", "reconstruct": "bench_reconstruct"}
     if name not in benches:
         _fail(f"unknown benchmark {name!r} (available: {', '.join(benches)})")
     source, subject = _open(cfg, root, subject)

@@ -81,6 +81,36 @@ class SelectConfig:
 
 
 @dataclass
+class ReconstructConfig:
+    """Stage ``reconstruct``: COLMAP with the calibrated cameras, per selected timestamp."""
+
+    downscale: int = 0  # working resolution = full / downscale; 0 = capture.downscale (the paper: 4)
+    use_masks: bool = True  # pass foreground mattes (alpha maps) to COLMAP when the capture has them
+    max_num_features: int = 8192
+    peak_threshold: float = 0.004  # below COLMAP's 0.0067: skin is low-contrast, we want its features
+    guided_matching: bool = True  # re-match under the verified two-view geometry: more correspondences
+    ignore_two_view_tracks: bool = True  # points seen by two views only are the least reliable
+    min_observations_per_view: int = 50  # a view counts as registered with at least this many ...
+    max_mean_reprojection_error_px: float = 1.0  # ... triangulated observations, under this mean error
+    outlier_neighbors: int = 16  # open3d statistical outlier removal
+    outlier_std_ratio: float = 2.5
+    head_box_half_size_m: float = 0.25  # crop to a cube around the cameras' common focus
+    dense: str = "auto"  # "auto": PatchMatch when a CUDA device and pycolmap-cuda exist; "never"; "always"
+    # PatchMatch / fusion, tuned for faces and hair (see README): a lower NCC filter and fewer
+    # required views keep hair, which is low-textured and seen by few cameras at a time.
+    patch_match_window_radius: int = 5
+    patch_match_num_iterations: int = 5
+    patch_match_filter_min_ncc: float = 0.05
+    patch_match_geom_consistency: bool = True
+    fusion_min_num_pixels: int = 3
+    fusion_max_reproj_error: float = 2.0
+    fusion_max_depth_error: float = 0.01
+    fusion_max_normal_error: float = 15.0
+    dense_timeout_s: int = 1200
+    keep_database: bool = False  # the COLMAP database (descriptors) is large; the sparse model is kept
+
+
+@dataclass
 class PipelineConfig:
     name: str = "synthetic"
     work: str = "work"  # per-subject stage outputs: {work}/{subject}/{stage}/
@@ -88,6 +118,7 @@ class PipelineConfig:
     flame: FlameConfig = field(default_factory=FlameConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
     source_file: str = ""  # where it was loaded from (not part of the hash)
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,5 +197,7 @@ def _validate(cfg: PipelineConfig, where: str) -> None:
     sel = cfg.select
     if sel.num_expression < 0 or sel.num_pose < 0 or sel.frame_stride < 1 or sel.expression_dim < 1:
         raise ConfigError(f"{where}: select counts must be >= 0, frame_stride and expression_dim >= 1")
+    if cfg.reconstruct.dense not in ("auto", "never", "always"):
+        raise ConfigError(f"{where}: reconstruct.dense must be 'auto', 'never' or 'always'")
     if s.width % 2 or s.height % 2:
         raise ConfigError(f"{where}: synth.width and synth.height must be even (video encoding)")

@@ -64,6 +64,11 @@ class CaptureSource(ABC):
         """Foreground mattes (H, W) float32 in [0, 1] where the capture has them, else None."""
         return None
 
+    def timestamp_masks(self, subject: str, sequence: str, indices: Iterable[int],
+                        downscale: float = 1) -> Iterator[tuple[int, dict[str, np.ndarray]]] | None:
+        """(index, {serial: matte}) for timestamps of all cameras, or None without mattes."""
+        return None
+
     def ground_truth(self, subject: str) -> GroundTruthAccess | None:
         """Ground truth of a synthetic subject, or None (real captures)."""
         return None

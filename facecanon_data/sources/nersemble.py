@@ -34,6 +34,14 @@ def _resize(image: np.ndarray, downscale: float) -> np.ndarray:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
+def _decode_pool():
+    """Threads that decode the cameras of one timestamp in parallel (OpenCV releases the GIL)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1), thread_name_prefix="decode")
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise CaptureFileError(f"{path}: file not found")
@@ -159,8 +167,29 @@ class NeRSembleSource(CaptureSource):
         serials = self.serials(subject)
         with ExitStack() as stack:
             readers = {s: stack.enter_context(VideoReader(self.video_path(subject, sequence, s))) for s in serials}
+            pool = stack.enter_context(_decode_pool())
             for i in sorted(set(int(i) for i in indices)):
-                yield i, {s: self._postprocess(subject, s, r.read(i), downscale) for s, r in readers.items()}
+                futures = {s: pool.submit(lambda s=s, r=r: self._postprocess(subject, s, r.read(i), downscale))
+                           for s, r in readers.items()}
+                yield i, {s: f.result() for s, f in futures.items()}
+
+    def timestamp_masks(self, subject: str, sequence: str, indices: Iterable[int],
+                        downscale: float = 1) -> Iterator[tuple[int, dict[str, np.ndarray]]] | None:
+        serials = self.serials(subject)
+        paths = {s: self.video_path(subject, sequence, s, kind="alpha_maps") for s in serials}
+        if not all(p.is_file() for p in paths.values()):
+            return None
+
+        def gen():
+            with ExitStack() as stack:
+                readers = {s: stack.enter_context(VideoReader(p)) for s, p in paths.items()}
+                pool = stack.enter_context(_decode_pool())
+                for i in sorted(set(int(i) for i in indices)):
+                    futures = {s: pool.submit(lambda r=r: _resize(r.read(i)[..., 0], downscale).astype(np.float32) / 255.0)
+                               for s, r in readers.items()}
+                    yield i, {s: f.result() for s, f in futures.items()}
+
+        return gen()
 
     def masks(self, subject: str, sequence: str, serial: str, indices: Iterable[int],
               downscale: float = 1) -> Iterator[tuple[int, np.ndarray]] | None:

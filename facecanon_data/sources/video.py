@@ -45,7 +45,7 @@ class VideoReader:
     def _seek(self, index: int) -> None:
         import cv2
 
-        if index < self._next or index - self._next > 64:
+        if index < self._next or index - self._next > 30:
             # Far ahead or backwards: let FFmpeg seek to the nearest keyframe and decode forward.
             self._cap.set(cv2.CAP_PROP_POS_FRAMES, index)
             self._next = index

@@ -15,8 +15,6 @@ expr_*, pose_*), ``selection.parquet`` (sequence, frame, reason, rank), ``covera
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -26,6 +24,7 @@ import numpy as np
 from ..artifacts import StageDir, atomic_write
 from ..config import PipelineConfig
 from ..features import FrameObservation, make_backend
+from ..prefetch import prefetch
 from ..sampling import farthest_point_sampling
 from ..sources.base import CaptureSource
 
@@ -75,39 +74,12 @@ def frame_plan(source: CaptureSource, subject: str, cfg: PipelineConfig) -> list
 def decoded_frames(source: CaptureSource, subject: str, plan, serial: str, downscale: int,
                    depth: int = 16) -> Iterator[tuple[str, int, np.ndarray]]:
     """(sequence, frame, image) in plan order, decoded by a background thread ``depth`` frames ahead."""
-    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
-    sentinel = object()
+    def frames():
+        for seq, idx in plan:
+            for i, img in source.frames(subject, seq, serial, idx, downscale=downscale):
+                yield seq, i, img
 
-    def produce() -> None:
-        try:
-            for seq, frames in plan:
-                for i, img in source.frames(subject, seq, serial, frames, downscale=downscale):
-                    while not stop.is_set():
-                        try:
-                            q.put((seq, i, img), timeout=0.2)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-            q.put(sentinel)
-        except BaseException as exc:  # surfaced in the consumer
-            q.put(exc)
-
-    thread = threading.Thread(target=produce, name="select-decode", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is sentinel:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join(timeout=5)
+    return prefetch(frames(), depth, name="select-decode")
 
 
 def run_select(source: CaptureSource, subject: str, cfg: PipelineConfig, work,

@@ -1,0 +1,495 @@
+"""Stage ``reconstruct``: COLMAP on the 16 views of a timestamp with the calibrated cameras.
+
+Per timestamp (``reconstruct_timestamp``): images at the working resolution (K scaled to match),
+SIFT features, exhaustive matching with geometric verification, then triangulation with every pose
+and intrinsic held fixed (no pose estimation). On a CUDA machine it continues with undistortion,
+PatchMatch stereo (geometric consistency) and fusion, run in a subprocess because pycolmap's CUDA
+build aborts the whole process when something is wrong with the device.
+
+A timestamp is kept only when every view is *registered*, which with known poses means: the view
+contributes at least ``min_observations_per_view`` triangulated observations and their mean
+reprojection error is under ``max_mean_reprojection_error_px``. Otherwise the timestamp is dropped,
+and the reason names the camera(s).
+
+Outputs in ``{work}/{subject}/reconstruct/{sequence}/{frame:06d}/``: ``images/``, ``masks/`` (when
+used), ``colmap/sparse/`` (the fixed-pose model), ``points.ply`` (positions, colours, normals when
+dense, ``visibility`` = number of views), ``depth.npz`` (per-view depth, serial order, with
+``kind`` = "dense" | "sparse"), ``cameras.json``, ``views.json`` (per-view registration stats) and
+``_DONE.json`` last. The subject-level ``reconstruct/_DONE.json`` lists kept and dropped timestamps.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..artifacts import StageDir, atomic_write
+from ..cameras import Camera
+from ..config import PipelineConfig, ReconstructConfig
+from ..prefetch import prefetch
+
+log = logging.getLogger(__name__)
+STAGE = "reconstruct"
+
+
+@dataclass
+class ViewStats:
+    serial: str
+    observations: int  # triangulated observations in this view
+    mean_reprojection_error_px: float
+    registered: bool
+    problem: str = ""
+
+
+@dataclass
+class TimestampResult:
+    sequence: str
+    frame: int
+    kept: bool
+    reason: str
+    views: list[ViewStats]
+    num_points: int
+    dense: bool
+    colmap_seconds: float  # time inside COLMAP calls
+    total_seconds: float  # the whole timestamp, image writing and clean-up included
+    gt_point_error_median_mm: float | None = None
+    gt_point_error_p90_mm: float | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.sequence}/{self.frame:06d}"
+
+
+def timestamp_dir(work, subject: str, sequence: str, frame: int) -> Path:
+    return Path(work) / subject / STAGE / sequence / f"{frame:06d}"
+
+
+def common_focus(cameras: list[Camera]) -> np.ndarray:
+    """Least-squares point closest to all optical axes, (3,) meters: where the cameras look."""
+    a, b = np.zeros((3, 3)), np.zeros(3)
+    for c in cameras:
+        d = c.world_2_cam[2, :3]  # optical axis in world coordinates
+        p = np.eye(3) - np.outer(d, d)
+        a += p
+        b += p @ c.center
+    return np.linalg.solve(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def reconstruct_timestamp(images: dict[str, np.ndarray], cameras: dict[str, Camera], out: Path,
+                          rcfg: ReconstructConfig, masks: dict[str, np.ndarray] | None = None,
+                          dense: bool = False) -> TimestampResult:
+    """Reconstruct one timestamp into ``out`` (see module docstring); returns its result.
+
+    Args:
+        images: serial -> (H, W, 3) uint8 RGB at the working resolution.
+        cameras: serial -> camera at the same resolution.
+        masks: serial -> (H, W) float in [0, 1] foreground matte, or None.
+        dense: run the CUDA dense path.
+    """
+    import cv2
+    import pycolmap
+
+    t0 = time.perf_counter()
+    colmap_s = 0.0
+    if out.exists():
+        shutil.rmtree(out)
+    img_dir, mask_dir, col_dir = out / "images", out / "masks", out / "colmap"
+    for d in (img_dir, col_dir):
+        d.mkdir(parents=True)
+    serials = list(cameras)
+    names = {s: f"cam_{s}.png" for s in serials}
+    for s in serials:
+        cv2.imwrite(str(img_dir / names[s]), cv2.cvtColor(images[s], cv2.COLOR_RGB2BGR),
+                    [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    reader = pycolmap.ImageReaderOptions()
+    k = cameras[serials[0]].K
+    if any(not np.allclose(c.K, k) for c in cameras.values()):
+        raise ValueError("cameras with different intrinsics: write one camera per image first")
+    reader.camera_model = "PINHOLE"
+    reader.camera_params = f"{k[0, 0]!r},{k[1, 1]!r},{k[0, 2]!r},{k[1, 2]!r}"
+    if masks is not None:
+        mask_dir.mkdir()
+        for s in serials:  # COLMAP: mask of "x.png" is "x.png.png", zero = ignore
+            cv2.imwrite(str(mask_dir / f"{names[s]}.png"), ((masks[s] > 0.5) * 255).astype(np.uint8),
+                        [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        reader.mask_path = mask_dir
+    extraction = pycolmap.FeatureExtractionOptions()
+    extraction.sift.max_num_features = rcfg.max_num_features
+    extraction.sift.peak_threshold = rcfg.peak_threshold
+    matching = pycolmap.FeatureMatchingOptions()
+    matching.guided_matching = rcfg.guided_matching
+    db_path = col_dir / "database.db"
+    device = pycolmap.Device.cuda if dense else pycolmap.Device.cpu
+
+    t = time.perf_counter()
+    pycolmap.extract_features(db_path, img_dir, image_names=[names[s] for s in serials],
+                              camera_mode=pycolmap.CameraMode.PER_IMAGE, reader_options=reader,
+                              extraction_options=extraction, device=device)
+    pycolmap.match_exhaustive(db_path, matching_options=matching, device=device)
+    colmap_s += time.perf_counter() - t
+
+    rec, id_to_serial = _fixed_pose_reconstruction(db_path, cameras)
+    options = pycolmap.IncrementalPipelineOptions()
+    options.triangulation.ignore_two_view_tracks = rcfg.ignore_two_view_tracks
+    (col_dir / "sparse").mkdir()
+    t = time.perf_counter()
+    rec = pycolmap.triangulate_points(rec, db_path, img_dir, col_dir / "sparse", clear_points=True,
+                                      options=options, refine_intrinsics=False)
+    colmap_s += time.perf_counter() - t
+    rec.write(col_dir / "sparse")
+
+    views = _view_stats(rec, id_to_serial, rcfg)
+    bad = [v for v in views if not v.registered]
+    kept, reason = not bad, "; ".join(f"camera {v.serial}: {v.problem}" for v in bad)
+    is_dense = False
+    pts, colors, normals, visibility, obs = _sparse_points(rec, id_to_serial)
+    if kept and dense:
+        t = time.perf_counter()
+        ok, msg = _run_dense_subprocess(col_dir, img_dir, rcfg)
+        colmap_s += time.perf_counter() - t
+        if ok:
+            pts, colors, normals, visibility = _read_fused(col_dir / "dense" / "fused.ply")
+            is_dense = True
+        else:
+            kept, reason = False, f"dense reconstruction failed: {msg}"
+    pts, colors, normals, visibility, keep_idx = _clean(pts, colors, normals, visibility,
+                                                        common_focus(list(cameras.values())), rcfg)
+    depth = (_dense_depths(col_dir / "dense", serials, cameras) if is_dense
+             else _sparse_depths(pts, [obs[i] for i in keep_idx], serials, cameras))
+    _write_points(out / "points.ply", pts, colors, normals, visibility)
+    atomic_write(out / "depth.npz", lambda p: np.savez_compressed(
+        p, depth=depth.astype(np.float32), serials=np.array(serials), kind=np.array("dense" if is_dense else "sparse")))
+    cams_json = {s: {"K": c.K.tolist(), "world_2_cam": c.world_2_cam.tolist(), "width": c.width,
+                     "height": c.height} for s, c in cameras.items()}
+    (out / "cameras.json").write_text(json.dumps(cams_json))
+    (out / "views.json").write_text(json.dumps([asdict(v) for v in views], indent=1))
+    if not rcfg.keep_database:
+        db_path.unlink(missing_ok=True)
+    return TimestampResult(sequence="", frame=-1, kept=kept, reason=reason, views=views, num_points=len(pts),
+                           dense=is_dense, colmap_seconds=round(colmap_s, 3),
+                           total_seconds=round(time.perf_counter() - t0, 3))
+
+
+def _fixed_pose_reconstruction(db_path: Path, cameras: dict[str, Camera]):
+    """A pycolmap Reconstruction with the database's cameras/rigs/frames/images and our fixed poses."""
+    import pycolmap
+
+    rec = pycolmap.Reconstruction()
+    id_to_serial: dict[int, str] = {}
+    with pycolmap.Database.open(db_path) as db:
+        images = db.read_all_images()
+        for c in db.read_all_cameras():
+            rec.add_camera(c)
+        for r in db.read_all_rigs():
+            rec.add_rig(r)
+        by_frame = {im.frame_id: im for im in images}
+        for f in db.read_all_frames():
+            im = by_frame[f.frame_id]
+            serial = im.name[len("cam_"):-len(".png")]
+            m = cameras[serial].world_2_cam
+            f.rig_from_world = pycolmap.Rigid3d(pycolmap.Rotation3d(m[:3, :3]), m[:3, 3])
+            rec.add_frame(f)
+            id_to_serial[im.image_id] = serial
+        for im in images:
+            rec.add_image(im)
+        for f in db.read_all_frames():
+            rec.register_frame(f.frame_id)
+    return rec, id_to_serial
+
+
+def _view_stats(rec, id_to_serial: dict[int, str], rcfg: ReconstructConfig) -> list[ViewStats]:
+    """Triangulated observations and mean reprojection error per view (vectorized over points)."""
+    obs_img, obs_xyz, obs_uv = [], [], []
+    for pt in rec.points3D.values():
+        for el in pt.track.elements:
+            obs_img.append(el.image_id)
+            obs_xyz.append(pt.xyz)
+            obs_uv.append(rec.images[el.image_id].points2D[el.point2D_idx].xy)
+    obs_img = np.asarray(obs_img, np.int64)
+    out = []
+    for iid, serial in sorted(id_to_serial.items(), key=lambda kv: kv[1]):
+        sel = obs_img == iid
+        n = int(sel.sum())
+        mean = float("nan")
+        if n:
+            im = rec.images[iid]
+            pose = im.cam_from_world()
+            cam_pts = np.asarray(obs_xyz)[sel] @ pose.rotation.matrix().T + pose.translation
+            proj = im.camera.img_from_cam(cam_pts)
+            mean = float(np.linalg.norm(proj - np.asarray(obs_uv)[sel], axis=1).mean())
+        problems = []
+        if n < rcfg.min_observations_per_view:
+            problems.append(f"{n} triangulated observations < {rcfg.min_observations_per_view}")
+        if n and mean > rcfg.max_mean_reprojection_error_px:
+            problems.append(f"mean reprojection error {mean:.2f} px > {rcfg.max_mean_reprojection_error_px}")
+        out.append(ViewStats(serial, n, round(mean, 4), not problems, ", ".join(problems)))
+    return out
+
+
+def _sparse_points(rec, id_to_serial):
+    """Positions (N, 3), colours (N, 3) uint8, no normals, visibility (N,), observing serials per point."""
+    pts = list(rec.points3D.values())
+    xyz = np.array([p.xyz for p in pts], np.float64).reshape(-1, 3)
+    rgb = np.array([p.color for p in pts], np.uint8).reshape(-1, 3)
+    obs = [sorted({id_to_serial[el.image_id] for el in p.track.elements}) for p in pts]
+    vis = np.array([len(o) for o in obs], np.int32)
+    return xyz, rgb, None, vis, obs
+
+
+def _clean(pts, colors, normals, visibility, centre, rcfg):
+    """Crop to a head-sized cube around ``centre``, then open3d statistical outlier removal."""
+    import open3d as o3d
+
+    idx = np.where((np.abs(pts - centre) <= rcfg.head_box_half_size_m).all(1))[0]
+    if len(idx) > rcfg.outlier_neighbors:
+        pc = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(pts[idx]))
+        _, inl = pc.remove_statistical_outlier(nb_neighbors=rcfg.outlier_neighbors, std_ratio=rcfg.outlier_std_ratio)
+        idx = idx[np.asarray(inl, dtype=np.int64)]
+    return (pts[idx], colors[idx], None if normals is None else normals[idx], visibility[idx], idx)
+
+
+def _sparse_depths(pts, obs, serials, cameras) -> np.ndarray:
+    """(V, H, W) depth from the points each view observed, z-buffered (nearest wins); 0 = none."""
+    first = cameras[serials[0]]
+    depth = np.zeros((len(serials), first.height, first.width), np.float32)
+    for v, s in enumerate(serials):
+        cam = cameras[s]
+        sel = np.array([s in o for o in obs], bool)
+        if not sel.any():
+            continue
+        uv, z = cam.project(pts[sel])
+        px = np.floor(uv + 0.5).astype(np.int64)
+        ok = (z > 0) & (px[:, 0] >= 0) & (px[:, 0] < cam.width) & (px[:, 1] >= 0) & (px[:, 1] < cam.height)
+        flat = px[ok, 1] * cam.width + px[ok, 0]
+        zbuf = np.full(cam.width * cam.height, np.inf, np.float32)
+        np.minimum.at(zbuf, flat, z[ok].astype(np.float32))
+        depth[v] = np.where(np.isfinite(zbuf), zbuf, 0).reshape(cam.height, cam.width)
+    return depth
+
+
+def _write_points(path: Path, pts, colors, normals, visibility) -> None:
+    """PLY with positions, uint8 colours, normals (dense only) and a ``visibility`` count per point."""
+    import open3d as o3d
+
+    pc = o3d.t.geometry.PointCloud()
+    pc.point.positions = o3d.core.Tensor(pts.astype(np.float32))
+    pc.point.colors = o3d.core.Tensor(colors.astype(np.uint8))
+    if normals is not None:
+        pc.point.normals = o3d.core.Tensor(normals.astype(np.float32))
+    pc.point.visibility = o3d.core.Tensor(visibility.astype(np.int32)[:, None])
+    atomic_write(path, lambda p: o3d.t.io.write_point_cloud(str(p), pc))
+
+
+def read_points(path: Path) -> dict[str, np.ndarray]:
+    """Read a ``points.ply`` written by this stage: positions (N, 3) m, colors, [normals], visibility."""
+    import open3d as o3d
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: point cloud not found")
+    pc = o3d.t.io.read_point_cloud(str(path))
+    return {k: pc.point[k].numpy() for k in pc.point}
+
+
+# -- dense (CUDA) -------------------------------------------------------------------------------
+
+
+def _run_dense_subprocess(col_dir: Path, img_dir: Path, rcfg: ReconstructConfig) -> tuple[bool, str]:
+    """Undistort + PatchMatch + fusion in a child process; (ok, message). Never raises."""
+    cmd = [sys.executable, "-m", "facecanon_data.stages.dense", str(col_dir), str(img_dir),
+           json.dumps(asdict(rcfg))]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=rcfg.dense_timeout_s)
+    except subprocess.TimeoutExpired:
+        return False, f"timed out after {rcfg.dense_timeout_s} s"
+    if r.returncode != 0:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+        return False, f"exit status {r.returncode}: {' | '.join(tail)}"
+    return True, ""
+
+
+def _read_fused(path: Path):
+    import open3d as o3d
+
+    pc = o3d.io.read_point_cloud(str(path))
+    pts = np.asarray(pc.points)
+    colors = (np.asarray(pc.colors) * 255).round().astype(np.uint8) if pc.has_colors() else np.zeros_like(pts, np.uint8)
+    normals = np.asarray(pc.normals) if pc.has_normals() else None
+    vis_path = path.with_suffix(".ply.vis")
+    vis = _read_fusion_visibility(vis_path, len(pts))
+    return pts, colors, normals, vis
+
+
+def _read_fusion_visibility(path: Path, n: int) -> np.ndarray:
+    """COLMAP's ``fused.ply.vis``: uint64 count, then per point uint32 k and k image indices."""
+    if not path.is_file():
+        return np.zeros(n, np.int32)
+    raw = np.fromfile(path, dtype=np.uint32)
+    out, pos = np.zeros(n, np.int32), 2
+    for i in range(min(n, int(raw[0]))):
+        k = int(raw[pos])
+        out[i] = k
+        pos += 1 + k
+    return out
+
+
+def _dense_depths(dense_dir: Path, serials, cameras) -> np.ndarray:
+    """(V, H, W) PatchMatch geometric depth maps (undistorted = original for PINHOLE cameras)."""
+    import pycolmap
+
+    first = cameras[serials[0]]
+    depth = np.zeros((len(serials), first.height, first.width), np.float32)
+    for v, s in enumerate(serials):
+        p = dense_dir / "stereo" / "depth_maps" / f"cam_{s}.png.geometric.bin"
+        if p.is_file():
+            d = pycolmap.DepthMap()
+            d.read(str(p))
+            arr = d.to_array()
+            if arr.shape == depth.shape[1:]:
+                depth[v] = arr
+    return depth
+
+
+# ---------------------------------------------------------------------------------------------
+# the subject-level driver
+
+
+@dataclass
+class ReconstructResult:
+    subject: str
+    timestamps_total: int
+    timestamps_kept: int
+    views_registered_min: int
+    points_median: float
+    dense: bool
+    seconds_per_timestamp: float
+    gt_point_error_median_mm: float | None = None
+    dropped: dict[str, str] = field(default_factory=dict)
+    timestamps: list[TimestampResult] = field(default_factory=list)
+
+    def figures(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "timestamps"}
+
+
+def parse_timestamps(spec: str) -> list[tuple[str, int]]:
+    """``"EXP-1-head:12,EXP-2-eyes:3"`` -> [(sequence, frame), ...]."""
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        seq, _, frame = item.rpartition(":")
+        if not seq or not frame.isdigit():
+            raise ValueError(f"timestamp {item!r} is not SEQUENCE:FRAME")
+        out.append((seq, int(frame)))
+    return out
+
+
+def run_reconstruct(source, subject: str, cfg: PipelineConfig, work, timestamps: list[tuple[str, int]] | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> ReconstructResult:
+    """Reconstruct a subject's selected timestamps (from ``select``, or ``timestamps``)."""
+    from ..devices import colmap_cuda_available
+    from .select import read_selection
+
+    rcfg = cfg.reconstruct
+    if timestamps is None:
+        timestamps = [(s, f) for s, f, _, _ in read_selection(work, subject)]
+    timestamps = sorted(set(timestamps))
+    dense = {"never": False, "always": True, "auto": None}[rcfg.dense]
+    if dense is None:
+        dense = colmap_cuda_available()
+    elif dense and not colmap_cuda_available():
+        raise RuntimeError("reconstruct.dense = 'always' but no CUDA device with pycolmap-cuda12 is available")
+    downscale = rcfg.downscale or cfg.capture.downscale
+    cameras = source.cameras(subject, downscale=downscale)
+    stage = StageDir(work, subject, STAGE)
+    stage.begin()
+    config_hash = cfg.section_hash("capture", "reconstruct")
+    gt = source.ground_truth(subject)
+    results: list[TimestampResult] = []
+    by_seq: dict[str, list[int]] = {}
+    for seq, f in timestamps:
+        by_seq.setdefault(seq, []).append(f)
+    def inputs():
+        """(sequence, frame, images, masks) in order; decoded one timestamp ahead of COLMAP."""
+        for seq, frames in by_seq.items():
+            todo = [f for f in frames if _read_marker(timestamp_dir(work, subject, seq, f), config_hash) is None]
+            mask_iter = source.timestamp_masks(subject, seq, todo, downscale=downscale) if rcfg.use_masks else None
+            decoded = source.timestamps(subject, seq, todo, downscale=downscale)
+            for frame in frames:
+                if frame in todo:
+                    _, images = next(decoded)
+                    masks = next(mask_iter)[1] if mask_iter is not None else None
+                    yield seq, frame, images, masks
+                else:
+                    yield seq, frame, None, None
+
+    done = 0
+    for seq, frame, images, masks in prefetch(inputs(), depth=1, name="reconstruct-decode"):
+        out = timestamp_dir(work, subject, seq, frame)
+        previous = None if images is not None else _read_marker(out, config_hash)
+        if previous is not None:
+            results.append(previous)
+        else:
+            res = reconstruct_timestamp(images, cameras, out, rcfg, masks=masks, dense=dense)
+            res.sequence, res.frame = seq, frame
+            if gt is not None:
+                _ground_truth_error(res, out, gt, seq, frame)
+            _write_marker(out, res, config_hash)
+            results.append(res)
+        done += 1
+        if progress:
+            progress(done, len(timestamps))
+        log.info("%s %s/%06d: %s, %d points, %.1f s", subject, seq, frame,
+                 "kept" if results[-1].kept else f"dropped ({results[-1].reason})",
+                 results[-1].num_points, results[-1].total_seconds)
+    kept = [r for r in results if r.kept]
+    errs = [r.gt_point_error_median_mm for r in kept if r.gt_point_error_median_mm is not None]
+    summary = ReconstructResult(
+        subject=subject, timestamps_total=len(results), timestamps_kept=len(kept),
+        views_registered_min=min((sum(v.registered for v in r.views) for r in results), default=0),
+        points_median=float(np.median([r.num_points for r in kept])) if kept else 0.0,
+        dense=dense, seconds_per_timestamp=round(float(np.mean([r.total_seconds for r in results])), 2) if results else 0.0,
+        gt_point_error_median_mm=round(float(np.median(errs)), 4) if errs else None,
+        dropped={r.key: r.reason for r in results if not r.kept}, timestamps=results)
+    stage.finish(config_hash, summary.figures())
+    return summary
+
+
+def _ground_truth_error(res: TimestampResult, out: Path, gt, seq: str, frame: int) -> None:
+    """Distance from each kept point to the ground-truth mesh of the timestamp (median, p90, mm)."""
+    import open3d as o3d
+
+    pts = read_points(out / "points.ply")["positions"]
+    if len(pts) == 0:
+        return
+    scene = o3d.t.geometry.RaycastingScene()
+    scene.add_triangles(o3d.core.Tensor(gt.frame(seq, frame)["vertices"].astype(np.float32)),
+                        o3d.core.Tensor(gt.faces.astype(np.uint32)))
+    d = scene.compute_distance(o3d.core.Tensor(pts.astype(np.float32))).numpy() * 1000
+    res.gt_point_error_median_mm = round(float(np.median(d)), 4)
+    res.gt_point_error_p90_mm = round(float(np.percentile(d, 90)), 4)
+
+
+def _write_marker(out: Path, res: TimestampResult, config_hash: str) -> None:
+    record = {"config_hash": config_hash, "result": asdict(res)}
+    atomic_write(out / "_DONE.json", lambda p: p.write_text(json.dumps(record, indent=1)))
+
+
+def _read_marker(out: Path, config_hash: str) -> TimestampResult | None:
+    try:
+        record = json.loads((out / "_DONE.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if record.get("config_hash") != config_hash:
+        return None
+    r = record["result"]
+    r["views"] = [ViewStats(**v) for v in r["views"]]
+    return TimestampResult(**r)
