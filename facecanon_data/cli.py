@@ -183,20 +183,51 @@ def reconstruct_cmd(root: Optional[Path] = RootOpt, subject: Optional[str] = Sub
     _emit(result.figures(), as_json, human)
 
 
+@app.command("track")
+def track_cmd(root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectOpt, work: Optional[Path] = WorkOpt,
+              device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: the pipeline's track.device, auto)."),
+              pipeline: Optional[Path] = PipelineOpt, as_json: bool = JsonOpt) -> None:
+    """Fit FLAME to all kept timestamps jointly (one shape + static offsets), drop outlier timestamps."""
+    _setup_logging()
+    cfg = _load(pipeline)
+    if device not in (None, "cpu", "cuda"):
+        _fail(f"--device must be cpu or cuda, got {device!r}")
+    source, subject = _open(cfg, root, subject)
+    from .flame.assets import AssetError
+    from .stages.track import run_track
+
+    try:
+        result = run_track(source, subject, cfg, work or cfg.work, device=device,
+                           progress=lambda m: logging.getLogger("facecanon_data.track").info(m))
+    except (FileNotFoundError, ValueError, RuntimeError, AssetError) as exc:
+        _fail(str(exc))
+    human = (f"subject {subject}: tracked {result.timestamps_kept}/{result.timestamps_in} timestamps on {result.device} "
+             f"in {result.seconds:.0f} s; CD-L1 median {result.cd_l1_mm_median:.2f} mm, landmarks "
+             f"{result.landmark_px_median:.2f} px; {result.outliers_removed} outlier(s) removed")
+    for key, why in result.outliers.items():
+        human += f"\n  removed {key}: {why}"
+    if result.gt_vertex_error_mm_mean is not None:
+        human += f"\nground truth: mean face-vertex error {result.gt_vertex_error_mm_mean:.2f} mm"
+    _emit(result.figures(), as_json, human)
+
+
 @app.command("bench")
-def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, reconstruct."),
+def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, reconstruct, track."),
               root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectOpt,
               pipeline: Optional[Path] = PipelineOpt, as_json: bool = JsonOpt) -> None:
     """Run a benchmark: the target and its named baseline measured in the same run, and their ratio."""
     _setup_logging()
     cfg = _load(pipeline)
-    benches = {"select": "bench_select", "reconstruct": "bench_reconstruct"}
+    benches = {"select": "bench_select", "reconstruct": "bench_reconstruct", "track": "bench_track"}
     if name not in benches:
         _fail(f"unknown benchmark {name!r} (available: {', '.join(benches)})")
-    source, subject = _open(cfg, root, subject)
     from . import bench
 
-    result = getattr(bench, benches[name])(source, subject, cfg)
+    if name == "track":  # generates its observations from the head model: no capture needed
+        result = bench.bench_track(None, subject or "SYN", cfg)
+    else:
+        source, subject = _open(cfg, root, subject)
+        result = getattr(bench, benches[name])(source, subject, cfg)
     human = "\n".join(f"{k}: {v}" for k, v in result.items())
     _emit(result, as_json, human)
 

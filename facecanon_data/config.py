@@ -111,6 +111,42 @@ class ReconstructConfig:
 
 
 @dataclass
+class TrackConfig:
+    """Stage ``track``: joint multi-view FLAME fitting of all kept timestamps of a subject.
+
+    Weights balance residuals in their natural units: landmarks in pixels of the working resolution,
+    points in millimetres; priors are on unit-variance coefficients and on radians.
+    """
+
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda"
+    num_shape: int = 100  # identity coefficients fitted (FLAME has 300)
+    num_expression: int = 50  # expression coefficients fitted (FLAME has 100)
+    iterations: list[int] = field(default_factory=lambda: [150, 200, 400, 400])  # rigid, +shape/expr, +points, +offsets
+    learning_rate: float = 0.01
+    early_stop_rel: float = 1e-5  # stop a stage when the loss changes less than this (relative) over 10 steps
+    landmark_weight: float = 1.0  # per px^2 of robust (Huber) reprojection error
+    landmark_huber_px: float = 3.0
+    # Once the points join (stages 3-4) landmarks only guide: FaceMesh's detections carry biases of a
+    # few pixels (mm at 1 m), the reconstructed points are sub-millimetre.
+    landmark_weight_with_points: float = 0.05
+    point_weight: float = 4.0  # per mm^2 of robust point-to-surface distance
+    point_huber_mm: float = 1.0
+    point_max_distance_mm: float = 10.0  # points farther from the mesh are not the head (hair, shoulders)
+    refresh_every: int = 20  # closest-point correspondences recomputed every n steps
+    shape_prior: float = 0.02
+    expression_prior: float = 0.02
+    jaw_prior: float = 1.0  # per rad^2
+    neck_prior: float = 0.1
+    eye_prior: float = 1.0
+    offset_l2: float = 20.0  # per mm^2 (mean over vertices): static offsets stay small ...
+    offset_laplacian: float = 2000.0  # ... and smooth (uniform graph Laplacian, sparse)
+    offset_free_masks: list[str] = field(default_factory=lambda: ["eyeballs"])  # no offsets here
+    outlier_mad_k: float = 3.5  # drop timestamps beyond median + k * MAD of CD-L1 or landmark error
+    outlier_mad_floor: float = 0.2  # MAD at least this fraction of the median: good fits cluster tightly
+    canonical: str = "subject"  # "subject": shape + offsets; "template": mean shape (shared by all subjects)
+
+
+@dataclass
 class PipelineConfig:
     name: str = "synthetic"
     work: str = "work"  # per-subject stage outputs: {work}/{subject}/{stage}/
@@ -119,6 +155,7 @@ class PipelineConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
     source_file: str = ""  # where it was loaded from (not part of the hash)
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,6 +176,10 @@ class PipelineConfig:
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
+    if typ == list[int]:
+        if not (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            raise ConfigError(f"{where}: expected a list of integers, got {value!r}")
+        return list(value)
     if typ == list[str]:
         if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
@@ -197,6 +238,10 @@ def _validate(cfg: PipelineConfig, where: str) -> None:
     sel = cfg.select
     if sel.num_expression < 0 or sel.num_pose < 0 or sel.frame_stride < 1 or sel.expression_dim < 1:
         raise ConfigError(f"{where}: select counts must be >= 0, frame_stride and expression_dim >= 1")
+    if cfg.track.device not in ("auto", "cpu", "cuda") or cfg.track.canonical not in ("subject", "template"):
+        raise ConfigError(f"{where}: track.device must be auto|cpu|cuda and track.canonical subject|template")
+    if len(cfg.track.iterations) != 4 or min(cfg.track.iterations) < 0:
+        raise ConfigError(f"{where}: track.iterations needs 4 non-negative counts (rigid, +shape/expr, +points, +offsets)")
     if cfg.reconstruct.dense not in ("auto", "never", "always"):
         raise ConfigError(f"{where}: reconstruct.dense must be 'auto', 'never' or 'always'")
     if s.width % 2 or s.height % 2:

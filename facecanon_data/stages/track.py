@@ -1,0 +1,573 @@
+"""Stage ``track``: fit FLAME to all kept timestamps of a subject jointly.
+
+Shared by every timestamp: one identity shape and one set of static per-vertex offsets (FlowFace's
+static deformations). Per timestamp: expression, jaw, neck, eyes, and the rigid head transform.
+Cameras are fixed (calibrated). Observations: each timestamp's reconstructed points and the MediaPipe
+landmarks detected in every view where a face is found (mapped onto the mesh by the landmark
+embedding).
+
+Energy (weights in ``[track]``):
+  landmarks  Huber(|project(embedded landmark) - detection|, px), averaged over detections
+  points     Huber(|point - closest surface point|, mm) over points within ``point_max_distance_mm``;
+             the closest point is exact (open3d, triangle + barycentrics), refreshed every
+             ``refresh_every`` steps, and differentiable through the barycentric combination
+  priors     shape and expression coefficients (L2), jaw / neck / eye rotations (L2, radians)
+  offsets    L2 size (mm) and a sparse uniform mesh Laplacian (smoothness); zero on ``offset_free_masks``
+No temporal term: selected timestamps are not consecutive.
+
+Stages (all timestamps in one batched tensor program, Adam, early stop on relative loss change):
+rigid from landmarks -> + shape and expression -> + point-to-surface -> + static offsets. The rigid
+pose starts from a Procrustes fit of the template's landmarks to landmarks triangulated from all views.
+
+Outliers: per timestamp the unidirectional L1 chamfer (mean point-to-mesh distance, the paper's CD-L1,
+mm) and the landmark error (median px); timestamps beyond median + k * MAD of either are dropped and
+the subject is fitted again without them, once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..artifacts import StageDir, atomic_write
+from ..cameras import Camera
+from ..config import PipelineConfig, TrackConfig
+from .reconstruct import read_points, timestamp_dir
+
+log = logging.getLogger(__name__)
+STAGE = "track"
+
+
+@dataclass
+class TimestampObservation:
+    """Inputs of one timestamp. points: (N, 3) m. cameras: serial -> Camera (working resolution).
+    landmarks: serial -> (L, 2) px of the embedded MediaPipe landmarks (views with a face)."""
+
+    sequence: str
+    frame: int
+    points: np.ndarray
+    cameras: dict[str, Camera]
+    landmarks: dict[str, np.ndarray]
+    image_dir: Path | None = None  # the views as PNG (for the overlay), when there are images
+
+    @property
+    def key(self) -> str:
+        return f"{self.sequence}/{self.frame:06d}"
+
+
+@dataclass
+class TrackResult:
+    subject: str
+    timestamps_in: int
+    timestamps_kept: int
+    outliers_removed: int
+    cd_l1_mm_median: float
+    landmark_px_median: float
+    seconds: float
+    device: str
+    gt_vertex_error_mm_mean: float | None = None
+    outliers: dict[str, str] = field(default_factory=dict)
+    per_timestamp: list[dict] = field(default_factory=list)
+
+    def figures(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "per_timestamp"}
+
+
+# ---------------------------------------------------------------------------------------------
+# observations
+
+
+def load_observations(work, subject: str, landmark_indices: np.ndarray) -> list[TimestampObservation]:
+    """Kept timestamps of ``reconstruct`` with their points, cameras and per-view landmarks."""
+    import cv2
+
+    from ..facemesh import FaceMeshDetector
+
+    marker = StageDir(work, subject, "reconstruct").done()
+    if marker is None:
+        raise FileNotFoundError(f"{Path(work) / subject / 'reconstruct'}: stage reconstruct has not completed")
+    obs = []
+    with FaceMeshDetector(static_image_mode=True) as det:
+        for key in _kept_keys(work, subject):
+            seq, frame = key.rsplit("/", 1)
+            folder = timestamp_dir(work, subject, seq, int(frame))
+            cams = {s: Camera(s, np.array(c["K"]), np.array(c["world_2_cam"]), c["width"], c["height"])
+                    for s, c in json.loads((folder / "cameras.json").read_text()).items()}
+            lms = {}
+            for s in cams:
+                img = cv2.cvtColor(cv2.imread(str(folder / "images" / f"cam_{s}.png")), cv2.COLOR_BGR2RGB)
+                lm = det.detect(img)
+                if lm is not None:
+                    lms[s] = lm[landmark_indices, :2].astype(np.float64)
+            obs.append(TimestampObservation(seq, int(frame), read_points(folder / "points.ply")["positions"]
+                                            .astype(np.float64), cams, lms, folder / "images"))
+    return obs
+
+
+def _kept_keys(work, subject: str) -> list[str]:
+    root = Path(work) / subject / "reconstruct"
+    keys = []
+    for done in sorted(root.glob("*/*/_DONE.json")):
+        rec = json.loads(done.read_text())["result"]
+        if rec["kept"]:
+            keys.append(f"{rec['sequence']}/{rec['frame']:06d}")
+    return keys
+
+
+def triangulate(points2d: dict[str, np.ndarray], cameras: dict[str, Camera]) -> np.ndarray:
+    """Linear (DLT) triangulation of (L, 2) detections in several views -> (L, 3) m."""
+    serials = [s for s in points2d if s in cameras]
+    projections = {s: cameras[s].K @ cameras[s].world_2_cam[:3] for s in serials}
+    n = len(next(iter(points2d.values())))
+    out = np.zeros((n, 3))
+    for i in range(n):
+        rows = []
+        for s in serials:
+            p, (u, v) = projections[s], points2d[s][i]
+            rows += [u * p[2] - p[0], v * p[2] - p[1]]
+        _, _, vt = np.linalg.svd(np.asarray(rows))
+        out[i] = vt[-1, :3] / vt[-1, 3]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the fit
+
+
+class _Fitter:
+    """All timestamps batched; parameters are torch leaves grouped by stage."""
+
+    def __init__(self, assets, obs: list[TimestampObservation], tcfg: TrackConfig, device: str):
+        import torch
+
+        from ..flame.lbs import FlameLayer, FlameParams
+
+        self.torch, self.tcfg, self.obs, self.device = torch, tcfg, obs, device
+        model = assets.model
+        self.layer = FlameLayer(model).to(device)
+        self.faces = model.faces
+        self.faces_t = torch.as_tensor(model.faces, device=device)
+        emb = assets.embedding
+        if emb is None:
+            raise ValueError("tracking needs a MediaPipe landmark embedding (flame.embedding)")
+        self.lmk_faces = torch.as_tensor(model.faces[emb.face_idx], device=device)  # (L, 3)
+        self.lmk_bary = torch.as_tensor(emb.bary, dtype=torch.float32, device=device)
+        t = len(obs)
+        ns, ne = min(tcfg.num_shape, model.num_shape), min(tcfg.num_expression, model.num_expression)
+        p = FlameParams.zeros(t, ns, ne, device=device)
+        p.offsets = torch.zeros(model.num_vertices, 3, device=device)
+        self.params = p
+        # Cameras and detections as padded tensors: (T, C, 3, 4) projections, (T, C, L, 2) px, (T, C) valid.
+        serials = sorted(obs[0].cameras)
+        proj = np.stack([[o.cameras[s].K @ o.cameras[s].world_2_cam[:3] for s in serials] for o in obs])
+        n_l = len(emb.mediapipe_idx)
+        det = np.zeros((t, len(serials), n_l, 2))
+        valid = np.zeros((t, len(serials)), bool)
+        for i, o in enumerate(obs):
+            for c, s in enumerate(serials):
+                if s in o.landmarks:
+                    det[i, c], valid[i, c] = o.landmarks[s], True
+        self.proj = torch.as_tensor(proj, dtype=torch.float32, device=device)
+        self.det = torch.as_tensor(det, dtype=torch.float32, device=device)
+        self.valid = torch.as_tensor(valid, device=device)
+        self.points = [torch.as_tensor(o.points, dtype=torch.float32, device=device) for o in obs]
+        self.corr: list[tuple] | None = None
+        free = np.ones(model.num_vertices, np.float32)
+        for name in tcfg.offset_free_masks:
+            if name in assets.masks:
+                free[assets.masks[name]] = 0.0
+        self.offset_mask = torch.as_tensor(free[:, None], device=device)
+        self.laplacian = uniform_laplacian(model.num_vertices, model.faces, device)
+        self._init_rigid(assets, emb)
+
+    # -- initialization ------------------------------------------------------------------------
+    def _init_rigid(self, assets, emb) -> None:
+        """Rigid pose per timestamp: template landmarks -> landmarks triangulated from all views."""
+        from ..features import rotvec_from_matrix, umeyama
+
+        torch = self.torch
+        template_lmk = emb.points(assets.model.v_template, assets.model.faces)
+        j0 = (assets.model.J_regressor @ assets.model.v_template)[0]
+        for i, o in enumerate(self.obs):
+            if len(o.landmarks) < 2:
+                continue
+            target = triangulate(o.landmarks, o.cameras)
+            s, r, t = umeyama(template_lmk.astype(np.float64), target)
+            # FLAME rotates about the root joint: v' = R (v - J0) + J0 + translation.
+            self.params.global_rot[i] = torch.as_tensor(rotvec_from_matrix(r), dtype=torch.float32)
+            self.params.translation[i] = torch.as_tensor(t + r @ j0 - j0, dtype=torch.float32)
+
+    # -- energy --------------------------------------------------------------------------------
+    def vertices(self):
+        p = self.params
+        offsets = p.offsets * self.offset_mask
+        from dataclasses import replace
+
+        return self.layer(replace(p, offsets=offsets))
+
+    def landmark_residual_px(self, verts):
+        """(T, C, L) reprojection distance of the embedded landmarks, px (detections only)."""
+        tri = verts[:, self.lmk_faces]  # (T, L, 3, 3)
+        lmk = (tri * self.lmk_bary[None, :, :, None]).sum(2)  # (T, L, 3)
+        homo = self.torch.cat([lmk, self.torch.ones_like(lmk[..., :1])], -1)  # (T, L, 4)
+        uvw = self.torch.einsum("tcij,tlj->tcli", self.proj, homo)
+        uv = uvw[..., :2] / uvw[..., 2:3].clamp_min(1e-6)
+        return (uv - self.det).norm(dim=-1)
+
+    def refresh_correspondences(self, verts) -> None:
+        """Exact closest surface points (triangle + barycentrics) of every point, per timestamp."""
+        import open3d as o3d
+
+        self.corr = []
+        v_np = verts.detach().cpu().numpy()
+        limit = self.tcfg.point_max_distance_mm / 1000.0
+        for i, pts in enumerate(self.points):
+            scene = o3d.t.geometry.RaycastingScene()
+            scene.add_triangles(o3d.core.Tensor(v_np[i].astype(np.float32)),
+                                o3d.core.Tensor(self.faces.astype(np.uint32)))
+            res = scene.compute_closest_points(o3d.core.Tensor(pts.cpu().numpy()))
+            tri = res["primitive_ids"].numpy().astype(np.int64)
+            uv = res["primitive_uvs"].numpy()
+            d = np.linalg.norm(res["points"].numpy() - pts.cpu().numpy(), axis=1)
+            near = d < limit
+            bary = np.stack([1 - uv[:, 0] - uv[:, 1], uv[:, 0], uv[:, 1]], 1)
+            t = self.torch
+            self.corr.append((t.as_tensor(np.where(near)[0], device=self.device),
+                              t.as_tensor(tri[near], device=self.device),
+                              t.as_tensor(bary[near], dtype=t.float32, device=self.device)))
+
+    def point_residual_mm(self, verts) -> list:
+        out = []
+        for i, (idx, tri, bary) in enumerate(self.corr):
+            surf = (verts[i][self.faces_t[tri]] * bary[..., None]).sum(1)
+            out.append((self.points[i][idx] - surf).norm(dim=-1) * 1000.0)
+        return out
+
+    def loss(self, verts, stage: int):
+        torch, c, p = self.torch, self.tcfg, self.params
+        lmk = self.landmark_residual_px(verts)
+        valid = self.valid[:, :, None].expand_as(lmk)
+        w_lmk = c.landmark_weight * (c.landmark_weight_with_points if stage >= 2 else 1.0)
+        total = w_lmk * _huber(lmk[valid], c.landmark_huber_px).mean()
+        if stage >= 1:
+            total = total + c.shape_prior * (p.shape ** 2).sum() + c.expression_prior * (p.expression ** 2).sum(1).mean()
+            total = total + c.jaw_prior * (p.jaw ** 2).sum(1).mean() + c.neck_prior * (p.neck ** 2).sum(1).mean()
+            total = total + c.eye_prior * ((p.left_eye ** 2).sum(1) + (p.right_eye ** 2).sum(1)).mean()
+        if stage >= 2:
+            res = torch.cat(self.point_residual_mm(verts))
+            if len(res):
+                total = total + c.point_weight * _huber(res, c.point_huber_mm).mean()
+        if stage >= 3:
+            off_mm = p.offsets * self.offset_mask * 1000.0
+            total = total + c.offset_l2 * (off_mm ** 2).sum(1).mean() / 1e2
+            lap = torch.sparse.mm(self.laplacian, off_mm)
+            total = total + c.offset_laplacian * (lap ** 2).sum(1).mean() / 1e2
+        return total
+
+    def groups(self, stage: int) -> list[dict]:
+        """Adam parameter groups with step sizes in each group's own units (rad, m, coefficients)."""
+        p, lr = self.params, self.tcfg.learning_rate
+        g = [{"params": [p.global_rot], "lr": 0.5 * lr},  # rad
+             {"params": [p.translation], "lr": 0.05 * lr}]  # m: 0.5 mm steps at lr = 0.01
+        if stage >= 1:
+            g += [{"params": [p.shape, p.expression], "lr": 2.0 * lr},  # unit-variance coefficients
+                  {"params": [p.jaw, p.neck, p.left_eye, p.right_eye], "lr": 0.5 * lr}]
+        if stage >= 3:
+            g += [{"params": [p.offsets], "lr": 0.02 * lr}]  # m: 0.2 mm steps
+        return g
+
+    def fit(self, progress: Callable[[str], None] | None = None) -> None:
+        """The four stages; each decays its step sizes (cosine) to 5 % and stops early when flat."""
+        torch, c = self.torch, self.tcfg
+        for stage, steps in enumerate(c.iterations):
+            groups = self.groups(stage)
+            tensors = [t for g in groups for t in g["params"]]
+            for t in tensors:
+                t.requires_grad_(True)
+            opt = torch.optim.Adam(groups)
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda k, n=max(steps, 1): 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(k, n) / n)))
+            history: list[float] = []
+            for step in range(steps):
+                if stage >= 2 and (self.corr is None or step % c.refresh_every == 0):
+                    with torch.no_grad():
+                        self.refresh_correspondences(self.vertices())
+                opt.zero_grad()
+                loss = self.loss(self.vertices(), stage)
+                loss.backward()
+                opt.step()
+                sched.step()
+                history.append(loss.item())
+                if len(history) > 20 and abs(history[-21] - history[-1]) < c.early_stop_rel * abs(history[-21]) * 20:
+                    break
+            if progress:
+                progress(f"stage {stage}: {len(history)} steps, loss {history[-1] if history else float('nan'):.4f}")
+            for t in tensors:
+                t.requires_grad_(False)
+
+    # -- per-timestamp errors ------------------------------------------------------------------
+    def errors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(T,) CD-L1: mean distance of *all* reconstructed points to the tracked mesh, mm (the
+        paper's unidirectional L1 chamfer); (T,) median landmark reprojection error, px."""
+        import open3d as o3d
+
+        torch = self.torch
+        with torch.no_grad():
+            verts = self.vertices()
+            v_np = verts.cpu().numpy().astype(np.float32)
+            cd = np.full(len(self.obs), np.nan)
+            for i, pts in enumerate(self.points):
+                if len(pts):
+                    scene = o3d.t.geometry.RaycastingScene()
+                    scene.add_triangles(o3d.core.Tensor(v_np[i]), o3d.core.Tensor(self.faces.astype(np.uint32)))
+                    cd[i] = scene.compute_distance(o3d.core.Tensor(pts.cpu().numpy())).numpy().mean() * 1000
+            lmk = self.landmark_residual_px(verts)
+            lm = np.array([float(lmk[i][self.valid[i]].median()) if self.valid[i].any() else np.nan
+                           for i in range(len(self.obs))])
+        return cd, lm
+
+
+def _huber(x, delta: float):
+    a = x.abs()
+    return (a.clamp(max=delta) ** 2) / 2 + delta * (a - a.clamp(max=delta))
+
+
+def uniform_laplacian(n: int, faces: np.ndarray, device="cpu"):
+    """Sparse (V, V) uniform graph Laplacian L = I - D^-1 A as a torch COO tensor (never dense)."""
+    import scipy.sparse as sp
+    import torch
+
+    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    e = np.concatenate([e, e[:, ::-1]])
+    a = sp.coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n, n)).tocsr()
+    a.data[:] = 1.0
+    deg = np.asarray(a.sum(1)).ravel()
+    lap = (sp.eye(n) - sp.diags(1.0 / np.maximum(deg, 1)) @ a).tocoo()
+    idx = torch.as_tensor(np.vstack([lap.row, lap.col]), dtype=torch.long)
+    lap_t = torch.sparse_coo_tensor(idx, torch.as_tensor(lap.data, dtype=torch.float32), (n, n),
+                                    check_invariants=True)
+    return lap_t.coalesce().to(device)
+
+
+def _mad_outliers(values: np.ndarray, k: float, floor: float) -> np.ndarray:
+    """values > median + k * MAD, the MAD floored at ``floor`` x median (a tight cluster of good fits
+    would otherwise flag ordinary variation)."""
+    med = np.nanmedian(values)
+    mad = max(np.nanmedian(np.abs(values - med)), floor * abs(med), 1e-9)
+    return values > med + k * mad
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("track.device = cuda but torch sees no CUDA device")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def run_track(source, subject: str, cfg: PipelineConfig, work, device: str | None = None,
+              observations: list[TimestampObservation] | None = None,
+              progress: Callable[[str], None] | None = None) -> TrackResult:
+    """Fit a subject (see module docstring) and write ``{work}/{subject}/track/``."""
+    import torch
+
+    from ..flame.assets import load_assets
+
+    tcfg = cfg.track
+    dev = pick_device(device or tcfg.device)
+    assets = load_assets(cfg.flame)
+    t0 = time.perf_counter()
+    obs = observations if observations is not None else load_observations(work, subject, assets.embedding.mediapipe_idx)
+    if not obs:
+        raise ValueError(f"subject {subject}: no kept timestamps to track")
+    out = StageDir(work, subject, STAGE)
+    out.begin()
+    torch.manual_seed(0)
+    fitter = _Fitter(assets, obs, tcfg, dev)
+    fitter.fit(progress)
+    cd, lm = fitter.errors()
+    bad_cd = _mad_outliers(cd, tcfg.outlier_mad_k, tcfg.outlier_mad_floor)
+    bad_lm = _mad_outliers(lm, tcfg.outlier_mad_k, tcfg.outlier_mad_floor)
+    bad = bad_cd | bad_lm
+    reasons = {}
+    for i in np.where(bad)[0]:
+        why = []
+        if bad_cd[i]:
+            why.append(f"CD-L1 {cd[i]:.2f} mm > median {np.nanmedian(cd):.2f} + {tcfg.outlier_mad_k} MAD")
+        if bad_lm[i]:
+            why.append(f"landmark error {lm[i]:.2f} px > median {np.nanmedian(lm):.2f} + {tcfg.outlier_mad_k} MAD")
+        reasons[obs[i].key] = "; ".join(why)
+    first_errors = (cd, lm)
+    if bad.any() and (~bad).sum() >= 1:
+        kept_obs = [o for o, b in zip(obs, bad) if not b]
+        fitter = _Fitter(assets, kept_obs, tcfg, dev)  # refit the shared parameters without them, once
+        fitter.fit(progress)
+        cd_k, lm_k = fitter.errors()
+    else:
+        kept_obs, cd_k, lm_k = obs, cd, lm
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        verts = fitter.vertices().cpu().numpy()
+        canonical = _canonical(fitter, tcfg).cpu().numpy()
+    result = TrackResult(subject=subject, timestamps_in=len(obs), timestamps_kept=len(kept_obs),
+                         outliers_removed=int(bad.sum()), cd_l1_mm_median=round(float(np.nanmedian(cd_k)), 4),
+                         landmark_px_median=round(float(np.nanmedian(lm_k)), 4), seconds=round(seconds, 1),
+                         device=dev, outliers=reasons)
+    gt = source.ground_truth(subject) if source is not None else None
+    if gt is not None:
+        face = assets.masks.get("face", np.arange(verts.shape[1]))
+        errs = [np.linalg.norm(verts[i][face] - gt.frame(o.sequence, o.frame)["vertices"][face], axis=1).mean()
+                for i, o in enumerate(kept_obs)]
+        result.gt_vertex_error_mm_mean = round(float(np.mean(errs)) * 1000, 4)
+    kept_index = {o.key: i for i, o in enumerate(kept_obs)}
+    for i, o in enumerate(obs):
+        j = kept_index.get(o.key)
+        result.per_timestamp.append({
+            "sequence": o.sequence, "frame": o.frame, "kept": j is not None,
+            "cd_l1_mm": float(cd_k[j]) if j is not None else float(first_errors[0][i]),
+            "landmark_px": float(lm_k[j]) if j is not None else float(first_errors[1][i]),
+            "views_with_landmarks": len(o.landmarks), "reason": reasons.get(o.key, "")})
+    _write_outputs(out, fitter, kept_obs, verts, canonical, result, cfg)
+    out.finish(cfg.section_hash("capture", "reconstruct", "flame", "track"), result.figures())
+    return result
+
+
+def _canonical(fitter: _Fitter, tcfg: TrackConfig):
+    p = fitter.params
+    from dataclasses import replace
+
+    params = replace(p, offsets=p.offsets * fitter.offset_mask)
+    return fitter.layer.canonical_vertices(params, template=tcfg.canonical == "template")
+
+
+def _write_outputs(out: StageDir, fitter: _Fitter, kept_obs, verts, canonical, result: TrackResult, cfg) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = fitter.params.to_numpy()
+    keys = np.array([o.key for o in kept_obs])
+    atomic_write(out.file("params.npz"), lambda f: np.savez(f, keys=keys, **p))
+    atomic_write(out.file("vertices.npz"), lambda f: np.savez(
+        f, keys=keys, tracked=verts.astype(np.float32), canonical=canonical.astype(np.float32),
+        faces=fitter.faces, canonical_kind=np.array(cfg.track.canonical)))
+    rows = result.per_timestamp
+    table = pa.table({k: [r[k] for r in rows] for k in rows[0]})
+    atomic_write(out.file("errors.parquet"), lambda f: pq.write_table(table, f))
+    atomic_write(out.file("errors.png"), lambda f: _plot_errors(rows, f, cfg.track.outlier_mad_k))
+    atomic_write(out.file("overlay.png"), lambda f: _overlay(kept_obs, verts, fitter.faces, f))
+
+
+def _plot_errors(rows, path, k) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, 0.35 * len(rows) + 2), 6), sharex=True)
+    x = np.arange(len(rows))
+    colors = ["tab:blue" if r["kept"] else "tab:red" for r in rows]
+    for ax, key, unit in ((axes[0], "cd_l1_mm", "CD-L1 (mm)"), (axes[1], "landmark_px", "landmark error (px)")):
+        ax.bar(x, [r[key] for r in rows], color=colors)
+        ax.set_ylabel(unit)
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].set_xticks(x, [f"{r['sequence']}/{r['frame']}" for r in rows], rotation=70, fontsize=7)
+    axes[0].set_title(f"Tracking error per timestamp\n(red: removed as outlier, > median + {k} MAD)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")
+    plt.close(fig)
+
+
+def _overlay(kept_obs, verts, faces, path, views=("222200037", "222200042", "221501007")) -> None:
+    """Front-facing mesh edges of the first kept timestamp over a few of its views (grey without images)."""
+    import cv2
+
+    o = kept_obs[0]
+    tiles = []
+    for s in views:
+        if s not in o.cameras:
+            continue
+        cam = o.cameras[s]
+        img = cv2.imread(str(o.image_dir / f"cam_{s}.png")) if o.image_dir is not None else None
+        if img is None:
+            img = np.full((cam.height, cam.width, 3), 96, np.uint8)
+        uv, z = cam.project(verts[0].astype(np.float64))
+        v = verts[0]
+        n = np.cross(v[faces[:, 1]] - v[faces[:, 0]], v[faces[:, 2]] - v[faces[:, 0]])
+        front = (n * (cam.center - v[faces[:, 0]])).sum(1) > 0
+        for f in faces[front][::4]:
+            pts = uv[f].round().astype(np.int32)
+            cv2.polylines(img, [pts], True, (60, 220, 60), 1, cv2.LINE_AA)
+        tiles.append(img)
+    cv2.imwrite(str(path), np.concatenate(tiles, 1), [cv2.IMWRITE_PNG_COMPRESSION, 3])
+
+
+# ---------------------------------------------------------------------------------------------
+# observations generated from the synthetic head (tests and benchmark; no rendering, no COLMAP)
+
+
+def synthetic_observations(cfg: PipelineConfig, num_timestamps: int = 8, seed: int = 0,
+                           points_per_timestamp: int = 3000, point_noise_mm: float = 0.2,
+                           landmark_noise_px: float = 1.0, max_view_angle_deg: float = 60.0):
+    """Observations of random synthetic timestamps as ``reconstruct`` + MediaPipe would give them.
+
+    Points: surface points visible from the 16 cameras (ray cast on a pixel grid), with Gaussian
+    noise. Landmarks: the embedded landmarks projected into every view that sees the face within
+    ``max_view_angle_deg`` (FaceMesh fails beyond), with Gaussian noise in px.
+    Returns (observations, ground truth {"vertices": (T, V, 3), "params": dict, "shape", "offsets"}).
+    """
+    import torch
+
+    from ..flame.assets import load_assets
+    from ..flame.lbs import FlameLayer, FlameParams
+    from ..synthetic.performance import random_identity, random_performance
+    from ..synthetic.render import HeadRenderer
+    from ..synthetic.rig import nersemble_like_rig
+
+    assets = load_assets(cfg.flame)
+    model, emb = assets.model, assets.embedding
+    rng = np.random.default_rng(seed)
+    ident = random_identity(rng, model.v_template, model.num_shape)
+    perf = random_performance(rng, num_timestamps * 6, model.num_expression, head_sequence=True,
+                              max_yaw_deg=cfg.synth.max_yaw_deg)
+    pick = np.sort(rng.choice(num_timestamps * 6, num_timestamps, replace=False))
+    arrays = {k: v[pick] for k, v in perf.as_dict().items()}
+    params = FlameParams.from_numpy({**arrays, "shape": ident.shape, "offsets": ident.offsets})
+    with torch.no_grad():
+        verts = FlameLayer(model)(params).numpy().astype(np.float64)
+    s = cfg.synth
+    down = cfg.capture.downscale
+    cams = {c.serial: c.scaled(down) for c in nersemble_like_rig(s.width, s.height, s.focal, s.camera_distance)}
+    renderer = HeadRenderer(model.faces, None, None, None)
+    obs = []
+    for i in range(num_timestamps):
+        pts = []
+        for cam in cams.values():
+            depth, tri, bary = renderer.cast(verts[i], cam)
+            hit = tri[::6, ::6] >= 0
+            t, b = tri[::6, ::6][hit], bary[::6, ::6][hit]
+            pts.append(np.einsum("nkc,nk->nc", verts[i][model.faces[t]], b))
+        pts = np.concatenate(pts)
+        pts = pts[rng.choice(len(pts), min(points_per_timestamp, len(pts)), replace=False)]
+        pts = pts + rng.normal(0, point_noise_mm / 1000, size=pts.shape)
+        lmk3d = emb.points(verts[i], model.faces)
+        head_dir = verts[i][1] - verts[i].mean(0)  # nose tip direction from the head centre
+        head_dir /= np.linalg.norm(head_dir)
+        lms = {}
+        for serial, cam in cams.items():
+            to_cam = cam.center - verts[i][1]
+            if np.degrees(np.arccos(np.clip(head_dir @ to_cam / np.linalg.norm(to_cam), -1, 1))) > max_view_angle_deg:
+                continue
+            uv, _ = cam.project(lmk3d)
+            lms[serial] = uv + rng.normal(0, landmark_noise_px, size=uv.shape)
+        obs.append(TimestampObservation("SYN", int(pick[i]), pts, cams, lms))
+    return obs, {"vertices": verts, "params": arrays, "shape": ident.shape, "offsets": ident.offsets}
