@@ -106,3 +106,56 @@ def bench_track(source: CaptureSource, subject: str, cfg: PipelineConfig, timest
                 resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024, 1) if dev == "cpu" else None,
             "baseline": "budget_600s_for_50_timestamps", "projected_50_timestamps_s": round(50 * per_ts, 1),
             "ratio": round(600.0 / max(50 * per_ts, 1e-9), 2), "cd_l1_mm_median": result.cd_l1_mm_median}
+
+
+def bench_transfer(cfg: PipelineConfig, num_points: int = 1_000_000, trimesh_subset: int = 5_000) -> dict:
+    """Deformation transfer (closest point + barycentric deformation) on ``num_points`` points within
+    5 mm of the head model (FLAME-sized: ~4.7k vertices, ~9.3k triangles), against (a) the bare open3d
+    closest-point query on the same points and (b) ``trimesh.proximity.closest_point`` on a subset.
+    Also: rendering ms per view (splat + region ray cast) on the same mesh.
+    """
+    import numpy as np
+    import open3d as o3d
+    import trimesh
+
+    from .flame.assets import load_assets
+    from .stages.canonicalize import transfer_to_canonical
+    from .stages.render import render_timestamp
+    from .synthetic.rig import nersemble_like_rig
+
+    model = load_assets(cfg.flame).model
+    v, f = model.v_template.astype(np.float64), model.faces
+    rng = np.random.default_rng(0)
+    mesh = trimesh.Trimesh(v, f, process=False)
+    pts, _ = trimesh.sample.sample_surface(mesh, num_points, seed=0)
+    pts = (pts + rng.normal(0, 0.005 / np.sqrt(3), pts.shape)).astype(np.float32)
+    canonical = v + rng.normal(0, 0.001, v.shape)  # any deformation field: the cost does not depend on it
+
+    t0 = time.perf_counter()
+    scene = o3d.t.geometry.RaycastingScene()
+    scene.add_triangles(o3d.core.Tensor(v.astype(np.float32)), o3d.core.Tensor(f.astype(np.uint32)))
+    scene.compute_closest_points(o3d.core.Tensor(pts))
+    o3d_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    transfer_to_canonical(pts, v, canonical, f)
+    ours_s = time.perf_counter() - t0
+    sub = pts[:trimesh_subset]
+    t0 = time.perf_counter()
+    trimesh.proximity.closest_point(mesh, sub)
+    tm_s = time.perf_counter() - t0
+    ours_pps, tm_pps = num_points / ours_s, trimesh_subset / tm_s
+    # Rendering: one timestamp, 16 views at the working resolution, 20k observed points.
+    s = cfg.synth
+    cams = {c.serial: c.scaled(cfg.capture.downscale) for c in nersemble_like_rig(s.width, s.height, s.focal, s.camera_distance)}
+    serials = sorted(cams)
+    few = pts[:20000].astype(np.float64)
+    t0 = time.perf_counter()
+    render_timestamp(few, few, np.ones((len(few), len(serials)), bool), np.ones(len(few), bool), cams, serials,
+                     v, f, np.zeros(len(v), np.uint8))
+    render_ms = 1000 * (time.perf_counter() - t0) / len(serials)
+    return {"bench": "transfer", "points": num_points, "mesh_vertices": len(v), "mesh_triangles": len(f),
+            "ours_points_per_s": round(ours_pps), "open3d_points_per_s": round(num_points / o3d_s),
+            "ratio_vs_open3d": round(o3d_s / ours_s, 3), "target_ratio_vs_open3d": 0.8,
+            "trimesh_points_per_s": round(tm_pps), "trimesh_subset": trimesh_subset,
+            "speedup_vs_trimesh": round(ours_pps / tm_pps, 1), "target_speedup_vs_trimesh": 20,
+            "render_ms_per_view": round(render_ms, 1)}

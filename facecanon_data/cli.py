@@ -211,20 +211,66 @@ def track_cmd(root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectOp
     _emit(result.figures(), as_json, human)
 
 
+@app.command("canonicalize")
+def canonicalize_cmd(root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectOpt, work: Optional[Path] = WorkOpt,
+                     pipeline: Optional[Path] = PipelineOpt, as_json: bool = JsonOpt) -> None:
+    """Carry every reconstructed point into canonical space by its nearest tracked-surface deformation."""
+    _setup_logging()
+    cfg = _load(pipeline)
+    source, subject = _open(cfg, root, subject)
+    from .stages.canonicalize import run_canonicalize
+
+    try:
+        result = run_canonicalize(source, subject, cfg, work or cfg.work)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    human = (f"subject {subject}: {result.points_total} points of {result.timestamps} timestamps canonicalized, "
+             f"median distance to the tracked surface {result.distance_mm_median:.2f} mm, "
+             f"{result.points_far} far (> {cfg.canonicalize.max_distance_mm} mm, {result.far_policy})")
+    _emit(dataclasses.asdict(result), as_json, human)
+
+
+@app.command("render")
+def render_cmd(root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectOpt, work: Optional[Path] = WorkOpt,
+               pipeline: Optional[Path] = PipelineOpt, as_json: bool = JsonOpt) -> None:
+    """Per-view depth, canonical and validity maps, with label-quality figures."""
+    _setup_logging()
+    cfg = _load(pipeline)
+    source, subject = _open(cfg, root, subject)
+    from .stages.render import run_render
+
+    try:
+        result = run_render(source, subject, cfg, work or cfg.work)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    human = (f"subject {subject}: {result.timestamps} timestamps x {result.views} views rendered "
+             f"({result.ms_per_view:.0f} ms per view), valid fraction {result.valid_fraction:.2%} of the head, "
+             f"cross-view canonical disagreement {result.cross_view_canonical_mm:.2f} mm "
+             f"({result.cross_view_pairs} pairs), {result.canonical_dtype} storage error "
+             f"{result.canonical_storage_error_mm:.3f} mm")
+    if result.gt_canonical_error_mm is not None:
+        human += (f"\nground truth: canonical error median {result.gt_canonical_error_mm:.2f} mm "
+                  f"(p90 {result.gt_canonical_error_mm_p90:.2f}), depth AbsRel median {result.gt_depth_absrel:.5f}")
+    _emit(result.figures(), as_json, human)
+
+
 @app.command("bench")
-def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, reconstruct, track."),
+def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, reconstruct, track, transfer."),
               root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectOpt,
               pipeline: Optional[Path] = PipelineOpt, as_json: bool = JsonOpt) -> None:
     """Run a benchmark: the target and its named baseline measured in the same run, and their ratio."""
     _setup_logging()
     cfg = _load(pipeline)
-    benches = {"select": "bench_select", "reconstruct": "bench_reconstruct", "track": "bench_track"}
+    benches = {"select": "bench_select", "reconstruct": "bench_reconstruct", "track": "bench_track",
+               "transfer": "bench_transfer"}
     if name not in benches:
         _fail(f"unknown benchmark {name!r} (available: {', '.join(benches)})")
     from . import bench
 
     if name == "track":  # generates its observations from the head model: no capture needed
         result = bench.bench_track(None, subject or "SYN", cfg)
+    elif name == "transfer":
+        result = bench.bench_transfer(cfg)
     else:
         source, subject = _open(cfg, root, subject)
         result = getattr(bench, benches[name])(source, subject, cfg)

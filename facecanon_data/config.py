@@ -147,6 +147,24 @@ class TrackConfig:
 
 
 @dataclass
+class CanonicalizeConfig:
+    """Stage ``canonicalize``: nearest-surface deformation transfer into FLAME's canonical space."""
+
+    max_distance_mm: float = 10.0  # points farther from the tracked surface are flagged "far" ...
+    far_points: str = "keep"  # ... and kept (flagged) or dropped: "keep" | "drop"
+
+
+@dataclass
+class RenderConfig:
+    """Stage ``render``: per-view depth, canonical and validity maps."""
+
+    splat_radius_px: int = 0  # sparse points cover (2r+1)^2 pixels; 0 = the pixel they project to
+    canonical_dtype: str = "float16"  # storage dtype of canonical maps (error reported per run)
+    consistency_depth_mm: float = 3.0  # depth agreement for "two views see the same surface point"
+    region_map: bool = True  # also ray-cast the tracked mesh for a per-view FLAME region map
+
+
+@dataclass
 class PipelineConfig:
     name: str = "synthetic"
     work: str = "work"  # per-subject stage outputs: {work}/{subject}/{stage}/
@@ -156,6 +174,8 @@ class PipelineConfig:
     select: SelectConfig = field(default_factory=SelectConfig)
     reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
+    canonicalize: CanonicalizeConfig = field(default_factory=CanonicalizeConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
     source_file: str = ""  # where it was loaded from (not part of the hash)
 
     def to_dict(self) -> dict[str, Any]:
@@ -242,6 +262,10 @@ def _validate(cfg: PipelineConfig, where: str) -> None:
         raise ConfigError(f"{where}: track.device must be auto|cpu|cuda and track.canonical subject|template")
     if len(cfg.track.iterations) != 4 or min(cfg.track.iterations) < 0:
         raise ConfigError(f"{where}: track.iterations needs 4 non-negative counts (rigid, +shape/expr, +points, +offsets)")
+    if cfg.canonicalize.far_points not in ("keep", "drop"):
+        raise ConfigError(f"{where}: canonicalize.far_points must be 'keep' or 'drop'")
+    if cfg.render.canonical_dtype not in ("float16", "float32"):
+        raise ConfigError(f"{where}: render.canonical_dtype must be float16 or float32")
     if cfg.reconstruct.dense not in ("auto", "never", "always"):
         raise ConfigError(f"{where}: reconstruct.dense must be 'auto', 'never' or 'always'")
     if s.width % 2 or s.height % 2:

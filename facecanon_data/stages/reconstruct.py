@@ -165,8 +165,13 @@ def reconstruct_timestamp(images: dict[str, np.ndarray], cameras: dict[str, Came
             kept, reason = False, f"dense reconstruction failed: {msg}"
     pts, colors, normals, visibility, keep_idx = _clean(pts, colors, normals, visibility,
                                                         common_focus(list(cameras.values())), rcfg)
-    depth = (_dense_depths(col_dir / "dense", serials, cameras) if is_dense
-             else _sparse_depths(pts, [obs[i] for i in keep_idx], serials, cameras))
+    if is_dense:
+        depth = _dense_depths(col_dir / "dense", serials, cameras)
+        observed = _observed_by_depth(pts, depth, serials, cameras)
+    else:
+        observed = np.array([[s in obs[i] for s in serials] for i in keep_idx], bool).reshape(-1, len(serials))
+        depth = _sparse_depths(pts, observed, serials, cameras)
+    atomic_write(out / "observers.npz", lambda p: np.savez_compressed(p, observed=observed, serials=np.array(serials)))
     _write_points(out / "points.ply", pts, colors, normals, visibility)
     atomic_write(out / "depth.npz", lambda p: np.savez_compressed(
         p, depth=depth.astype(np.float32), serials=np.array(serials), kind=np.array("dense" if is_dense else "sparse")))
@@ -259,13 +264,27 @@ def _clean(pts, colors, normals, visibility, centre, rcfg):
     return (pts[idx], colors[idx], None if normals is None else normals[idx], visibility[idx], idx)
 
 
-def _sparse_depths(pts, obs, serials, cameras) -> np.ndarray:
-    """(V, H, W) depth from the points each view observed, z-buffered (nearest wins); 0 = none."""
+def _observed_by_depth(pts, depth, serials, cameras, tol: float = 0.005) -> np.ndarray:
+    """(N, V) bool: view v sees point n when the point's depth matches v's depth map within ``tol`` m."""
+    out = np.zeros((len(pts), len(serials)), bool)
+    for v, s in enumerate(serials):
+        cam = cameras[s]
+        uv, z = cam.project(pts)
+        px = np.floor(uv + 0.5).astype(np.int64)
+        ok = (z > 0) & (px[:, 0] >= 0) & (px[:, 0] < cam.width) & (px[:, 1] >= 0) & (px[:, 1] < cam.height)
+        d = np.zeros(len(pts), np.float32)
+        d[ok] = depth[v][px[ok, 1], px[ok, 0]]
+        out[:, v] = ok & (d > 0) & (np.abs(d - z) < tol)
+    return out
+
+
+def _sparse_depths(pts, observed, serials, cameras) -> np.ndarray:
+    """(V, H, W) depth from the points each view observed ((N, V) bool), z-buffered; 0 = none."""
     first = cameras[serials[0]]
     depth = np.zeros((len(serials), first.height, first.width), np.float32)
     for v, s in enumerate(serials):
         cam = cameras[s]
-        sel = np.array([s in o for o in obs], bool)
+        sel = observed[:, v]
         if not sel.any():
             continue
         uv, z = cam.project(pts[sel])

@@ -1,0 +1,314 @@
+"""Stage ``render``: per-view depth, canonical and validity maps, with label-quality figures.
+
+Per timestamp and view: the canonicalized points that the view observed (``reconstruct``'s observer
+table) are splatted with a z-buffer in torch (``scatter_reduce(..., "amin")`` on CPU or GPU); the depth
+of the nearest point and its canonical coordinate fill the pixel. On a dense (CUDA) reconstruction the
+depth is PatchMatch's geometric depth and the canonical map is kept where the splatted point agrees
+with it. Optionally the tracked FLAME mesh is ray-cast for a per-view region map.
+
+Storage: depth float32 metres (0 = no data); canonical maps in ``render.canonical_dtype`` (default
+float16: |x| < 0.25 m in FLAME space, so the spacing is at most 2^-13 m and the rounding error at most
+0.06 mm; the measured maximum is reported per run as ``canonical_storage_error_mm``); mask bool; region
+uint8 (``canonicalize.REGIONS``, 255 = background).
+
+Label quality per timestamp: ``valid_fraction`` (valid pixels / foreground pixels of the tracked mesh),
+``cross_view_canonical_mm`` (median distance between canonical coordinates of pixels of two views that
+see the same surface point: depth-consistent reprojection into the other view's 3x3 neighbourhood,
+pairs of *different* reconstructed points only, since a point shared by both views agrees trivially),
+and with ground truth ``gt_canonical_error_mm`` (median, p90) and ``gt_depth_absrel`` (median).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..artifacts import StageDir, atomic_write
+from ..cameras import Camera
+from ..config import PipelineConfig
+from .canonicalize import canonical_dir, vertex_regions
+from .reconstruct import read_points, timestamp_dir
+
+STAGE = "render"
+BACKGROUND_REGION = 255
+
+
+def splat(points_cam, values, K, height: int, width: int, radius: int = 0):
+    """Z-buffered point splatting.
+
+    Args:
+        points_cam: (N, 3) torch float, camera coordinates (z forward, metres).
+        values: (N, C) torch values carried by the points.
+        K: (3, 3) intrinsics; radius: each point covers (2r+1)^2 pixels.
+    Returns:
+        depth (H, W) (0 = empty), value map (H, W, C), point index (H, W) int64 (-1 = empty).
+        Among points on one pixel the nearest wins; equal depths go to the lowest index.
+    """
+    import torch
+
+    dev = points_cam.device
+    z = points_cam[:, 2]
+    front = z > 1e-6
+    idx_all = torch.nonzero(front).squeeze(1)
+    p = points_cam[front]
+    u = torch.floor(K[0, 0] * p[:, 0] / p[:, 2] + K[0, 2] + 0.5).long()
+    v = torch.floor(K[1, 1] * p[:, 1] / p[:, 2] + K[1, 2] + 0.5).long()
+    offs = torch.arange(-radius, radius + 1, device=dev)
+    du, dv = torch.meshgrid(offs, offs, indexing="ij")
+    uu = (u[:, None] + du.reshape(1, -1)).reshape(-1)
+    vv = (v[:, None] + dv.reshape(1, -1)).reshape(-1)
+    zz = p[:, 2].repeat_interleave(du.numel())
+    ii = idx_all.repeat_interleave(du.numel())
+    inside = (uu >= 0) & (uu < width) & (vv >= 0) & (vv < height)
+    pix, zz, ii = vv[inside] * width + uu[inside], zz[inside], ii[inside]
+    zbuf = torch.full((height * width,), float("inf"), dtype=zz.dtype, device=dev)
+    zbuf = zbuf.scatter_reduce(0, pix, zz, reduce="amin")
+    winner = zz == zbuf[pix]
+    big = torch.iinfo(torch.int64).max
+    ibuf = torch.full((height * width,), big, dtype=torch.int64, device=dev)
+    ibuf = ibuf.scatter_reduce(0, pix[winner], ii[winner], reduce="amin")
+    index = torch.where(ibuf == big, torch.full_like(ibuf, -1), ibuf)
+    has = index >= 0
+    depth = torch.where(has, zbuf, torch.zeros_like(zbuf))
+    vmap = torch.zeros((height * width, values.shape[1]), dtype=values.dtype, device=dev)
+    vmap[has] = values[index[has]]
+    return depth.view(height, width), vmap.view(height, width, -1), index.view(height, width)
+
+
+@dataclass
+class ViewMaps:
+    """Maps of all views of one timestamp, serial order: depth (V, H, W) float32 m, canonical
+    (V, H, W, 3), mask (V, H, W) bool, index (V, H, W) int64 point ids, region (V, H, W) uint8."""
+
+    serials: list[str]
+    depth: np.ndarray
+    canonical: np.ndarray
+    mask: np.ndarray
+    index: np.ndarray
+    region: np.ndarray | None
+    foreground: np.ndarray  # (V, H, W) bool: the tracked mesh covers the pixel
+
+
+def render_timestamp(points: np.ndarray, canonical: np.ndarray, observed: np.ndarray, keep: np.ndarray,
+                     cameras: dict[str, Camera], serials: list[str], tracked: np.ndarray, faces: np.ndarray,
+                     region_of_vertex: np.ndarray | None, radius: int = 0, device: str = "cpu",
+                     dense_depth: np.ndarray | None = None, dense_tol_m: float = 0.005) -> ViewMaps:
+    """Render one timestamp's maps (see module docstring). points/canonical: (N, 3); observed (N, V)."""
+    import open3d as o3d
+    import torch
+
+    first = cameras[serials[0]]
+    n_v, h, w = len(serials), first.height, first.width
+    depth = np.zeros((n_v, h, w), np.float32)
+    canon = np.zeros((n_v, h, w, 3), np.float32)
+    index = np.full((n_v, h, w), -1, np.int64)
+    region = np.full((n_v, h, w), BACKGROUND_REGION, np.uint8) if region_of_vertex is not None else None
+    fg = np.zeros((n_v, h, w), bool)
+    scene = o3d.t.geometry.RaycastingScene()
+    scene.add_triangles(o3d.core.Tensor(tracked.astype(np.float32)), o3d.core.Tensor(faces.astype(np.uint32)))
+    pts_t = torch.as_tensor(points, dtype=torch.float32, device=device)
+    can_t = torch.as_tensor(canonical, dtype=torch.float32, device=device)
+    for v, s in enumerate(serials):
+        cam = cameras[s]
+        sel = torch.as_tensor(np.where(observed[:, v] & keep)[0], device=device)
+        r = torch.as_tensor(cam.world_2_cam[:3, :3], dtype=torch.float32, device=device)
+        t = torch.as_tensor(cam.world_2_cam[:3, 3], dtype=torch.float32, device=device)
+        k = torch.as_tensor(cam.K, dtype=torch.float32, device=device)
+        d, c, i = splat(pts_t[sel] @ r.T + t, can_t[sel], k, h, w, radius)
+        i = torch.where(i >= 0, sel[i.clamp_min(0)], i)  # back to global point ids
+        d, c, i = d.cpu().numpy(), c.cpu().numpy(), i.cpu().numpy()
+        if dense_depth is not None:  # PatchMatch depth; canonical where the splat agrees with it
+            agree = (i >= 0) & (np.abs(dense_depth[v] - d) < dense_tol_m) & (dense_depth[v] > 0)
+            d = dense_depth[v]
+            i = np.where(agree, i, -1)
+            c = np.where(agree[..., None], c, 0)
+        depth[v], canon[v], index[v] = d, c, i
+        origin, dirs = cam.pixel_rays()
+        rays = np.concatenate([np.broadcast_to(origin, dirs.shape), dirs], -1).astype(np.float32)
+        hit = scene.cast_rays(o3d.core.Tensor(rays))
+        tri = hit["primitive_ids"].numpy().astype(np.int64)
+        fg[v] = np.isfinite(hit["t_hit"].numpy())
+        if region is not None:
+            uv = hit["primitive_uvs"].numpy()
+            bary = np.stack([1 - uv[..., 0] - uv[..., 1], uv[..., 0], uv[..., 1]], -1)
+            vid = faces[np.where(fg[v], tri, 0), np.argmax(bary, -1)]
+            region[v] = np.where(fg[v], region_of_vertex[vid], BACKGROUND_REGION)
+    mask = (index >= 0) & (depth > 0)
+    return ViewMaps(serials, depth, canon, mask, index, region, fg)
+
+
+def cross_view_canonical_mm(maps: ViewMaps, cameras: dict[str, Camera], tol_m: float) -> tuple[float, int]:
+    """Median canonical disagreement (mm) over depth-consistent pixel pairs of different points."""
+    dists = []
+    for a, sa in enumerate(maps.serials):
+        ys, xs = np.nonzero(maps.mask[a])
+        if not len(ys):
+            continue
+        ca = cameras[sa]
+        z = maps.depth[a][ys, xs]
+        pix = np.stack([xs, ys, np.ones_like(xs)], 1).astype(np.float64)
+        cam_pts = (pix @ np.linalg.inv(ca.K).T) * z[:, None]
+        world = (cam_pts - ca.world_2_cam[:3, 3]) @ ca.world_2_cam[:3, :3]
+        for b, sb in enumerate(maps.serials):
+            if b == a:
+                continue
+            cb = cameras[sb]
+            uv, zb = cb.project(world)
+            best_d = np.full(len(world), np.inf)
+            best_c = np.zeros((len(world), 3))
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    px = np.floor(uv + 0.5).astype(np.int64) + [dx, dy]
+                    ok = (px[:, 0] >= 0) & (px[:, 0] < cb.width) & (px[:, 1] >= 0) & (px[:, 1] < cb.height) & (zb > 0)
+                    px = np.where(ok[:, None], px, 0)
+                    valid = ok & maps.mask[b][px[:, 1], px[:, 0]]
+                    valid &= maps.index[b][px[:, 1], px[:, 0]] != maps.index[a][ys, xs]
+                    gap = np.abs(maps.depth[b][px[:, 1], px[:, 0]] - zb)
+                    better = valid & (gap < tol_m) & (gap < best_d)
+                    best_d[better] = gap[better]
+                    best_c[better] = maps.canonical[b][px[better, 1], px[better, 0]]
+            found = np.isfinite(best_d)
+            dists.append(np.linalg.norm(best_c[found] - maps.canonical[a][ys[found], xs[found]], axis=1) * 1000)
+    d = np.concatenate(dists) if dists else np.zeros(0)
+    return (round(float(np.median(d)), 4) if len(d) else float("nan")), int(len(d))
+
+
+@dataclass
+class RenderResult:
+    subject: str
+    timestamps: int
+    views: int
+    valid_fraction: float  # median over timestamps
+    cross_view_canonical_mm: float
+    cross_view_pairs: int
+    canonical_dtype: str
+    canonical_storage_error_mm: float
+    ms_per_view: float
+    dense: bool
+    gt_canonical_error_mm: float | None = None  # median over valid pixels of all timestamps
+    gt_canonical_error_mm_p90: float | None = None
+    gt_depth_absrel: float | None = None  # median
+    per_timestamp: list[dict] = field(default_factory=list)
+
+    def figures(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "per_timestamp"}
+
+
+def render_dir(work, subject: str, sequence: str, frame: int) -> Path:
+    return Path(work) / subject / STAGE / sequence / f"{frame:06d}"
+
+
+def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "cpu") -> RenderResult:
+    """Render every canonicalized timestamp of a subject and measure label quality."""
+    from ..flame.assets import load_assets
+
+    rc = cfg.render
+    if StageDir(work, subject, "canonicalize").done() is None:
+        raise FileNotFoundError(f"{Path(work) / subject / 'canonicalize'}: stage canonicalize has not completed")
+    assets = load_assets(cfg.flame)
+    region_of_vertex = vertex_regions(assets.masks, assets.model.num_vertices) if rc.region_map else None
+    track = StageDir(work, subject, "track")
+    with np.load(track.file("vertices.npz")) as z:
+        keys, tracked, faces = [str(k) for k in z["keys"]], z["tracked"], z["faces"]
+    out = StageDir(work, subject, STAGE)
+    out.begin()
+    gt = source.ground_truth(subject) if source is not None else None
+    per_ts, gt_can, gt_rel, store_err = [], [], [], 0.0
+    render_s, n_views, cross, pairs, dense_any = 0.0, 0, [], 0, False
+    for i, key in enumerate(keys):
+        seq, frame = key.rsplit("/", 1)
+        frame = int(frame)
+        rdir = timestamp_dir(work, subject, seq, frame)
+        cams = {s: Camera(s, np.array(c["K"]), np.array(c["world_2_cam"]), c["width"], c["height"])
+                for s, c in json.loads((rdir / "cameras.json").read_text()).items()}
+        with np.load(rdir / "observers.npz") as z:
+            observed, serials = z["observed"], [str(s) for s in z["serials"]]
+        with np.load(rdir / "depth.npz") as z:
+            dense = str(z["kind"]) == "dense"
+            dense_depth = z["depth"] if dense else None
+        dense_any |= dense
+        with np.load(canonical_dir(work, subject, seq, frame) / "points.npz") as z:
+            canonical, keep = z["canonical"], z["keep"]
+        pts = read_points(rdir / "points.ply")["positions"]
+        t0 = time.perf_counter()
+        maps = render_timestamp(pts, canonical, observed, keep, cams, serials, tracked[i], faces, region_of_vertex,
+                                rc.splat_radius_px, device, dense_depth)
+        render_s += time.perf_counter() - t0
+        n_views += len(serials)
+        stored = maps.canonical.astype(rc.canonical_dtype)
+        store_err = max(store_err, float(np.abs(stored.astype(np.float32) - maps.canonical).max()) * 1000)
+        cv, npairs = cross_view_canonical_mm(maps, cams, rc.consistency_depth_mm / 1000)
+        cross.append(cv)
+        pairs += npairs
+        valid_fraction = float(maps.mask.sum() / max(maps.foreground.sum(), 1))
+        row = {"sequence": seq, "frame": frame, "valid_fraction": round(valid_fraction, 5),
+               "valid_pixels": int(maps.mask.sum()), "cross_view_canonical_mm": cv, "cross_view_pairs": npairs}
+        if gt is not None:
+            ce, rel = [], []
+            for v, s in enumerate(serials):
+                g = gt.view_maps(seq, frame, s, downscale=cfg.reconstruct.downscale or cfg.capture.downscale)
+                m = maps.mask[v] & g["mask"]
+                ce.append(np.linalg.norm(stored[v][m].astype(np.float32) - g["canonical"][m], axis=1) * 1000)
+                rel.append(np.abs(maps.depth[v][m] - g["depth"][m]) / g["depth"][m])
+            ce, rel = np.concatenate(ce), np.concatenate(rel)
+            gt_can.append(ce)
+            gt_rel.append(rel)
+            row.update(gt_canonical_error_mm=round(float(np.median(ce)), 4),
+                       gt_canonical_error_mm_p90=round(float(np.percentile(ce, 90)), 4),
+                       gt_depth_absrel=round(float(np.median(rel)), 6))
+        per_ts.append(row)
+        folder = render_dir(work, subject, seq, frame)
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = dict(depth=maps.depth, canonical=stored, mask=maps.mask, serials=np.array(serials),
+                      foreground=maps.foreground)
+        if maps.region is not None:
+            arrays["region"] = maps.region
+        atomic_write(folder / "maps.npz", lambda p: np.savez_compressed(p, **arrays))
+        atomic_write(folder / "quality.json", lambda p: p.write_text(json.dumps(row)))
+        if i == 0:
+            atomic_write(out.file("preview.png"), lambda p: write_preview(rdir / "images", maps, p))
+    result = RenderResult(
+        subject=subject, timestamps=len(keys), views=n_views // max(len(keys), 1),
+        valid_fraction=round(float(np.median([r["valid_fraction"] for r in per_ts])), 5) if per_ts else 0.0,
+        cross_view_canonical_mm=round(float(np.nanmedian(cross)), 4) if cross else float("nan"),
+        cross_view_pairs=pairs, canonical_dtype=rc.canonical_dtype, canonical_storage_error_mm=round(store_err, 5),
+        ms_per_view=round(1000 * render_s / max(n_views, 1), 2), dense=dense_any, per_timestamp=per_ts)
+    if gt_can:
+        all_ce, all_rel = np.concatenate(gt_can), np.concatenate(gt_rel)
+        result.gt_canonical_error_mm = round(float(np.median(all_ce)), 4)
+        result.gt_canonical_error_mm_p90 = round(float(np.percentile(all_ce, 90)), 4)
+        result.gt_depth_absrel = round(float(np.median(all_rel)), 6)
+    out.finish(cfg.section_hash("capture", "reconstruct", "flame", "track", "canonicalize", "render"),
+               result.figures())
+    return result
+
+
+def write_preview(image_dir: Path, maps: ViewMaps, path, views: int = 4) -> None:
+    """Rows: input image, depth (turbo colour map), canonical map (xyz -> rgb) for a few views.
+    Sparse maps are dilated by 2 px so that the points are visible."""
+    import cv2
+
+    picks = np.linspace(0, len(maps.serials) - 1, views).round().astype(int)
+    valid_can = maps.canonical[maps.mask]
+    lo, hi = (valid_can.min(0), valid_can.max(0)) if len(valid_can) else (np.zeros(3), np.ones(3))
+    cols = []
+    for v in picks:
+        img = cv2.imread(str(image_dir / f"cam_{maps.serials[v]}.png"))
+        m = maps.mask[v]
+        d = maps.depth[v]
+        dn = np.zeros_like(d)
+        if m.any():
+            dn[m] = (d[m] - d[m].min()) / max(np.ptp(d[m]), 1e-6)
+        depth_rgb = cv2.applyColorMap((255 * (1 - dn)).astype(np.uint8), cv2.COLORMAP_TURBO)
+        can_rgb = (255 * np.clip((maps.canonical[v] - lo) / np.maximum(hi - lo, 1e-6), 0, 1)).astype(np.uint8)[..., ::-1]
+        kernel = np.ones((5, 5), np.uint8)
+        grown = cv2.dilate(m.astype(np.uint8), kernel) > 0
+        depth_rgb = np.where(grown[..., None], cv2.dilate(np.where(m[..., None], depth_rgb, 0).astype(np.uint8), kernel), 40)
+        can_rgb = np.where(grown[..., None], cv2.dilate(np.where(m[..., None], can_rgb, 0).astype(np.uint8), kernel), 40)
+        if img is None:
+            img = np.full_like(depth_rgb, 96)
+        cols.append(np.concatenate([img, depth_rgb.astype(np.uint8), can_rgb.astype(np.uint8)], 0))
+    cv2.imwrite(str(path), np.concatenate(cols, 1), [cv2.IMWRITE_PNG_COMPRESSION, 3])
