@@ -159,3 +159,59 @@ def bench_transfer(cfg: PipelineConfig, num_points: int = 1_000_000, trimesh_sub
             "trimesh_points_per_s": round(tm_pps), "trimesh_subset": trimesh_subset,
             "speedup_vs_trimesh": round(ours_pps / tm_pps, 1), "target_speedup_vs_trimesh": 20,
             "render_ms_per_view": round(render_ms, 1)}
+
+
+def bench_loader(store, samples: int = 24, images_per_sample: int = 4, resolution=(518, 518)) -> dict:
+    """Samples/s of the DataLoader (0 and 2 workers, 518x518) vs the raw bound (reading and decoding
+    the same chunks in a tight loop) and vs the same samples stored as one ``.npz`` per view."""
+    import os
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from .training import FaceCanonDataset, collate_samples
+
+    ds = FaceCanonDataset(store, mode="views", images_per_sample=images_per_sample, resolution=resolution, seed=0)
+    n = min(samples, len(ds))
+    if n == 0:
+        raise ValueError(f"{store}: no samples with {images_per_sample} views per timestamp")
+    t0 = time.perf_counter()
+    for i in range(n):
+        ds.read_raw(ds.samples[i])
+    raw_s = time.perf_counter() - t0
+    out = {"bench": "loader", "store": str(store), "samples": n, "images_per_sample": images_per_sample,
+           "resolution": list(resolution), "raw_samples_per_s": round(n / raw_s, 2)}
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=1,
+                                             num_workers=workers, collate_fn=collate_samples)
+        t0 = time.perf_counter()
+        for _ in loader:
+            pass
+        s = time.perf_counter() - t0
+        out[f"loader_{workers}w_samples_per_s"] = round(n / s, 2)
+        out[f"ratio_{workers}w"] = round(raw_s / s, 3)
+    out["ratio"] = max(out["ratio_0w"], out["ratio_2w"])
+    out["target_ratio"] = 0.7
+    with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
+        files = []
+        for i in range(n):
+            raw = ds.read_raw(ds.samples[i])
+            for j in range(len(ds.samples[i])):
+                p = Path(tmp) / f"{i}_{j}.npz"
+                np.savez_compressed(p, **{k: v[j] for k, v in raw.items()})
+                files.append(p)
+        t0 = time.perf_counter()
+        for p in files:
+            with np.load(p) as z:
+                {k: z[k] for k in z.files}
+        files_s = time.perf_counter() - t0
+        out["npz_files_samples_per_s"] = round(n / files_s, 2)
+        out["speedup_vs_files"] = round(files_s / raw_s, 2)
+        out["npz_bytes_per_view"] = int(np.mean([os.path.getsize(p) for p in files]))
+    from .store import subjects
+
+    total = sum(f.stat().st_size for pid in subjects(store) for f in (Path(store) / "subjects" / pid).rglob("*") if f.is_file())
+    views = ds.rows["subject"].size
+    out["store_bytes_per_view"] = int(total / max(views, 1))
+    return out

@@ -254,15 +254,68 @@ def render_cmd(root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectO
     _emit(result.figures(), as_json, human)
 
 
+@app.command("write")
+def write_cmd(store: Path = typer.Option(..., "--out", help="Store folder (created when missing)."),
+              subject: Optional[str] = SubjectOpt, work: Optional[Path] = WorkOpt, root: Optional[Path] = RootOpt,
+              index: bool = typer.Option(True, "--index/--no-index", help="Rebuild index.parquet afterwards."),
+              pipeline: Optional[Path] = PipelineOpt, as_json: bool = JsonOpt) -> None:
+    """Commit a subject's stage outputs to the store (atomically, one writer per subject)."""
+    _setup_logging()
+    cfg = _load(pipeline)
+    _, subject = _open(cfg, root, subject)
+    from .stages.write import run_write
+    from .store import StoreError, build_index
+
+    try:
+        result = run_write(subject, cfg, work or cfg.work, store)
+        if index:
+            build_index(store)
+    except (FileNotFoundError, ValueError, StoreError) as exc:
+        _fail(str(exc))
+    _emit(result, as_json, f"subject {subject}: {result['timestamps']} timestamps x {result['views']} views "
+                            f"committed to {result['path']}")
+
+
+@app.command("index")
+def index_cmd(store: Path = typer.Argument(..., help="Store folder."), as_json: bool = JsonOpt) -> None:
+    """Rebuild STORE/index.parquet (one row per view-sample) from the committed subjects."""
+    _setup_logging()
+    from .store import StoreError, build_index, read_index, subjects
+
+    if not (store / "zarr.json").is_file():
+        _fail(f"{store}: not a facecanon-data store (no zarr.json)")
+    try:
+        path = build_index(store)
+    except StoreError as exc:
+        _fail(str(exc))
+    n = read_index(store).num_rows
+    _emit({"index": str(path), "rows": n, "subjects": subjects(store)}, as_json,
+          f"{path}: {n} view-samples of {len(subjects(store))} subject(s)")
+
+
+@app.command("validate")
+def validate_cmd(store: Path = typer.Argument(..., help="Store folder."), as_json: bool = JsonOpt) -> None:
+    """Check schema, shapes, dtypes, NaNs, and index vs arrays; exit 1 listing the problems."""
+    _setup_logging()
+    from .store import subjects, validate_store
+
+    problems = validate_store(store)
+    result = {"store": str(store), "valid": not problems, "subjects": subjects(store), "problems": problems}
+    _emit(result, as_json, "\n".join(problems) if problems else f"{store}: valid ({len(result['subjects'])} subjects)")
+    if problems:
+        raise typer.Exit(1)
+
+
 @app.command("bench")
-def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, reconstruct, track, transfer."),
+def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, reconstruct, track, transfer, loader."),
               root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectOpt,
+              store: Optional[Path] = typer.Option(None, "--store", help="Store folder (bench loader)."),
               pipeline: Optional[Path] = PipelineOpt, as_json: bool = JsonOpt) -> None:
     """Run a benchmark: the target and its named baseline measured in the same run, and their ratio."""
     _setup_logging()
     cfg = _load(pipeline)
     benches = {"select": "bench_select", "reconstruct": "bench_reconstruct", "track": "bench_track",
-               "transfer": "bench_transfer"}
+               "transfer": "bench_transfer", "loader": "bench_loader"}
     if name not in benches:
         _fail(f"unknown benchmark {name!r} (available: {', '.join(benches)})")
     from . import bench
@@ -271,6 +324,10 @@ def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, re
         result = bench.bench_track(None, subject or "SYN", cfg)
     elif name == "transfer":
         result = bench.bench_transfer(cfg)
+    elif name == "loader":
+        if store is None:
+            _fail("bench loader needs --store STORE (e.g. one written by `facecanon-data write`)")
+        result = bench.bench_loader(store)
     else:
         source, subject = _open(cfg, root, subject)
         result = getattr(bench, benches[name])(source, subject, cfg)

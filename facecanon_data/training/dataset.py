@@ -1,0 +1,229 @@
+"""A thin PyTorch loader over the store (no Dask): the paper's two sampling modes.
+
+Sampling modes (one *sample* = several images that the model sees together):
+  ``views``  several views of one timestamp of a subject (multi-view geometry);
+  ``time``   one camera across several timestamps of a subject (temporal correspondence).
+Each sample has ``images_per_sample`` images (an int, or a (min, max) range drawn per sample; 2 to 16).
+
+A sample (``__getitem__``) is a dict of tensors, N images at the target resolution (H, W):
+  image          (N, 3, H, W) float32 in [0, 1], colour-jittered jointly when enabled
+  depth          (N, 1, H, W) float32 metres along the optical axis, 0 = no label
+  canonical      (N, 3, H, W) float32 metres, FLAME canonical space
+  mask           (N, 1, H, W) bool, depth and canonical labels valid
+  K              (N, 3, 3) float32 pixels of the resized image
+  world_2_cam    (N, 4, 4) float32 metres
+  ray_origin     (N, 3, H, W) float32 camera centre in world coordinates, metres (an expanded view)
+  ray_direction  (N, 3, H, W) float32 unit direction of each pixel's ray in world coordinates
+  subject, sequence (lists of str), frame, serial index
+Images are resized with area/bilinear filtering; labels (sparse) with nearest neighbour. Intrinsics are
+scaled with the pixel-centre convention, so a 3-D point projects to the same relative position.
+
+Determinism: the sample list depends only on (index filter, mode, seed, epoch); augmentation on
+(seed, epoch, sample index). Splitting: use :class:`ShardedSampler` per DDP rank (disjoint, no
+padding); DataLoader workers split a rank's indices among themselves (map-style). Zarr groups are
+opened lazily per process, so the dataset is safe with ``fork`` and ``spawn``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..store import open_subject, read_index
+
+
+@dataclass
+class IndexFilter:
+    subjects: list[str] | None = None
+    sequences: list[str] | None = None
+    min_valid_fraction: float | None = None
+    max_cd_l1_mm: float | None = None
+
+
+def scale_intrinsics(k: np.ndarray, sx: float, sy: float) -> np.ndarray:
+    """K of an image resized by (sx, sy) (pixel centres at integer coordinates)."""
+    out = k.astype(np.float64).copy()
+    out[0, 0] *= sx
+    out[1, 1] *= sy
+    out[0, 2] = (out[0, 2] + 0.5) * sx - 0.5
+    out[1, 2] = (out[1, 2] + 0.5) * sy - 0.5
+    return out
+
+
+def ray_maps(k: np.ndarray, world_2_cam: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Camera centre (3,) and (3, H, W) float32 unit ray directions in world coordinates.
+
+    d_world = R^T K^-1 [u, v, 1]^T, evaluated channel by channel with broadcasting (no (H, W, 3) temporaries).
+    """
+    r, t = world_2_cam[:3, :3].astype(np.float64), world_2_cam[:3, 3].astype(np.float64)
+    centre = (-r.T @ t).astype(np.float32)
+    x = ((np.arange(width) - k[0, 2]) / k[0, 0]).astype(np.float32)[None, :]  # (1, W) assumes no skew
+    y = ((np.arange(height) - k[1, 2]) / k[1, 1]).astype(np.float32)[:, None]  # (H, 1)
+    r32 = r.astype(np.float32)
+    d = np.empty((3, height, width), np.float32)
+    for c in range(3):
+        d[c] = x * r32[0, c] + y * r32[1, c] + r32[2, c]
+    d /= np.sqrt((d * d).sum(0, keepdims=True))
+    return centre, d
+
+
+class FaceCanonDataset(torch.utils.data.Dataset):
+    """See module docstring. ``resolution`` is (height, width)."""
+
+    def __init__(self, store: str | Path, mode: str = "views", images_per_sample: int | tuple[int, int] = 4,
+                 resolution: tuple[int, int] = (518, 518), filter: IndexFilter | None = None,
+                 color_jitter: float = 0.0, seed: int = 0, epoch: int = 0):
+        if mode not in ("views", "time"):
+            raise ValueError(f"mode must be 'views' or 'time', got {mode!r}")
+        lo, hi = (images_per_sample, images_per_sample) if isinstance(images_per_sample, int) else images_per_sample
+        if not 1 <= lo <= hi <= 16:
+            raise ValueError(f"images_per_sample must lie in 1..16, got {images_per_sample}")
+        self.store, self.mode, self.range = Path(store), mode, (lo, hi)
+        self.resolution, self.color_jitter, self.seed = resolution, color_jitter, seed
+        idx = read_index(self.store).to_pydict()
+        keep = np.ones(len(idx["subject"]), bool)
+        f = filter or IndexFilter()
+        if f.subjects is not None:
+            keep &= np.isin(idx["subject"], f.subjects)
+        if f.sequences is not None:
+            keep &= np.isin(idx["sequence"], f.sequences)
+        if f.min_valid_fraction is not None:
+            keep &= np.asarray(idx["valid_fraction"], float) >= f.min_valid_fraction
+        if f.max_cd_l1_mm is not None:
+            keep &= np.nan_to_num(np.asarray(idx["cd_l1_mm"], float), nan=np.inf) <= f.max_cd_l1_mm
+        self.rows = {k: np.asarray(v)[keep] for k, v in idx.items()}
+        self._groups: dict[str, object] = {}
+        self._pid = None
+        self.set_epoch(epoch)
+
+    # -- sample list ---------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Rebuild the sample list for ``epoch`` (deterministic for (seed, epoch))."""
+        self.epoch = epoch
+        rng = np.random.default_rng([self.seed, epoch])
+        r = self.rows
+        key = (r["subject"], r["t"]) if self.mode == "views" else (r["subject"], r["v"])
+        groups: dict[tuple, list[int]] = {}
+        for i, k in enumerate(zip(*key)):
+            groups.setdefault((str(k[0]), int(k[1])), []).append(i)
+        samples = []
+        for k in sorted(groups):
+            members = np.array(groups[k])[rng.permutation(len(groups[k]))]
+            pos = 0
+            while len(members) - pos >= self.range[0]:
+                n = int(rng.integers(self.range[0], self.range[1] + 1))
+                samples.append(members[pos:pos + n].tolist())
+                pos += n
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    # -- reading -------------------------------------------------------------------------------
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_groups"], state["_pid"] = {}, None  # zarr handles are reopened in each process
+        return state
+
+    def _group(self, subject: str) -> dict:
+        """Per process: the subject's image-array handles and its (small) camera arrays in memory."""
+        if self._pid != os.getpid():
+            self._groups, self._pid = {}, os.getpid()
+        if subject not in self._groups:
+            g = open_subject(self.store, subject)
+            self._groups[subject] = {**{k: g[k] for k in ("rgb", "depth", "canonical", "mask")},
+                                     "K": g["K"][...], "world_2_cam": g["world_2_cam"][...]}
+        return self._groups[subject]
+
+    def read_raw(self, rows: list[int]) -> dict[str, list[np.ndarray]]:
+        """The stored chunks of some index rows, decoded by Zarr only (the loader's raw bound)."""
+        out = {k: [] for k in ("rgb", "depth", "canonical", "mask", "K", "world_2_cam")}
+        for i in rows:
+            g = self._group(str(self.rows["subject"][i]))
+            t, v = int(self.rows["t"][i]), int(self.rows["v"][i])
+            for k in out:
+                out[k].append(g[k][t, v])
+        return out
+
+    def __getitem__(self, index: int) -> dict:
+        import cv2
+
+        rows = self.samples[index]
+        raw = self.read_raw(rows)
+        h, w = self.resolution
+        n = len(rows)
+        images = np.empty((n, h, w, 3), np.uint8)
+        depths = np.empty((n, h, w), np.float32)
+        canons = np.empty((n, h, w, 3), np.float32)
+        masks = np.empty((n, h, w), bool)
+        dirs = np.empty((n, 3, h, w), np.float32)
+        ks, origins = [], []
+        for j in range(n):
+            rgb = raw["rgb"][j]
+            sh, sw = rgb.shape[:2]
+            interp = cv2.INTER_AREA if (h < sh and w < sw) else cv2.INTER_LINEAR
+            images[j] = cv2.resize(rgb, (w, h), interpolation=interp)
+            depths[j] = cv2.resize(raw["depth"][j], (w, h), interpolation=cv2.INTER_NEAREST)
+            canons[j] = cv2.resize(raw["canonical"][j].astype(np.float32), (w, h), interpolation=cv2.INTER_NEAREST)
+            masks[j] = cv2.resize(raw["mask"][j].astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+            k = scale_intrinsics(raw["K"][j], w / sw, h / sh)
+            ks.append(k)
+            centre, dirs[j] = ray_maps(k, raw["world_2_cam"][j], h, w)
+            origins.append(centre)
+        image = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+        if self.color_jitter > 0:
+            image = self._jitter(image, index)
+        r = self.rows
+        return {
+            "image": image,
+            "depth": torch.from_numpy(depths)[:, None],
+            "canonical": torch.from_numpy(canons).permute(0, 3, 1, 2),
+            "mask": torch.from_numpy(masks)[:, None],
+            "K": torch.from_numpy(np.stack(ks).astype(np.float32)),
+            "world_2_cam": torch.from_numpy(np.stack(raw["world_2_cam"]).astype(np.float32)),
+            "ray_origin": torch.from_numpy(np.stack(origins))[:, :, None, None].expand(n, 3, h, w),
+            "ray_direction": torch.from_numpy(dirs),
+            "subject": [str(r["subject"][i]) for i in rows], "sequence": [str(r["sequence"][i]) for i in rows],
+            "frame": torch.as_tensor([int(r["frame"][i]) for i in rows]),
+            "serial": [str(r["serial"][i]) for i in rows], "sample_index": index,
+        }
+
+    def _jitter(self, image: torch.Tensor, index: int) -> torch.Tensor:
+        """The same brightness / contrast / saturation change for every image of the sample."""
+        rng = np.random.default_rng([self.seed, self.epoch, index, 7])
+        a = self.color_jitter
+        b, c, s = (1 + rng.uniform(-a, a, size=3)).tolist()
+        image = image * b
+        mean = image.mean(dim=(1, 2, 3), keepdim=True)
+        image = (image - mean) * c + mean
+        gray = image.mean(dim=1, keepdim=True)
+        return ((image - gray) * s + gray).clamp(0, 1)
+
+
+class ShardedSampler(torch.utils.data.Sampler):
+    """This rank's share of a (seeded, per-epoch) permutation: disjoint across ranks, no padding."""
+
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.n, self.rank, self.world, self.seed, self.shuffle = num_samples, rank, world_size, seed, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle
+                 else np.arange(self.n))
+        return iter(order[self.rank::self.world].tolist())
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+
+def collate_samples(batch: list[dict]) -> list[dict]:
+    """Samples have different image counts: a batch is a list of samples."""
+    return batch

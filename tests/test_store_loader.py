@@ -1,0 +1,166 @@
+"""Store (atomic subjects, index, validate) and loader (modes, splits, determinism, intrinsics)."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from facecanon_data.store import SubjectData, build_index, subjects, validate_store, write_subject
+from facecanon_data.synthetic.rig import nersemble_like_rig
+from facecanon_data.training import FaceCanonDataset, ShardedSampler, collate_samples
+from facecanon_data.training.dataset import scale_intrinsics
+
+
+def fake_subject(pid: str, t: int = 3, views: int = 6, h: int = 60, w: int = 40, seed: int = 0) -> SubjectData:
+    """A small but consistent subject: real rig cameras scaled to (h, w), random labels."""
+    rng = np.random.default_rng(seed)
+    cams = [c.scaled(832 / w) for c in nersemble_like_rig(832, 1216, 2900.0)][:views]
+    k = np.stack([[c.K for c in cams]] * t)
+    w2c = np.stack([[c.world_2_cam for c in cams]] * t)
+    depth = rng.uniform(0.9, 1.1, (t, views, h, w)).astype(np.float32)
+    mask = rng.random((t, views, h, w)) > 0.5
+    depth[~mask] = 0
+    return SubjectData(
+        subject=pid, serials=[c.serial for c in cams],
+        timestamps=[{"sequence": "EXP-1-head", "frame": 10 * i, "reason": "expression", "cd_l1_mm": 0.8,
+                     "landmark_px": 3.0, "views": {c.serial: {"valid_fraction": 0.5} for c in cams}} for i in range(t)],
+        rgb=rng.integers(0, 256, (t, views, h, w, 3), dtype=np.uint8), depth=depth,
+        canonical=rng.normal(0, 0.05, (t, views, h, w, 3)).astype(np.float16), mask=mask, K=k, world_2_cam=w2c,
+        track={"shape": np.zeros(10, np.float32)}, points_xyz=[rng.normal(size=(5 + i, 3)) for i in range(t)],
+        points_canonical=[rng.normal(size=(5 + i, 3)) for i in range(t)], provenance={"source": "test"})
+
+
+def _write_one(args):
+    store, pid, seed = args
+    write_subject(store, fake_subject(pid, seed=seed))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("store")
+    for i, pid in enumerate(("900", "901")):
+        write_subject(path, fake_subject(pid, t=4, views=6, seed=i))
+    build_index(path)
+    return path
+
+
+def test_written_store_validates_and_index_matches(store):
+    assert validate_store(store) == []
+    assert subjects(store) == ["900", "901"]
+    import pyarrow.parquet as pq
+
+    idx = pq.read_table(store / "index.parquet").to_pydict()
+    assert len(idx["subject"]) == 2 * 4 * 6 and set(idx["reason"]) == {"expression"}
+
+
+def test_validate_lists_problems_and_exits_non_zero(store, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(store, bad)
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(bad / "index.parquet")
+    pq.write_table(t.slice(0, t.num_rows - 3), bad / "index.parquet")
+    problems = validate_store(bad)
+    assert any("samples missing from the index" in p for p in problems)
+    exe = os.path.join(os.path.dirname(sys.executable), "facecanon-data")
+    r = subprocess.run([exe, "validate", str(bad), "--json"], capture_output=True, text=True)
+    assert r.returncode == 1 and json.loads(r.stdout.strip().splitlines()[-1])["valid"] is False
+
+
+def test_rewrite_replaces_a_subject_whole(store, tmp_path):
+    import shutil
+
+    copy = tmp_path / "s"
+    shutil.copytree(store, copy)
+    write_subject(copy, fake_subject("900", t=2, views=6, seed=9))
+    build_index(copy)
+    import zarr
+
+    assert zarr.open_group(str(copy / "subjects" / "900"), mode="r")["depth"].shape[0] == 2
+    assert validate_store(copy) == [] and not list((copy / ".staging").iterdir())
+
+
+def test_sigkill_mid_subject_leaves_a_valid_store_without_it(store, tmp_path):
+    import shutil
+
+    target = tmp_path / "k"
+    shutil.copytree(store, target)
+    code = ("import sys; sys.path.insert(0, %r); from test_store_loader import fake_subject; "
+            "from facecanon_data.store import write_subject; "
+            "write_subject(%r, fake_subject('905', t=12, views=16, h=600, w=400))") % (os.path.dirname(__file__), str(target))
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    staging = target / ".staging"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (staging.is_dir() and any(staging.glob("905-*/rgb"))):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert any(staging.glob("905-*")), "the writer was not caught mid-subject"
+    assert "905" not in subjects(target)
+    assert validate_store(target) == []
+
+
+def test_four_concurrent_writers(tmp_path):
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        pool.map(_write_one, [(str(tmp_path), f"91{i}", i) for i in range(4)])
+    build_index(tmp_path)
+    assert subjects(tmp_path) == ["910", "911", "912", "913"]
+    assert validate_store(tmp_path) == []
+
+
+def test_sampling_modes(store):
+    views = FaceCanonDataset(store, mode="views", images_per_sample=3, resolution=(30, 20))
+    s = views[0]
+    assert s["image"].shape == (3, 3, 30, 20) and len(set(s["subject"])) == 1 and len(set(s["frame"].tolist())) == 1
+    assert len(set(s["serial"])) == 3 and s["ray_direction"].shape == (3, 3, 30, 20)
+    torch.testing.assert_close(s["ray_direction"].norm(dim=1), torch.ones(3, 30, 20))
+    time_ds = FaceCanonDataset(store, mode="time", images_per_sample=(2, 4), resolution=(30, 20))
+    for i in range(len(time_ds)):
+        t = time_ds[i]
+        assert len(set(t["serial"])) == 1 and len(set(t["frame"].tolist())) == len(t["frame"]) >= 2
+
+
+def test_rank_and_worker_splits_cover_every_sample_once(store):
+    ds = FaceCanonDataset(store, mode="views", images_per_sample=2, resolution=(16, 16))
+    seen = []
+    for rank in range(2):
+        sampler = ShardedSampler(len(ds), rank=rank, world_size=2, seed=1)
+        loader = torch.utils.data.DataLoader(ds, sampler=sampler, num_workers=2, collate_fn=collate_samples,
+                                             multiprocessing_context="fork" if rank == 0 else "spawn")
+        seen += [b[0]["sample_index"] for b in loader]
+    assert sorted(seen) == list(range(len(ds)))
+
+
+def test_determinism_and_epochs(store):
+    a = FaceCanonDataset(store, mode="views", images_per_sample=(2, 4), resolution=(16, 16), color_jitter=0.3, seed=5)
+    b = FaceCanonDataset(store, mode="views", images_per_sample=(2, 4), resolution=(16, 16), color_jitter=0.3, seed=5)
+    assert a.samples == b.samples
+    torch.testing.assert_close(a[1]["image"], b[1]["image"])
+    b.set_epoch(1)
+    assert a.samples != b.samples
+
+
+def test_intrinsics_consistent_after_resizing(store):
+    ds = FaceCanonDataset(store, mode="views", images_per_sample=2, resolution=(45, 50))
+    s = ds[0]
+    raw = ds.read_raw(ds.samples[0])
+    point = np.array([0.02, -0.01, 0.05])
+    for j in range(2):
+        w2c = raw["world_2_cam"][j].astype(np.float64)
+        cam = w2c[:3, :3] @ point + w2c[:3, 3]
+        k0, k1 = raw["K"][j].astype(np.float64), s["K"][j].numpy().astype(np.float64)
+        uv0, uv1 = (k0 @ cam)[:2] / cam[2], (k1 @ cam)[:2] / cam[2]
+        h0, w0 = raw["rgb"][j].shape[:2]
+        np.testing.assert_allclose((uv0 + 0.5) / [w0, h0], (uv1 + 0.5) / [50, 45], atol=1e-6)
+    np.testing.assert_allclose(scale_intrinsics(np.eye(3), 2, 2)[0, 2], 0.5)
