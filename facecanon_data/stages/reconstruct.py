@@ -109,9 +109,7 @@ def reconstruct_timestamp(images: dict[str, np.ndarray], cameras: dict[str, Came
         d.mkdir(parents=True)
     serials = list(cameras)
     names = {s: f"cam_{s}.png" for s in serials}
-    for s in serials:
-        cv2.imwrite(str(img_dir / names[s]), cv2.cvtColor(images[s], cv2.COLOR_RGB2BGR),
-                    [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    writes = [(img_dir / names[s], cv2.cvtColor(images[s], cv2.COLOR_RGB2BGR)) for s in serials]
     reader = pycolmap.ImageReaderOptions()
     k = cameras[serials[0]].K
     if any(not np.allclose(c.K, k) for c in cameras.values()):
@@ -120,10 +118,10 @@ def reconstruct_timestamp(images: dict[str, np.ndarray], cameras: dict[str, Came
     reader.camera_params = f"{k[0, 0]!r},{k[1, 1]!r},{k[0, 2]!r},{k[1, 2]!r}"
     if masks is not None:
         mask_dir.mkdir()
-        for s in serials:  # COLMAP: mask of "x.png" is "x.png.png", zero = ignore
-            cv2.imwrite(str(mask_dir / f"{names[s]}.png"), ((masks[s] > 0.5) * 255).astype(np.uint8),
-                        [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        # COLMAP: the mask of "x.png" is "x.png.png", zero = ignore.
+        writes += [(mask_dir / f"{names[s]}.png", ((masks[s] > 0.5) * 255).astype(np.uint8)) for s in serials]
         reader.mask_path = mask_dir
+    _write_pngs(writes)
     extraction = pycolmap.FeatureExtractionOptions()
     extraction.sift.max_num_features = rcfg.max_num_features
     extraction.sift.peak_threshold = rcfg.peak_threshold
@@ -186,6 +184,19 @@ def reconstruct_timestamp(images: dict[str, np.ndarray], cameras: dict[str, Came
                            total_seconds=round(time.perf_counter() - t0, 3))
 
 
+def _write_pngs(writes: list[tuple[Path, np.ndarray]]) -> None:
+    """Uncompressed PNGs written on threads (OpenCV releases the GIL; COLMAP is idle meanwhile)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    import cv2
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for ok in pool.map(lambda pw: cv2.imwrite(str(pw[0]), pw[1], [cv2.IMWRITE_PNG_COMPRESSION, 0]), writes):
+            if not ok:
+                raise OSError("cannot write COLMAP input images")
+
+
 def _fixed_pose_reconstruction(db_path: Path, cameras: dict[str, Camera]):
     """A pycolmap Reconstruction with the database's cameras/rigs/frames/images and our fixed poses."""
     import pycolmap
@@ -214,25 +225,23 @@ def _fixed_pose_reconstruction(db_path: Path, cameras: dict[str, Camera]):
 
 
 def _view_stats(rec, id_to_serial: dict[int, str], rcfg: ReconstructConfig) -> list[ViewStats]:
-    """Triangulated observations and mean reprojection error per view (vectorized over points)."""
-    obs_img, obs_xyz, obs_uv = [], [], []
-    for pt in rec.points3D.values():
-        for el in pt.track.elements:
-            obs_img.append(el.image_id)
-            obs_xyz.append(pt.xyz)
-            obs_uv.append(rec.images[el.image_id].points2D[el.point2D_idx].xy)
-    obs_img = np.asarray(obs_img, np.int64)
+    """Triangulated observations and mean reprojection error per view."""
+    point_ids = np.fromiter(rec.points3D.keys(), dtype=np.int64, count=rec.num_points3D())
+    order = np.argsort(point_ids)
+    xyz = np.array([rec.points3D[int(i)].xyz for i in point_ids[order]]).reshape(-1, 3)
+    sorted_ids = point_ids[order]
     out = []
     for iid, serial in sorted(id_to_serial.items(), key=lambda kv: kv[1]):
-        sel = obs_img == iid
-        n = int(sel.sum())
+        im = rec.images[iid]
+        obs = im.get_observation_points2D()
+        n = len(obs)
         mean = float("nan")
         if n:
-            im = rec.images[iid]
+            ids = np.fromiter((p.point3D_id for p in obs), dtype=np.int64, count=n)
+            uv = np.array([p.xy for p in obs])
             pose = im.cam_from_world()
-            cam_pts = np.asarray(obs_xyz)[sel] @ pose.rotation.matrix().T + pose.translation
-            proj = im.camera.img_from_cam(cam_pts)
-            mean = float(np.linalg.norm(proj - np.asarray(obs_uv)[sel], axis=1).mean())
+            cam_pts = xyz[np.searchsorted(sorted_ids, ids)] @ pose.rotation.matrix().T + pose.translation
+            mean = float(np.linalg.norm(im.camera.img_from_cam(cam_pts) - uv, axis=1).mean())
         problems = []
         if n < rcfg.min_observations_per_view:
             problems.append(f"{n} triangulated observations < {rcfg.min_observations_per_view}")
