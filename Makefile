@@ -23,8 +23,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	@touch $(STAMP)
 
+# The main job end to end on the embedded synthetic default: renders the capture when it is missing,
+# runs every stage into synth-out/store, then validates the store.
 demo: $(STAMP)
-	$(BIN)/facecanon-data synth --out synth-out --subjects 1 --sequences 2 --frames 30 --seed 0
+	$(BIN)/facecanon-data build --subjects manifests/synthetic.txt
+	$(BIN)/facecanon-data validate synth-out/store
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -306,6 +306,94 @@ def validate_cmd(store: Path = typer.Argument(..., help="Store folder."), as_jso
         raise typer.Exit(1)
 
 
+@app.command("build")
+def build_cmd(subjects_file: Path = typer.Option(..., "--subjects", help="Manifest: one subject id per line, "
+                                                 "optional sequences after it, '#' comments."),
+              root: Optional[Path] = typer.Option(None, "--root", help="Capture root (default: the pipeline's; "
+                                                  "for NeRSemble also $NERSEMBLE_ROOT)."),
+              out: Optional[Path] = typer.Option(None, "--out", help="Store folder (default: the pipeline's store)."),
+              work: Optional[Path] = WorkOpt,
+              pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="Pipeline TOML (default: "
+                                                      "synthetic.toml for manifests/synthetic.txt, else nersemble.toml)."),
+              cluster: str = typer.Option("local", "--cluster", help="local | tcp://host:port"),
+              subject: Optional[str] = typer.Option(None, "--subject", help="Run only this subject, in this process "
+                                                    "(one subject per batch job)."),
+              force: list[str] = typer.Option([], "--force", help="Redo a stage even if it completed: select, "
+                                              "reconstruct, track, canonicalize, render, write (repeatable)."),
+              as_json: bool = JsonOpt) -> None:
+    """Run the whole chain for the subjects of a manifest into a store (resumable, fault-isolated)."""
+    import os
+
+    _setup_logging()
+    from .manifest import ManifestError, read_manifest
+    from .orchestration.build import STAGES, SourceSpec
+    from .paths import PROJECT_ROOT, expand
+
+    try:
+        entries = read_manifest(subjects_file)  # refuses bad ids before any work
+    except ManifestError as exc:
+        _fail(str(exc))
+    bad = [f for f in force if f not in STAGES]
+    if bad:
+        _fail(f"--force takes stage names {', '.join(STAGES)}; got {bad}")
+    synthetic = all(int(e.subject) >= 900 for e in entries)
+    default = PROJECT_ROOT / "pipelines" / ("synthetic.toml" if synthetic else "nersemble.toml")
+    cfg = _load(pipeline or default)
+    root_dir = str(root or (os.environ.get("NERSEMBLE_ROOT") if cfg.name != "synthetic" else None) or expand(cfg.capture.root))
+    gt = None
+    if cfg.capture.ground_truth and root is None:
+        gt = str(expand(cfg.capture.ground_truth))
+    elif root is not None and (Path(root).parent / "ground_truth").is_dir():
+        gt = str(Path(root).parent / "ground_truth")
+    store = str(out or expand(cfg.store))
+    work_dir = str(work or expand(cfg.work))
+    from rich.console import Console
+    from rich.table import Table
+
+    from .orchestration.run import build, ensure_synthetic_capture
+
+    try:
+        if cfg.flame.kind == "synthetic" and synthetic:
+            ensure_synthetic_capture(cfg, root_dir, [e.subject for e in entries])
+            gt = gt or str(Path(root_dir).parent / "ground_truth")
+        spec = SourceSpec(root_dir, gt, cfg.capture.color_correction)
+        spec.open()  # the capture root exists
+        console = _stderr_console()
+        outcomes = build(entries, cfg, spec, work_dir, store, cluster, subject, tuple(force),
+                         progress=lambda s, st: console.log(f"{s}: {st} done"))
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    table = Table(title=f"build: {sum(o.ok for o in outcomes)} ok, {sum(not o.ok for o in outcomes)} failed -> {store}")
+    for col in ("subject", "status", "timestamps kept/selected", "dropped", "seconds per stage"):
+        table.add_column(col)
+    for o in outcomes:
+        status = "ok" if o.ok else f"FAILED in {o.failed_stage}: {o.reason}"
+        secs = " ".join(f"{k} {v:.0f}" for k, v in o.seconds.items())
+        table.add_row(o.subject, status, f"{o.timestamps_kept}/{o.timestamps_selected}",
+                      "; ".join(f"{k}: {v}" for k, v in o.dropped.items()) or "-", secs)
+    Console(stderr=not as_json).print(table) if not as_json else _stderr_console().print(table)
+    result = {"store": store, "subjects": [dataclasses.asdict(o) for o in outcomes],
+              "ok": sum(o.ok for o in outcomes), "failed": sum(not o.ok for o in outcomes)}
+    if as_json:
+        typer.echo(json.dumps(result, default=str))
+    if result["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command("manifest")
+def manifest_cmd(root: Path = typer.Option(..., "--root", help="NeRSemble download (folders {pid:03d})."),
+                 out: Path = typer.Option(Path("manifests/nersemble.txt"), "--out", help="Manifest to write.")) -> None:
+    """Regenerate the training manifest from a NeRSemble download (the paper's test subjects left out)."""
+    from .manifest import write_training_manifest
+    from .sources import CaptureFileError
+
+    try:
+        subjects = write_training_manifest(root, out)
+    except CaptureFileError as exc:
+        _fail(str(exc))
+    typer.echo(f"{out}: {len(subjects)} training subjects")
+
+
 @app.command("bench")
 def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, reconstruct, track, transfer, loader."),
               root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectOpt,

@@ -168,6 +168,7 @@ class RenderConfig:
 class PipelineConfig:
     name: str = "synthetic"
     work: str = "work"  # per-subject stage outputs: {work}/{subject}/{stage}/
+    store: str = "store"  # the dataset store `build` writes
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     flame: FlameConfig = field(default_factory=FlameConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)

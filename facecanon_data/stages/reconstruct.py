@@ -420,31 +420,80 @@ def parse_timestamps(spec: str) -> list[tuple[str, int]]:
     return out
 
 
+def _dense_flag(rcfg: ReconstructConfig) -> bool:
+    from ..devices import colmap_cuda_available
+
+    dense = {"never": False, "always": True, "auto": None}[rcfg.dense]
+    if dense is None:
+        return colmap_cuda_available()
+    if dense and not colmap_cuda_available():
+        raise RuntimeError("reconstruct.dense = 'always' but no CUDA device with pycolmap-cuda12 is available")
+    return dense
+
+
+def reconstruct_one(source, subject: str, cfg: PipelineConfig, work, sequence: str, frame: int,
+                    images: dict | None = None, masks: dict | None = None, force: bool = False) -> TimestampResult:
+    """One timestamp, resumable: reuses a finished timestamp with the same config hash unless ``force``.
+
+    ``images`` / ``masks`` may be given (already decoded); otherwise they are read from ``source``.
+    """
+    rcfg = cfg.reconstruct
+    config_hash = cfg.section_hash("capture", "reconstruct")
+    out = timestamp_dir(work, subject, sequence, frame)
+    if not force:
+        previous = _read_marker(out, config_hash)
+        if previous is not None:
+            return previous
+    downscale = rcfg.downscale or cfg.capture.downscale
+    if images is None:
+        images = source.timestamp(subject, sequence, frame, downscale=downscale)
+        if rcfg.use_masks:
+            it = source.timestamp_masks(subject, sequence, [frame], downscale=downscale)
+            masks = next(it)[1] if it is not None else None
+    cameras = source.cameras(subject, downscale=downscale)
+    res = reconstruct_timestamp(images, cameras, out, rcfg, masks=masks, dense=_dense_flag(rcfg))
+    res.sequence, res.frame = sequence, frame
+    gt = source.ground_truth(subject)
+    if gt is not None:
+        _ground_truth_error(res, out, gt, sequence, frame)
+    _write_marker(out, res, config_hash)
+    return res
+
+
+def summarize_reconstruct(subject: str, cfg: PipelineConfig, work, results: list[TimestampResult]) -> ReconstructResult:
+    """The subject-level figures and marker, from the timestamps' results."""
+    kept = [r for r in results if r.kept]
+    errs = [r.gt_point_error_median_mm for r in kept if r.gt_point_error_median_mm is not None]
+    summary = ReconstructResult(
+        subject=subject, timestamps_total=len(results), timestamps_kept=len(kept),
+        views_registered_min=min((sum(v.registered for v in r.views) for r in results), default=0),
+        points_median=float(np.median([r.num_points for r in kept])) if kept else 0.0,
+        dense=any(r.dense for r in results),
+        seconds_per_timestamp=round(float(np.mean([r.total_seconds for r in results])), 2) if results else 0.0,
+        gt_point_error_median_mm=round(float(np.median(errs)), 4) if errs else None,
+        dropped={r.key: r.reason for r in results if not r.kept}, timestamps=results)
+    StageDir(work, subject, STAGE).finish(cfg.section_hash("capture", "reconstruct"), summary.figures())
+    return summary
+
+
 def run_reconstruct(source, subject: str, cfg: PipelineConfig, work, timestamps: list[tuple[str, int]] | None = None,
                     progress: Callable[[int, int], None] | None = None) -> ReconstructResult:
-    """Reconstruct a subject's selected timestamps (from ``select``, or ``timestamps``)."""
-    from ..devices import colmap_cuda_available
+    """Reconstruct a subject's selected timestamps (from ``select``, or ``timestamps``), in order,
+    decoding each sequence's videos sequentially one timestamp ahead of COLMAP."""
     from .select import read_selection
 
     rcfg = cfg.reconstruct
     if timestamps is None:
         timestamps = [(s, f) for s, f, _, _ in read_selection(work, subject)]
     timestamps = sorted(set(timestamps))
-    dense = {"never": False, "always": True, "auto": None}[rcfg.dense]
-    if dense is None:
-        dense = colmap_cuda_available()
-    elif dense and not colmap_cuda_available():
-        raise RuntimeError("reconstruct.dense = 'always' but no CUDA device with pycolmap-cuda12 is available")
+    _dense_flag(rcfg)  # fail fast on dense = "always" without a device
     downscale = rcfg.downscale or cfg.capture.downscale
-    cameras = source.cameras(subject, downscale=downscale)
-    stage = StageDir(work, subject, STAGE)
-    stage.begin()
+    StageDir(work, subject, STAGE).begin()
     config_hash = cfg.section_hash("capture", "reconstruct")
-    gt = source.ground_truth(subject)
-    results: list[TimestampResult] = []
     by_seq: dict[str, list[int]] = {}
     for seq, f in timestamps:
         by_seq.setdefault(seq, []).append(f)
+
     def inputs():
         """(sequence, frame, images, masks) in order; decoded one timestamp ahead of COLMAP."""
         for seq, frames in by_seq.items():
@@ -459,36 +508,15 @@ def run_reconstruct(source, subject: str, cfg: PipelineConfig, work, timestamps:
                 else:
                     yield seq, frame, None, None
 
-    done = 0
+    results: list[TimestampResult] = []
     for seq, frame, images, masks in prefetch(inputs(), depth=1, name="reconstruct-decode"):
-        out = timestamp_dir(work, subject, seq, frame)
-        previous = None if images is not None else _read_marker(out, config_hash)
-        if previous is not None:
-            results.append(previous)
-        else:
-            res = reconstruct_timestamp(images, cameras, out, rcfg, masks=masks, dense=dense)
-            res.sequence, res.frame = seq, frame
-            if gt is not None:
-                _ground_truth_error(res, out, gt, seq, frame)
-            _write_marker(out, res, config_hash)
-            results.append(res)
-        done += 1
+        res = reconstruct_one(source, subject, cfg, work, seq, frame, images, masks, force=images is not None)
+        results.append(res)
         if progress:
-            progress(done, len(timestamps))
+            progress(len(results), len(timestamps))
         log.info("%s %s/%06d: %s, %d points, %.1f s", subject, seq, frame,
-                 "kept" if results[-1].kept else f"dropped ({results[-1].reason})",
-                 results[-1].num_points, results[-1].total_seconds)
-    kept = [r for r in results if r.kept]
-    errs = [r.gt_point_error_median_mm for r in kept if r.gt_point_error_median_mm is not None]
-    summary = ReconstructResult(
-        subject=subject, timestamps_total=len(results), timestamps_kept=len(kept),
-        views_registered_min=min((sum(v.registered for v in r.views) for r in results), default=0),
-        points_median=float(np.median([r.num_points for r in kept])) if kept else 0.0,
-        dense=dense, seconds_per_timestamp=round(float(np.mean([r.total_seconds for r in results])), 2) if results else 0.0,
-        gt_point_error_median_mm=round(float(np.median(errs)), 4) if errs else None,
-        dropped={r.key: r.reason for r in results if not r.kept}, timestamps=results)
-    stage.finish(config_hash, summary.figures())
-    return summary
+                 "kept" if res.kept else f"dropped ({res.reason})", res.num_points, res.total_seconds)
+    return summarize_reconstruct(subject, cfg, work, results)
 
 
 def _ground_truth_error(res: TimestampResult, out: Path, gt, seq: str, frame: int) -> None:

@@ -1,0 +1,1 @@
+"""Scheduling: which stage runs where (Dask) — never geometry."""

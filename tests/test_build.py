@@ -1,0 +1,76 @@
+"""build: manifests refused before work, fault isolation per subject, resumability."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from facecanon_data.manifest import ManifestError, read_manifest
+
+EXE = Path(sys.executable).parent / "facecanon-data"
+
+
+@pytest.mark.parametrize("line, message", [("../x", "is not a 3-digit"), ("17", "is not a 3-digit"),
+                                           ("900 ../../etc", "invalid sequence"), ("900\n900", "listed twice")])
+def test_bad_manifests_are_refused_with_file_and_line(tmp_path, line, message):
+    path = tmp_path / "m.txt"
+    path.write_text("# subjects\n" + line + "\n")
+    with pytest.raises(ManifestError, match=rf"m.txt:\d+: .*{message}"):
+        read_manifest(path)
+
+
+def test_build_refuses_a_malicious_manifest_before_any_work(tmp_path):
+    m = tmp_path / "m.txt"
+    m.write_text("900\n../x\n")
+    r = subprocess.run([str(EXE), "build", "--subjects", str(m), "--out", str(tmp_path / "store"),
+                        "--work", str(tmp_path / "work")], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "m.txt:2: subject id '../x'" in r.stderr
+    assert not (tmp_path / "store").exists() and not (tmp_path / "work").exists()
+    assert read_manifest(Path(__file__).parent.parent / "manifests" / "synthetic.txt")[0].subject == "900"
+
+
+def test_failing_subjects_fail_alone_naming_the_file(synth_capture, tmp_path):
+    cap = tmp_path / "capture"
+    shutil.copytree(synth_capture["out"] / "capture", cap)
+    shutil.copytree(synth_capture["out"] / "ground_truth", tmp_path / "ground_truth")
+    shutil.copytree(cap / "900", cap / "901")
+    shutil.copytree(cap / "900", cap / "902")
+    (cap / "901" / "calibration" / "camera_params.json").write_text('{"world_2_cam": ')  # malformed
+    (cap / "902" / "sequences" / "EXP-2-eyes" / "images" / "cam_222200042.mp4").unlink()  # missing video
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(f"""name = "test"
+[capture]
+root = "{cap}"
+downscale = 2
+[flame]
+kind = "synthetic"
+[select]
+num_expression = 2
+num_pose = 1
+[track]
+iterations = [40, 40, 60, 60]
+""")
+    manifest = tmp_path / "m.txt"
+    manifest.write_text("900\n901\n902\n")
+    r = subprocess.run([str(EXE), "build", "--subjects", str(manifest), "--pipeline", str(pipeline), "--root", str(cap),
+                        "--out", str(tmp_path / "store"), "--work", str(tmp_path / "work"), "--json"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert r.returncode == 1, r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    by = {s["subject"]: s for s in result["subjects"]}
+    assert by["900"]["ok"] and by["900"]["timestamps_kept"] == 3
+    assert not by["901"]["ok"] and "901/calibration/camera_params.json" in by["901"]["reason"]
+    assert not by["902"]["ok"] and "cam_222200042.mp4" in by["902"]["reason"]
+    v = subprocess.run([str(EXE), "validate", str(tmp_path / "store"), "--json"], capture_output=True, text=True)
+    assert v.returncode == 0 and json.loads(v.stdout.strip().splitlines()[-1])["subjects"] == ["900"]
+    # Resumable: a second run skips the finished subject's stages (only the failures are retried).
+    again = subprocess.run([str(EXE), "build", "--subjects", str(manifest), "--pipeline", str(pipeline), "--root",
+                            str(cap), "--out", str(tmp_path / "store"), "--work", str(tmp_path / "work"), "--json",
+                            "--subject", "900"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    secs = json.loads(again.stdout.strip().splitlines()[-1])["subjects"][0]["seconds"]
+    assert again.returncode == 0 and sum(secs.values()) < 5.0
