@@ -47,6 +47,17 @@ def _fail(message: str, code: int = 2):
     raise typer.Exit(code)
 
 
+def _guarded(fn, *args, **kwargs):
+    """Run a stage; bad input (missing or malformed files, configuration) becomes a clean error exit."""
+    from .features import ModelFileError
+    from .flame.assets import AssetError
+
+    try:
+        return fn(*args, **kwargs)
+    except (FileNotFoundError, ValueError, RuntimeError, AssetError, ModelFileError) as exc:
+        _fail(str(exc))
+
+
 def _emit(result: dict, as_json: bool, human: str) -> None:
     if as_json:
         typer.echo(json.dumps(result, default=str))
@@ -193,14 +204,10 @@ def track_cmd(root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectOp
     if device not in (None, "cpu", "cuda"):
         _fail(f"--device must be cpu or cuda, got {device!r}")
     source, subject = _open(cfg, root, subject)
-    from .flame.assets import AssetError
     from .stages.track import run_track
 
-    try:
-        result = run_track(source, subject, cfg, work or cfg.work, device=device,
-                           progress=lambda m: logging.getLogger("facecanon_data.track").info(m))
-    except (FileNotFoundError, ValueError, RuntimeError, AssetError) as exc:
-        _fail(str(exc))
+    result = _guarded(run_track, source, subject, cfg, work or cfg.work, device=device,
+                      progress=lambda m: logging.getLogger("facecanon_data.track").info(m))
     human = (f"subject {subject}: tracked {result.timestamps_kept}/{result.timestamps_in} timestamps on {result.device} "
              f"in {result.seconds:.0f} s; CD-L1 median {result.cd_l1_mm_median:.2f} mm, landmarks "
              f"{result.landmark_px_median:.2f} px; {result.outliers_removed} outlier(s) removed")
@@ -220,10 +227,7 @@ def canonicalize_cmd(root: Optional[Path] = RootOpt, subject: Optional[str] = Su
     source, subject = _open(cfg, root, subject)
     from .stages.canonicalize import run_canonicalize
 
-    try:
-        result = run_canonicalize(source, subject, cfg, work or cfg.work)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    result = _guarded(run_canonicalize, source, subject, cfg, work or cfg.work)
     human = (f"subject {subject}: {result.points_total} points of {result.timestamps} timestamps canonicalized, "
              f"median distance to the tracked surface {result.distance_mm_median:.2f} mm, "
              f"{result.points_far} far (> {cfg.canonicalize.max_distance_mm} mm, {result.far_policy})")
@@ -239,10 +243,7 @@ def render_cmd(root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectO
     source, subject = _open(cfg, root, subject)
     from .stages.render import run_render
 
-    try:
-        result = run_render(source, subject, cfg, work or cfg.work)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    result = _guarded(run_render, source, subject, cfg, work or cfg.work)
     human = (f"subject {subject}: {result.timestamps} timestamps x {result.views} views rendered "
              f"({result.ms_per_view:.0f} ms per view), valid fraction {result.valid_fraction:.2%} of the head, "
              f"cross-view canonical disagreement {result.cross_view_canonical_mm:.2f} mm "
@@ -371,7 +372,7 @@ def build_cmd(subjects_file: Path = typer.Option(..., "--subjects", help="Manife
         secs = " ".join(f"{k} {v:.0f}" for k, v in o.seconds.items())
         table.add_row(o.subject, status, f"{o.timestamps_kept}/{o.timestamps_selected}",
                       "; ".join(f"{k}: {v}" for k, v in o.dropped.items()) or "-", secs)
-    Console(stderr=not as_json).print(table) if not as_json else _stderr_console().print(table)
+    (_stderr_console() if as_json else Console()).print(table)  # stdout stays one JSON line with --json
     result = {"store": store, "subjects": [dataclasses.asdict(o) for o in outcomes],
               "ok": sum(o.ok for o in outcomes), "failed": sum(not o.ok for o in outcomes)}
     if as_json:
