@@ -74,3 +74,26 @@ iterations = [40, 40, 60, 60]
                             "--subject", "900"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     secs = json.loads(again.stdout.strip().splitlines()[-1])["subjects"][0]["seconds"]
     assert again.returncode == 0 and sum(secs.values()) < 5.0
+
+
+def test_sbatch_array_template_runs_the_array_index_subject(tmp_path):
+    template = Path(__file__).parent.parent / "pipelines" / "slurm_array.sbatch"
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "activate").write_text("")
+    stub = tmp_path / "bin" / "facecanon-data"
+    stub.parent.mkdir()
+    stub.write_text('#!/bin/sh\necho "$@" > "$CALLS"\n')
+    stub.chmod(0o755)
+    manifest = tmp_path / "m.txt"
+    manifest.write_text("# training\n017\n\n018  EXP-1-head\n021\n")
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "2",
+           "CALLS": str(tmp_path / "calls")}
+    r = subprocess.run(["bash", str(template), str(manifest), "/shared/store"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    args = (tmp_path / "calls").read_text().split()
+    assert args[args.index("--subject") + 1] == "018" and args[args.index("--out") + 1] == "/shared/store"
+    env["SLURM_ARRAY_TASK_ID"] = "9"
+    r = subprocess.run(["bash", str(template), str(manifest), "/shared/store"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "no subject for array index 9" in r.stderr
