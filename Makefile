@@ -24,10 +24,11 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # The main job end to end on the embedded synthetic default: renders the capture when it is missing,
-# runs every stage into synth-out/store, then validates the store.
+# runs every stage into synth-out/store, validates the store and reports its quality.
 demo: $(STAMP)
 	$(BIN)/facecanon-data build --subjects manifests/synthetic.txt
 	$(BIN)/facecanon-data validate synth-out/store
+	$(BIN)/facecanon-data report synth-out/store
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

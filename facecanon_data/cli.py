@@ -381,6 +381,37 @@ def build_cmd(subjects_file: Path = typer.Option(..., "--subjects", help="Manife
         raise typer.Exit(1)
 
 
+@app.command("report")
+def report_cmd(store: Path = typer.Argument(..., help="Store folder."),
+               html_out: Optional[Path] = typer.Option(None, "--html", help="Where to write the HTML report "
+                                                       "(default STORE/report.html)."),
+               as_json: bool = JsonOpt) -> None:
+    """Per-subject quality of a store (selection, tracking, label quality, ground-truth errors) + HTML."""
+    _setup_logging()
+    from rich.table import Table
+
+    from .report import FIGURES, build_report, write_html
+
+    if not (store / "zarr.json").is_file():
+        _fail(f"{store}: not a facecanon-data store (no zarr.json)")
+    report = build_report(store)
+    page = write_html(store, report, html_out or store / "report.html")
+    report["html"] = str(page)
+    if as_json:
+        typer.echo(json.dumps(report, default=str))
+        return
+    table = Table(title=f"{store}: {len(report['subjects'])} subjects, {report['views']} view-samples (medians)")
+    for col in ["subject", "timestamps (expr/pose)"] + [label for _, label in FIGURES]:
+        table.add_column(col)
+    for r in report["subjects"]:
+        table.add_row(r["subject"], f"{r['timestamps']} ({r['reasons']['expression']}/{r['reasons']['pose']})",
+                      *["-" if r[k] is None else f"{r[k]:.4g}" for k, _ in FIGURES])
+    from rich.console import Console
+
+    Console().print(table)
+    typer.echo(f"report: {page}")
+
+
 @app.command("manifest")
 def manifest_cmd(root: Path = typer.Option(..., "--root", help="NeRSemble download (folders {pid:03d})."),
                  out: Path = typer.Option(Path("manifests/nersemble.txt"), "--out", help="Manifest to write.")) -> None:

@@ -164,3 +164,13 @@ def test_intrinsics_consistent_after_resizing(store):
         h0, w0 = raw["rgb"][j].shape[:2]
         np.testing.assert_allclose((uv0 + 0.5) / [w0, h0], (uv1 + 0.5) / [50, 45], atol=1e-6)
     np.testing.assert_allclose(scale_intrinsics(np.eye(3), 2, 2)[0, 2], 0.5)
+
+
+def test_report_table_and_html(store, tmp_path):
+    from facecanon_data.report import build_report, write_html
+
+    report = build_report(store)
+    assert [r["subject"] for r in report["subjects"]] == ["900", "901"]
+    assert report["subjects"][0]["cd_l1_mm"] == pytest.approx(0.8) and report["subjects"][0]["reasons"]["expression"] == 4
+    page = write_html(store, report, tmp_path / "r.html").read_text()
+    assert "<table>" in page and "data:image/png;base64," in page and page.count("<tr>") == 3

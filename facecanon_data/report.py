@@ -1,0 +1,86 @@
+"""``facecanon-data report STORE``: per-subject quality of a store, as a table and an HTML page.
+
+Everything comes from the store itself (the subjects' attributes and the index), so a report can be
+made anywhere the store is readable. The HTML page embeds its plots (PNG, base64): one file to share.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+
+from .store import open_subject, subjects
+
+# Per-timestamp figures the stages record (attrs["timestamps"][i]); shown when present.
+FIGURES = (("cd_l1_mm", "CD-L1 (mm)"), ("landmark_px", "landmarks (px)"), ("valid_fraction", "valid fraction"),
+           ("cross_view_canonical_mm", "cross-view canonical (mm)"), ("gt_canonical_error_mm", "GT canonical (mm)"),
+           ("gt_depth_absrel", "GT depth AbsRel"))
+
+
+def subject_summary(store: str | Path, subject: str) -> dict:
+    g = open_subject(store, subject)
+    attrs = g.attrs.asdict()
+    stamps = attrs.get("timestamps", [])
+    out = {"subject": subject, "timestamps": len(stamps), "views": len(attrs.get("serials", [])),
+           "reasons": {r: sum(t.get("reason") == r for t in stamps) for r in ("expression", "pose")},
+           "resolution": list(g["depth"].shape[2:4]),
+           "code_version": attrs.get("provenance", {}).get("code_version", ""),
+           "config_hash": attrs.get("provenance", {}).get("config_hash", "")}
+    for key, _ in FIGURES:
+        vals = np.array([float(t[key]) for t in stamps if t.get(key) is not None], float)
+        vals = vals[np.isfinite(vals)]
+        out[key] = round(float(np.median(vals)), 5) if len(vals) else None
+    return out
+
+
+def build_report(store: str | Path) -> dict:
+    rows = [subject_summary(store, s) for s in subjects(store)]
+    return {"store": str(store), "subjects": rows,
+            "timestamps": sum(r["timestamps"] for r in rows), "views": sum(r["timestamps"] * r["views"] for r in rows)}
+
+
+def _plot_png(store: str | Path, names: list[str]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [(k, label) for k, label in FIGURES]
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.2))
+    for ax, (key, label) in zip(axes, shown):
+        data = []
+        for s in names:
+            stamps = open_subject(store, s).attrs.asdict().get("timestamps", [])
+            vals = [float(t[key]) for t in stamps if t.get(key) is not None and np.isfinite(float(t[key]))]
+            data.append(vals)
+        if any(data):
+            ax.boxplot([d if d else [np.nan] for d in data], tick_labels=names)
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle("per-timestamp quality by subject", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_html(store: str | Path, report: dict, path: str | Path) -> Path:
+    """A self-contained HTML page: the table and the plots."""
+    names = [r["subject"] for r in report["subjects"]]
+    cols = ["subject", "timestamps", "views", "resolution"] + [k for k, _ in FIGURES]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in cols) + "</tr>"
+                   for r in report["subjects"])
+    img = f'<img src="data:image/png;base64,{_plot_png(store, names)}">' if names else ""
+    page = (f"<!doctype html><meta charset='utf-8'><title>facecanon-data report</title>"
+            f"<style>body{{font-family:sans-serif}}td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}</style>"
+            f"<h1>{html.escape(str(store))}</h1><p>{len(names)} subjects, {report['timestamps']} timestamps, "
+            f"{report['views']} view-samples; medians over timestamps.</p><table><tr>{head}</tr>{body}</table>{img}")
+    path = Path(path)
+    path.write_text(page)
+    return path
