@@ -216,3 +216,36 @@ def bench_loader(store, samples: int = 24, images_per_sample: int = 4, resolutio
     views = ds.rows["subject"].size
     out["store_bytes_per_view"] = int(total / max(views, 1))
     return out
+
+
+def bench_build(cfg: PipelineConfig) -> dict:
+    """``build`` of 2 small synthetic subjects (1 sequence x 8 frames, 3 + 1 timestamps) with every
+    stage's threads capped at 1: 2 local workers vs 1 (``speedup``, target >= 1.6); and the wall time
+    with uncapped threads on 2 workers. The capture is rendered once, before any timing."""
+    import copy
+    from pathlib import Path
+
+    from .manifest import ManifestEntry
+    from .orchestration.build import SourceSpec
+    from .orchestration.run import build
+    from .synthetic.synth import synthesize
+
+    small = copy.deepcopy(cfg)
+    small.synth.subjects, small.synth.sequences, small.synth.frames = 2, 1, 8
+    small.select.num_expression, small.select.num_pose = 3, 1
+    entries = [ManifestEntry("900"), ManifestEntry("901")]
+    out = {"bench": "build", "subjects": 2, "timestamps_per_subject": 4}
+    with tempfile.TemporaryDirectory(prefix="bench-build-") as tmp:
+        synthesize(small, out=Path(tmp), verify=False)
+        spec = SourceSpec(str(Path(tmp) / "capture"), str(Path(tmp) / "ground_truth"))
+        for label, threads, workers in (("capped_1_worker", 1, 1), ("capped_2_workers", 1, 2),
+                                        ("uncapped_2_workers", 0, 2)):
+            run_cfg = copy.deepcopy(small)
+            run_cfg.threads = threads
+            t0 = time.perf_counter()
+            outcomes = build(entries, run_cfg, spec, f"{tmp}/{label}/work", f"{tmp}/{label}/store", workers=workers)
+            out[f"{label}_s"] = round(time.perf_counter() - t0, 1)
+            out[f"{label}_ok"] = all(o.ok for o in outcomes)
+    out["speedup"] = round(out["capped_1_worker_s"] / out["capped_2_workers_s"], 2)
+    out["target_speedup"] = 1.6
+    return out

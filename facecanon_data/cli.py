@@ -321,6 +321,9 @@ def build_cmd(subjects_file: Path = typer.Option(..., "--subjects", help="Manife
                                                     "(one subject per batch job)."),
               force: list[str] = typer.Option([], "--force", help="Redo a stage even if it completed: select, "
                                               "reconstruct, track, canonicalize, render, write (repeatable)."),
+              workers: int = typer.Option(0, "--workers", min=0, help="Local cluster worker processes (0 = one per core)."),
+              threads: Optional[int] = typer.Option(None, "--threads", min=0, help="Threads per stage (COLMAP, torch); "
+                                                    "1 makes runs bit-reproducible. Default: the pipeline's."),
               as_json: bool = JsonOpt) -> None:
     """Run the whole chain for the subjects of a manifest into a store (resumable, fault-isolated)."""
     import os
@@ -339,7 +342,7 @@ def build_cmd(subjects_file: Path = typer.Option(..., "--subjects", help="Manife
         _fail(f"--force takes stage names {', '.join(STAGES)}; got {bad}")
     synthetic = all(int(e.subject) >= 900 for e in entries)
     default = PROJECT_ROOT / "pipelines" / ("synthetic.toml" if synthetic else "nersemble.toml")
-    cfg = _load(pipeline or default)
+    cfg = _load(pipeline or default, {"threads": threads} if threads is not None else None)
     root_dir = str(root or (os.environ.get("NERSEMBLE_ROOT") if cfg.name != "synthetic" else None) or expand(cfg.capture.root))
     gt = None
     if cfg.capture.ground_truth and root is None:
@@ -361,7 +364,7 @@ def build_cmd(subjects_file: Path = typer.Option(..., "--subjects", help="Manife
         spec.open()  # the capture root exists
         console = _stderr_console()
         outcomes = build(entries, cfg, spec, work_dir, store, cluster, subject, tuple(force),
-                         progress=lambda s, st: console.log(f"{s}: {st} done"))
+                         progress=lambda s, st: console.log(f"{s}: {st} done"), workers=workers)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
     table = Table(title=f"build: {sum(o.ok for o in outcomes)} ok, {sum(not o.ok for o in outcomes)} failed -> {store}")
@@ -427,7 +430,7 @@ def manifest_cmd(root: Path = typer.Option(..., "--root", help="NeRSemble downlo
 
 
 @app.command("bench")
-def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, reconstruct, track, transfer, loader."),
+def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, reconstruct, track, transfer, loader, build."),
               root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectOpt,
               store: Optional[Path] = typer.Option(None, "--store", help="Store folder (bench loader)."),
               pipeline: Optional[Path] = PipelineOpt, as_json: bool = JsonOpt) -> None:
@@ -435,7 +438,7 @@ def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, re
     _setup_logging()
     cfg = _load(pipeline)
     benches = {"select": "bench_select", "reconstruct": "bench_reconstruct", "track": "bench_track",
-               "transfer": "bench_transfer", "loader": "bench_loader"}
+               "transfer": "bench_transfer", "loader": "bench_loader", "build": "bench_build"}
     if name not in benches:
         _fail(f"unknown benchmark {name!r} (available: {', '.join(benches)})")
     from . import bench
@@ -444,6 +447,8 @@ def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, re
         result = bench.bench_track(None, subject or "SYN", cfg)
     elif name == "transfer":
         result = bench.bench_transfer(cfg)
+    elif name == "build":
+        result = bench.bench_build(cfg)
     elif name == "loader":
         if store is None:
             _fail("bench loader needs --store STORE (e.g. one written by `facecanon-data write`)")

@@ -169,6 +169,7 @@ class PipelineConfig:
     name: str = "synthetic"
     work: str = "work"  # per-subject stage outputs: {work}/{subject}/{stage}/
     store: str = "store"  # the dataset store `build` writes
+    threads: int = 0  # threads per stage (COLMAP, torch); 0 = the libraries' default (all cores)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     flame: FlameConfig = field(default_factory=FlameConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)

@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,8 +42,12 @@ def test_failing_subjects_fail_alone_naming_the_file(synth_capture, tmp_path):
     shutil.copytree(synth_capture["out"] / "ground_truth", tmp_path / "ground_truth")
     shutil.copytree(cap / "900", cap / "901")
     shutil.copytree(cap / "900", cap / "902")
+    shutil.copytree(cap / "900", cap / "903")
     (cap / "901" / "calibration" / "camera_params.json").write_text('{"world_2_cam": ')  # malformed
     (cap / "902" / "sequences" / "EXP-2-eyes" / "images" / "cam_222200042.mp4").unlink()  # missing video
+    for seq in ("EXP-1-head", "EXP-2-eyes"):  # truncated video (a non-frontal camera)
+        video = cap / "903" / "sequences" / seq / "images" / "cam_222200044.mp4"
+        video.write_bytes(video.read_bytes()[:3000])
     pipeline = tmp_path / "p.toml"
     pipeline.write_text(f"""name = "test"
 [capture]
@@ -56,7 +62,7 @@ num_pose = 1
 iterations = [40, 40, 60, 60]
 """)
     manifest = tmp_path / "m.txt"
-    manifest.write_text("900\n901\n902\n")
+    manifest.write_text("900\n901\n902\n903\n")
     r = subprocess.run([str(EXE), "build", "--subjects", str(manifest), "--pipeline", str(pipeline), "--root", str(cap),
                         "--out", str(tmp_path / "store"), "--work", str(tmp_path / "work"), "--json"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=900)
@@ -66,6 +72,7 @@ iterations = [40, 40, 60, 60]
     assert by["900"]["ok"] and by["900"]["timestamps_kept"] == 3
     assert not by["901"]["ok"] and "901/calibration/camera_params.json" in by["901"]["reason"]
     assert not by["902"]["ok"] and "cam_222200042.mp4" in by["902"]["reason"]
+    assert not by["903"]["ok"] and "cam_222200044.mp4" in by["903"]["reason"]
     v = subprocess.run([str(EXE), "validate", str(tmp_path / "store"), "--json"], capture_output=True, text=True)
     assert v.returncode == 0 and json.loads(v.stdout.strip().splitlines()[-1])["subjects"] == ["900"]
     # Resumable: a second run skips the finished subject's stages (only the failures are retried).
@@ -97,3 +104,78 @@ def test_sbatch_array_template_runs_the_array_index_subject(tmp_path):
     r = subprocess.run(["bash", str(template), str(manifest), "/shared/store"], cwd=tmp_path, env=env,
                        capture_output=True, text=True)
     assert r.returncode == 2 and "no subject for array index 9" in r.stderr
+
+
+def _pipeline(tmp_path, cap, threads=1) -> Path:
+    p = tmp_path / "p.toml"
+    p.write_text(f"""name = "test"
+threads = {threads}
+[capture]
+root = "{cap}"
+downscale = 2
+[flame]
+kind = "synthetic"
+[select]
+num_expression = 2
+num_pose = 1
+[track]
+iterations = [40, 40, 60, 60]
+""")
+    return p
+
+
+def _build_cmd(manifest, pipeline, cap, out):
+    return [str(EXE), "build", "--subjects", str(manifest), "--pipeline", str(pipeline), "--root", str(cap),
+            "--out", str(out / "store"), "--work", str(out / "work"), "--workers", "1"]
+
+
+def _arrays(store: Path) -> dict:
+    import numpy as np
+    import zarr
+
+    g = zarr.open_group(str(store / "subjects" / "900"), mode="r")
+    names = ["rgb", "depth", "canonical", "mask", "K", "world_2_cam", "points/xyz", "points/canonical"]
+    names += [f"track/{k}" for k in g["track"].array_keys()]
+    return {n: np.asarray(g[n][...]) for n in names}
+
+
+def test_sigkill_at_three_stages_then_resume_gives_identical_arrays(synth_capture, tmp_path):
+    import numpy as np
+
+    cap = tmp_path / "capture"
+    cap.mkdir()
+    shutil.copytree(synth_capture["out"] / "capture" / "900", cap / "900")
+    pipeline = _pipeline(tmp_path, cap)
+    manifest = tmp_path / "m.txt"
+    manifest.write_text("900\n")
+    clean = tmp_path / "clean"
+    r = subprocess.run(_build_cmd(manifest, pipeline, cap, clean), capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    reference = _arrays(clean / "store")
+
+    def mid(stage):
+        def condition(work: Path) -> bool:
+            folder = work / "900" / stage
+            if stage == "reconstruct":
+                return any(folder.glob("*/*/_DONE.json")) and not (folder / "_DONE.json").exists()
+            return folder.is_dir() and not (folder / "_DONE.json").exists()
+        return condition
+
+    for stage in ("reconstruct", "track", "render"):
+        run = tmp_path / f"killed-{stage}"
+        proc = subprocess.Popen(_build_cmd(manifest, pipeline, cap, run), cwd=tmp_path, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 600
+        while time.time() < deadline and not mid(stage)(run / "work") and proc.poll() is None:
+            time.sleep(0.02)
+        assert proc.poll() is None, f"build finished before it could be killed in {stage}"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not (run / "store" / "subjects" / "900").exists()
+        r = subprocess.run(_build_cmd(manifest, pipeline, cap, run), capture_output=True, text=True, cwd=tmp_path,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        got = _arrays(run / "store")
+        assert got.keys() == reference.keys()
+        for name, arr in reference.items():
+            assert np.array_equal(got[name], arr), f"{name} differs after a kill in {stage}"

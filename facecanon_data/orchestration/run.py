@@ -12,7 +12,7 @@ from .build import SourceSpec, SubjectOutcome, run_build_dask, run_subject_inlin
 log = logging.getLogger(__name__)
 
 
-def make_client(cluster: str):
+def make_client(cluster: str, workers: int = 0, threads: int = 0):
     """A Dask client: ``local`` (a LocalCluster of single-threaded worker processes, one per core;
     the stages use their own threads) or ``tcp://host:port`` (an existing scheduler)."""
     from distributed import Client, LocalCluster
@@ -21,8 +21,12 @@ def make_client(cluster: str):
 
     if cluster == "local":
         gpus = cuda_device_count()
-        lc = LocalCluster(n_workers=max(1, os.cpu_count() or 1), threads_per_worker=1, processes=True,
-                          resources={"GPU": gpus} if gpus else None, dashboard_address=":0", silence_logs=logging.ERROR)
+        # A thread cap also reaches the libraries that read it from the environment (BLAS, OpenMP, OpenCV).
+        env = {k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                                         "OPENCV_FOR_THREADS_NUM")} if threads else None
+        lc = LocalCluster(n_workers=workers or max(1, os.cpu_count() or 1), threads_per_worker=1, processes=True,
+                          resources={"GPU": gpus} if gpus else None, dashboard_address=":0", silence_logs=logging.ERROR,
+                          env=env)
         return Client(lc), gpus > 0
     if cluster.startswith("tcp://"):
         client = Client(cluster)
@@ -53,7 +57,8 @@ def ensure_synthetic_capture(cfg: PipelineConfig, root: str, subjects: list[str]
 
 
 def build(entries: list[ManifestEntry], cfg: PipelineConfig, spec: SourceSpec, work: str, store: str,
-          cluster: str = "local", subject: str | None = None, force=(), progress=None) -> list[SubjectOutcome]:
+          cluster: str = "local", subject: str | None = None, force=(), progress=None,
+          workers: int = 0) -> list[SubjectOutcome]:
     """Run the chain for the manifest's subjects (or one ``subject`` in-process) and index the store."""
     from ..store import build_index
 
@@ -63,7 +68,7 @@ def build(entries: list[ManifestEntry], cfg: PipelineConfig, spec: SourceSpec, w
             raise ValueError(f"subject {subject} is not in the manifest")
         outcomes = [run_subject_inline(spec, subject, _with_sequences(cfg, entries, subject), work, store, force)]
     else:
-        client, gpu = make_client(cluster)
+        client, gpu = make_client(cluster, workers, cfg.threads)
         try:
             if client.dashboard_link:
                 log.info("Dask dashboard: %s", client.dashboard_link)

@@ -88,7 +88,7 @@ def common_focus(cameras: list[Camera]) -> np.ndarray:
 
 def reconstruct_timestamp(images: dict[str, np.ndarray], cameras: dict[str, Camera], out: Path,
                           rcfg: ReconstructConfig, masks: dict[str, np.ndarray] | None = None,
-                          dense: bool = False) -> TimestampResult:
+                          dense: bool = False, threads: int = 0) -> TimestampResult:
     """Reconstruct one timestamp into ``out`` (see module docstring); returns its result.
 
     Args:
@@ -96,6 +96,7 @@ def reconstruct_timestamp(images: dict[str, np.ndarray], cameras: dict[str, Came
         cameras: serial -> camera at the same resolution.
         masks: serial -> (H, W) float in [0, 1] foreground matte, or None.
         dense: run the CUDA dense path.
+        threads: COLMAP threads (0 = all cores). With 1, the result is bit-reproducible.
     """
     import cv2
     import pycolmap
@@ -125,8 +126,10 @@ def reconstruct_timestamp(images: dict[str, np.ndarray], cameras: dict[str, Came
     extraction = pycolmap.FeatureExtractionOptions()
     extraction.sift.max_num_features = rcfg.max_num_features
     extraction.sift.peak_threshold = rcfg.peak_threshold
+    extraction.num_threads = threads or -1
     matching = pycolmap.FeatureMatchingOptions()
     matching.guided_matching = rcfg.guided_matching
+    matching.num_threads = threads or -1
     db_path = col_dir / "database.db"
     device = pycolmap.Device.cuda if dense else pycolmap.Device.cpu
 
@@ -140,6 +143,7 @@ def reconstruct_timestamp(images: dict[str, np.ndarray], cameras: dict[str, Came
     rec, id_to_serial = _fixed_pose_reconstruction(db_path, cameras)
     options = pycolmap.IncrementalPipelineOptions()
     options.triangulation.ignore_two_view_tracks = rcfg.ignore_two_view_tracks
+    options.num_threads = threads or -1
     (col_dir / "sparse").mkdir()
     t = time.perf_counter()
     rec = pycolmap.triangulate_points(rec, db_path, img_dir, col_dir / "sparse", clear_points=True,
@@ -451,7 +455,7 @@ def reconstruct_one(source, subject: str, cfg: PipelineConfig, work, sequence: s
             it = source.timestamp_masks(subject, sequence, [frame], downscale=downscale)
             masks = next(it)[1] if it is not None else None
     cameras = source.cameras(subject, downscale=downscale)
-    res = reconstruct_timestamp(images, cameras, out, rcfg, masks=masks, dense=_dense_flag(rcfg))
+    res = reconstruct_timestamp(images, cameras, out, rcfg, masks=masks, dense=_dense_flag(rcfg), threads=cfg.threads)
     res.sequence, res.frame = sequence, frame
     gt = source.ground_truth(subject)
     if gt is not None:

@@ -206,6 +206,13 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
     from ..flame.assets import load_assets
 
     rc = cfg.render
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+        import cv2
+
+        cv2.setNumThreads(cfg.threads)
     if StageDir(work, subject, "canonicalize").done() is None:
         raise FileNotFoundError(f"{Path(work) / subject / 'canonicalize'}: stage canonicalize has not completed")
     assets = load_assets(cfg.flame)

@@ -393,6 +393,11 @@ def run_track(source, subject: str, cfg: PipelineConfig, work, device: str | Non
     out = StageDir(work, subject, STAGE)
     out.begin()
     torch.manual_seed(0)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+        import cv2
+
+        cv2.setNumThreads(cfg.threads)
     fitter = _Fitter(assets, obs, tcfg, dev)
     fitter.fit(progress)
     cd, lm = fitter.errors()
