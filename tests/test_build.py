@@ -48,19 +48,7 @@ def test_failing_subjects_fail_alone_naming_the_file(synth_capture, tmp_path):
     for seq in ("EXP-1-head", "EXP-2-eyes"):  # truncated video (a non-frontal camera)
         video = cap / "903" / "sequences" / seq / "images" / "cam_222200044.mp4"
         video.write_bytes(video.read_bytes()[:3000])
-    pipeline = tmp_path / "p.toml"
-    pipeline.write_text(f"""name = "test"
-[capture]
-root = "{cap}"
-downscale = 2
-[flame]
-kind = "synthetic"
-[select]
-num_expression = 2
-num_pose = 1
-[track]
-iterations = [40, 40, 60, 60]
-""")
+    pipeline = _pipeline(tmp_path, cap, threads=0)
     manifest = tmp_path / "m.txt"
     manifest.write_text("900\n901\n902\n903\n")
     r = subprocess.run([str(EXE), "build", "--subjects", str(manifest), "--pipeline", str(pipeline), "--root", str(cap),
