@@ -12,6 +12,16 @@ NERSEMBLE_SERIALS = ("222200042", "222200044", "222200046", "222200040", "222200
 FRONTAL_SERIAL = "222200037"
 
 
+def scale_intrinsics(k: np.ndarray, sx: float, sy: float) -> np.ndarray:
+    """K of an image resized by (sx, sy), pixel centres at integer coordinates: (3, 3) float64."""
+    out = np.asarray(k, dtype=np.float64).copy()
+    out[0, 0] *= sx
+    out[1, 1] *= sy
+    out[0, 2] = (out[0, 2] + 0.5) * sx - 0.5
+    out[1, 2] = (out[1, 2] + 0.5) * sy - 0.5
+    return out
+
+
 @dataclass(frozen=True)
 class Camera:
     """One calibrated view.
@@ -31,11 +41,7 @@ class Camera:
         if downscale == 1:
             return self
         s = 1.0 / downscale
-        k = self.K.copy()
-        k[0, 0] *= s
-        k[1, 1] *= s
-        k[0, 2] = (k[0, 2] + 0.5) * s - 0.5
-        k[1, 2] = (k[1, 2] + 0.5) * s - 0.5
+        k = scale_intrinsics(self.K, s, s)
         return Camera(self.serial, k, self.world_2_cam, int(round(self.width * s)), int(round(self.height * s)))
 
     @property

@@ -343,12 +343,11 @@ def build_cmd(subjects_file: Path = typer.Option(..., "--subjects", help="Manife
     synthetic = all(int(e.subject) >= 900 for e in entries)
     default = PROJECT_ROOT / "pipelines" / ("synthetic.toml" if synthetic else "nersemble.toml")
     cfg = _load(pipeline or default, {"threads": threads} if threads is not None else None)
-    root_dir = str(root or (os.environ.get("NERSEMBLE_ROOT") if cfg.name != "synthetic" else None) or expand(cfg.capture.root))
-    gt = None
-    if cfg.capture.ground_truth and root is None:
-        gt = str(expand(cfg.capture.ground_truth))
-    elif root is not None and (Path(root).parent / "ground_truth").is_dir():
-        gt = str(Path(root).parent / "ground_truth")
+    from .sources import capture_roots
+
+    env_root = os.environ.get("NERSEMBLE_ROOT") if cfg.name != "synthetic" else None
+    cap, gt_path = capture_roots(cfg.capture, root or env_root)
+    root_dir, gt = str(cap), (str(gt_path) if gt_path else None)
     store = str(out or expand(cfg.store))
     work_dir = str(work or expand(cfg.work))
     from rich.console import Console

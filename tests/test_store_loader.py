@@ -16,7 +16,7 @@ import torch
 from facecanon_data.store import SubjectData, build_index, subjects, validate_store, write_subject
 from facecanon_data.synthetic.rig import nersemble_like_rig
 from facecanon_data.training import FaceCanonDataset, ShardedSampler, collate_samples
-from facecanon_data.training.dataset import scale_intrinsics
+from facecanon_data.cameras import scale_intrinsics
 
 
 def fake_subject(pid: str, t: int = 3, views: int = 6, h: int = 60, w: int = 40, seed: int = 0) -> SubjectData:

@@ -58,8 +58,8 @@ class VideoReader:
         """Frame ``index`` as (H, W, 3) uint8 RGB."""
         import cv2
 
-        if not 0 <= index < max(self.num_frames, index + 1):
-            raise IndexError(f"{self.path}: frame {index} out of range")
+        if index < 0 or (self.num_frames and index >= self.num_frames):  # 0 = count unknown
+            raise IndexError(f"{self.path}: frame {index} out of range (0..{self.num_frames - 1})")
         self._seek(index)
         ok, bgr = self._cap.read()
         if not ok:

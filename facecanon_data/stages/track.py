@@ -342,10 +342,9 @@ def uniform_laplacian(n: int, faces: np.ndarray, device="cpu"):
     import scipy.sparse as sp
     import torch
 
-    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
-    e = np.concatenate([e, e[:, ::-1]])
-    a = sp.coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n, n)).tocsr()
-    a.data[:] = 1.0
+    from ..meshes import adjacency
+
+    a = adjacency(n, faces)
     deg = np.asarray(a.sum(1)).ravel()
     lap = (sp.eye(n) - sp.diags(1.0 / np.maximum(deg, 1)) @ a).tocoo()
     idx = torch.as_tensor(np.vstack([lap.row, lap.col]), dtype=torch.long)

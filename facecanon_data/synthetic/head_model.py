@@ -128,13 +128,12 @@ def build_face_mask(landmarks_px: np.ndarray, oval_edges) -> dict:
 
 
 def mesh_laplacian(num_vertices: int, faces: np.ndarray):
-    """Uniform graph Laplacian (sparse, V x V) of a triangle mesh."""
+    """Combinatorial graph Laplacian D - A (sparse, V x V) of a triangle mesh."""
     import scipy.sparse as sp
 
-    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
-    e = np.concatenate([e, e[:, ::-1]])
-    a = sp.coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(num_vertices,) * 2).tocsr()
-    a.data[:] = 1.0
+    from ..meshes import adjacency
+
+    a = adjacency(num_vertices, faces)
     return sp.diags(np.asarray(a.sum(1)).ravel()) - a
 
 
@@ -281,13 +280,11 @@ def _sigmoid(x):
 
 def _graph_depth(n: int, faces: np.ndarray, sources: np.ndarray) -> np.ndarray:
     """Hop distance of every vertex from ``sources`` over mesh edges."""
-    import scipy.sparse as sp
     from scipy.sparse.csgraph import shortest_path
 
-    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
-    g = sp.coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n, n)).tocsr()
-    g = ((g + g.T) > 0).astype(float)
-    dist = shortest_path(g, unweighted=True, indices=sources).min(0)
+    from ..meshes import adjacency
+
+    dist = shortest_path(adjacency(n, faces), unweighted=True, indices=sources).min(0)
     return np.where(np.isfinite(dist), dist, 0.0)
 
 
@@ -565,7 +562,7 @@ def build_head_model(image: np.ndarray | None = None) -> dict:
     texture = {"photo_uv": uv_all, "photo_weight": photo_w.astype(np.float32),
                "hair_weight": np.r_[np.zeros(n_mask), shell["hair_w"]].astype(np.float32),
                "mouth_weight": np.r_[np.zeros(n_mask), shell["mouth_w"]].astype(np.float32),
-               "skin_rgb": _skin_tone(image, photo_uv, mask["faces"]).astype(np.float32),
+               "skin_rgb": _skin_tone(image, photo_uv).astype(np.float32),
                "num_mask_vertices": np.array(n_mask)}
     from scipy.sparse import csc_matrix
 
@@ -575,7 +572,7 @@ def build_head_model(image: np.ndarray | None = None) -> dict:
     return {"model": model, "masks": masks, "embedding": embedding, "texture": texture}
 
 
-def _skin_tone(image: np.ndarray, photo_uv: np.ndarray, faces: np.ndarray) -> np.ndarray:
+def _skin_tone(image: np.ndarray, photo_uv: np.ndarray) -> np.ndarray:
     """Median photo colour over the cheeks, in [0, 1]."""
     pts = photo_uv[list(fmt.RIGHT_CHEEK + fmt.LEFT_CHEEK)].round().astype(int)
     return np.median(image[pts[:, 1], pts[:, 0]].astype(np.float64) / 255.0, axis=0)

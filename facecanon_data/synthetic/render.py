@@ -129,8 +129,6 @@ class HeadRenderer:
 
     # -- appearance ----------------------------------------------------------------------------
     def _shade(self, vertices: np.ndarray, tri: np.ndarray, bary: np.ndarray) -> np.ndarray:
-        import cv2
-
         p = self._interp(self.template, tri, bary)  # texture space (N, 3)
         attrs = np.concatenate([self.photo_uv, self.photo_w[:, None], self.hair_w[:, None],
                                 self.mouth_w[:, None]], 1)

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cameras import scale_intrinsics
 from ..store import open_subject, read_index
 
 
@@ -41,16 +42,6 @@ class IndexFilter:
     sequences: list[str] | None = None
     min_valid_fraction: float | None = None
     max_cd_l1_mm: float | None = None
-
-
-def scale_intrinsics(k: np.ndarray, sx: float, sy: float) -> np.ndarray:
-    """K of an image resized by (sx, sy) (pixel centres at integer coordinates)."""
-    out = k.astype(np.float64).copy()
-    out[0, 0] *= sx
-    out[1, 1] *= sy
-    out[0, 2] = (out[0, 2] + 0.5) * sx - 0.5
-    out[1, 2] = (out[1, 2] + 0.5) * sy - 0.5
-    return out
 
 
 def ray_maps(k: np.ndarray, world_2_cam: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
