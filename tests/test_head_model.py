@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from facecanon_data import facemesh_topology as fmt
 from facecanon_data.flame.lbs import FlameLayer, FlameParams

@@ -80,8 +80,6 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _NUMPY_GLOBALS:
-            import numpy.core.multiarray as multiarray  # noqa: F401  (numpy 1.x location)
-
             if name == "_reconstruct":
                 return np.core.multiarray._reconstruct
             if name == "scalar":
