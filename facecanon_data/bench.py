@@ -249,3 +249,57 @@ def bench_build(cfg: PipelineConfig) -> dict:
     out["speedup"] = round(out["capped_1_worker_s"] / out["capped_2_workers_s"], 2)
     out["target_speedup"] = 1.6
     return out
+
+
+def bench_train(cfg: PipelineConfig, train_config: str = "{project}/pipelines/train_tiny.toml",
+                protocol: str = "{project}/pipelines/eval_synthetic.toml",
+                manifest: str = "{project}/manifests/synthetic_trainer.txt") -> dict:
+    """The trainer's fixed-budget experiment from nothing: build the synthetic subjects of ``manifest``
+    into the pipeline's store when missing, train the tiny config on CPU (the protocol's subjects held
+    out), and evaluate the trained model and the same architecture untrained on the held-out subject."""
+    from .manifest import read_manifest
+    from .orchestration.build import SourceSpec
+    from .orchestration.run import build, ensure_synthetic_capture
+    from .paths import expand
+    from .sources import capture_roots
+    from .store import subjects as store_subjects
+    from .training.config import load_eval_config, load_train_config
+    from .training.evaluate import evaluate_model
+    from .training.trainer import model_from_checkpoint, select_device, train
+
+    tcfg, ev = load_train_config(expand(train_config)), load_eval_config(expand(protocol))
+    held_out = set(ev.subjects)
+    if held_out & set(tcfg.data.subjects) or not held_out <= set(tcfg.data.exclude_subjects):
+        raise ValueError(f"{tcfg.source_file}: the evaluation subjects {sorted(held_out)} must be excluded from training")
+    store = expand(cfg.store)
+    entries = read_manifest(expand(manifest))
+    have = set(store_subjects(store)) if (store / "index.parquet").is_file() else set()
+    out: dict = {"bench": "train", "store": str(store), "held_out": sorted(held_out)}
+    t0 = time.perf_counter()
+    missing = [e for e in entries if e.subject not in have]
+    if missing:
+        cap, gt = capture_roots(cfg.capture, None)
+        ensure_synthetic_capture(cfg, str(cap), [e.subject for e in entries])
+        spec = SourceSpec(str(cap), str(gt or cap.parent / "ground_truth"), cfg.capture.color_correction)
+        outcomes = build(entries, cfg, spec, str(expand(cfg.work)), str(store))
+        failed = [o.subject for o in outcomes if not o.ok]
+        if failed:
+            raise RuntimeError(f"building the training store failed for subjects {failed}")
+    out["build_seconds"] = round(time.perf_counter() - t0, 1)
+    run_dir = expand(tcfg.out)
+    t1 = time.perf_counter()
+    summary = train(tcfg, store, run_dir, resume=False)
+    out["seconds"] = round(time.perf_counter() - t1, 1)
+    out["steps"] = summary["step"]
+    device = select_device("auto")
+    for label, untrained in (("trained", False), ("untrained", True)):
+        model, _ = model_from_checkpoint(run_dir / "last.pt", device, untrained=untrained)
+        r = evaluate_model(model, str(store), ev, str(device))
+        out[f"epe_{label}"] = round(r["epe"], 3)
+        out[f"absrel_{label}"] = round(r["depth_absrel"], 5)
+        out[f"under_5px_{label}"] = round(r["epe_under_5px"], 3)
+        out[f"correspondences_{label}"] = r["epe_correspondences"]
+    out["epe_ratio_untrained_over_trained"] = round(out["epe_untrained"] / out["epe_trained"], 2)
+    out["target_epe_ratio"] = 2.0
+    out["checkpoint"] = str(run_dir / "last.pt")
+    return out

@@ -428,8 +428,106 @@ def manifest_cmd(root: Path = typer.Option(..., "--root", help="NeRSemble downlo
     typer.echo(f"{out}: {len(subjects)} training subjects")
 
 
+TrainConfigOpt = typer.Option(None, "--config", help="Trainer TOML (default: pipelines/train_tiny.toml).")
+
+
+def _train_config(config: Optional[Path], overrides: dict | None = None):
+    from .config import ConfigError
+    from .paths import PROJECT_ROOT
+    from .training.config import load_train_config
+
+    try:
+        return load_train_config(config or PROJECT_ROOT / "pipelines" / "train_tiny.toml", overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _eval_config(protocol: Optional[Path]):
+    from .config import ConfigError
+    from .paths import PROJECT_ROOT
+    from .training.config import load_eval_config
+
+    try:
+        return load_eval_config(protocol or PROJECT_ROOT / "pipelines" / "eval_synthetic.toml")
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _require_store(store: Path) -> None:
+    if not (store / "index.parquet").is_file():
+        _fail(f"{store}: not a facecanon-data store (no index.parquet); build one with `facecanon-data build`")
+
+
+@app.command("train")
+def train_cmd(store: Path = typer.Option(..., "--store", help="Dataset store to train from."),
+              config: Optional[Path] = TrainConfigOpt,
+              out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: the config's out)."),
+              steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Override optim.max_steps."),
+              resume: bool = typer.Option(True, "--resume/--restart", help="Continue from OUT/last.pt when present."),
+              as_json: bool = JsonOpt) -> None:
+    """Train the depth + ray + canonical predictor on a store (DDP when launched by torchrun)."""
+    _setup_logging()
+    _require_store(store)
+    cfg = _train_config(config, {"optim": {"max_steps": steps}} if steps else None)
+    from .training.trainer import train
+
+    result = _guarded(train, cfg, store, out or None, resume=resume)
+    _emit(result, as_json, "\n".join(f"{k}: {v}" for k, v in result.items()))
+
+
+@app.command("evaluate")
+def evaluate_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint written by `train`."),
+                 store: Path = typer.Option(..., "--store", help="Store holding the evaluation subjects."),
+                 protocol: Optional[Path] = typer.Option(None, "--protocol", help="Evaluation TOML (default: "
+                                                         "pipelines/eval_synthetic.toml; the paper's NeRSemble test "
+                                                         "protocol is pipelines/eval_nersemble_test.toml)."),
+                 untrained: bool = typer.Option(False, "--untrained", help="Evaluate the checkpoint's architecture "
+                                                "freshly initialized (the baseline)."),
+                 as_json: bool = JsonOpt) -> None:
+    """Depth AbsRel / RMSE and canonical-space correspondence EPE on held-out subjects (Sec. 4.2)."""
+    _setup_logging()
+    _require_store(store)
+    ev = _eval_config(protocol)
+    from .training.evaluate import evaluate_model
+    from .training.trainer import model_from_checkpoint, select_device
+
+    device = select_device("auto")
+    model, _ = _guarded(model_from_checkpoint, checkpoint, device, untrained)
+    result = _guarded(evaluate_model, model, str(store), ev, str(device))
+    result = {"checkpoint": str(checkpoint), "untrained": untrained, "protocol": ev.name, **result}
+    human = "\n".join(f"{k}: {v}" for k, v in result.items() if k != "margins")
+    human += "\n" + "\n".join(f"margin {m}: EPE {v['epe_px']:.2f} px, <3px {v['under_3px']:.2f}, "
+                                f"<5px {v['under_5px']:.2f}, <10px {v['under_10px']:.2f} ({v['pairs']} pairs)"
+                                for m, v in result["margins"].items())
+    _emit(result, as_json, human)
+
+
+@app.command("visualize")
+def visualize_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint written by `train`."),
+                  store: Path = typer.Option(..., "--store", help="Dataset store."),
+                  subject: str = typer.Option(..., "--subject", help="Subject id in the store."),
+                  out: Path = typer.Option(Path("viz"), "--out", help="Folder for the PNGs."),
+                  timestamp: int = typer.Option(0, "--timestamp", min=0, help="Kept-timestamp index."),
+                  views: int = typer.Option(4, "--views", min=2, max=16, help="Views processed together."),
+                  untrained: bool = typer.Option(False, "--untrained", help="The architecture freshly initialized.")
+                  ) -> None:
+    """PNGs of inputs, predicted / stored depth and canonical maps, and predicted correspondences."""
+    _setup_logging()
+    _require_store(store)
+    from .training.trainer import model_from_checkpoint, select_device
+    from .training.visualize import visualize
+
+    device = select_device("auto")
+    model, cfg = _guarded(model_from_checkpoint, checkpoint, device, untrained)
+    res = tuple(cfg.data.resolutions[0])
+    paths = _guarded(visualize, model, str(store), out, subject, cfg.loss.canonical_scale, res, views, timestamp,
+                     str(device))
+    typer.echo("\n".join(str(p) for p in paths))
+
+
 @app.command("bench")
-def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, reconstruct, track, transfer, loader, build."),
+def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, reconstruct, track, transfer, loader, "
+                                          "build, train."),
               root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectOpt,
               store: Optional[Path] = typer.Option(None, "--store", help="Store folder (bench loader)."),
               pipeline: Optional[Path] = PipelineOpt, as_json: bool = JsonOpt) -> None:
@@ -437,7 +535,7 @@ def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, re
     _setup_logging()
     cfg = _load(pipeline)
     benches = {"select": "bench_select", "reconstruct": "bench_reconstruct", "track": "bench_track",
-               "transfer": "bench_transfer", "loader": "bench_loader", "build": "bench_build"}
+               "transfer": "bench_transfer", "loader": "bench_loader", "build": "bench_build", "train": "bench_train"}
     if name not in benches:
         _fail(f"unknown benchmark {name!r} (available: {', '.join(benches)})")
     from . import bench
@@ -448,6 +546,8 @@ def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, re
         result = bench.bench_transfer(cfg)
     elif name == "build":
         result = bench.bench_build(cfg)
+    elif name == "train":
+        result = _guarded(bench.bench_train, cfg)
     elif name == "loader":
         if store is None:
             _fail("bench loader needs --store STORE (e.g. one written by `facecanon-data write`)")

@@ -198,6 +198,14 @@ class PipelineConfig:
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
+    if typ == list[list[int]]:
+        if not (isinstance(value, list) and all(isinstance(v, list) for v in value)):
+            raise ConfigError(f"{where}: expected a list of integer lists, got {value!r}")
+        return [_coerce(v, list[int], where) for v in value]
+    if typ == list[float]:
+        if not (isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise ConfigError(f"{where}: expected a list of numbers, got {value!r}")
+        return [float(v) for v in value]
     if typ == list[int]:
         if not (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
             raise ConfigError(f"{where}: expected a list of integers, got {value!r}")
@@ -228,23 +236,28 @@ def _fill(obj: Any, table: dict[str, Any], where: str) -> None:
             setattr(obj, key, _coerce(value, hints[key], f"{where}.{key}"))
 
 
-def load_pipeline(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Read a pipeline TOML over the defaults; ``overrides`` is a nested dict applied last."""
+def load_toml_config(path: str | Path, cfg: Any, overrides: dict[str, Any] | None = None) -> Any:
+    """Fill the dataclass ``cfg`` (holding the defaults) from a TOML file, then from ``overrides``."""
     from .paths import expand
 
     path = expand(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: pipeline file not found")
+        raise ConfigError(f"{path}: configuration file not found")
     try:
         table = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    cfg = PipelineConfig()
     _fill(cfg, table, str(path))
     if overrides:
         _fill(cfg, overrides, f"{path} (command-line overrides)")
     cfg.source_file = str(path)
-    _validate(cfg, str(path))
+    return cfg
+
+
+def load_pipeline(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read a pipeline TOML over the defaults; ``overrides`` is a nested dict applied last."""
+    cfg = load_toml_config(path, PipelineConfig(), overrides)
+    _validate(cfg, cfg.source_file)
     return cfg
 
 

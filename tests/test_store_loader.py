@@ -13,29 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from facecanon_data.store import SubjectData, build_index, subjects, validate_store, write_subject
-from facecanon_data.synthetic.rig import nersemble_like_rig
+from fakes import fake_subject
+from facecanon_data.store import build_index, subjects, validate_store, write_subject
 from facecanon_data.training import FaceCanonDataset, ShardedSampler, collate_samples
 from facecanon_data.cameras import scale_intrinsics
-
-
-def fake_subject(pid: str, t: int = 3, views: int = 6, h: int = 60, w: int = 40, seed: int = 0) -> SubjectData:
-    """A small but consistent subject: real rig cameras scaled to (h, w), random labels."""
-    rng = np.random.default_rng(seed)
-    cams = [c.scaled(832 / w) for c in nersemble_like_rig(832, 1216, 2900.0)][:views]
-    k = np.stack([[c.K for c in cams]] * t)
-    w2c = np.stack([[c.world_2_cam for c in cams]] * t)
-    depth = rng.uniform(0.9, 1.1, (t, views, h, w)).astype(np.float32)
-    mask = rng.random((t, views, h, w)) > 0.5
-    depth[~mask] = 0
-    return SubjectData(
-        subject=pid, serials=[c.serial for c in cams],
-        timestamps=[{"sequence": "EXP-1-head", "frame": 10 * i, "reason": "expression", "cd_l1_mm": 0.8,
-                     "landmark_px": 3.0, "views": {c.serial: {"valid_fraction": 0.5} for c in cams}} for i in range(t)],
-        rgb=rng.integers(0, 256, (t, views, h, w, 3), dtype=np.uint8), depth=depth,
-        canonical=rng.normal(0, 0.05, (t, views, h, w, 3)).astype(np.float16), mask=mask, K=k, world_2_cam=w2c,
-        track={"shape": np.zeros(10, np.float32)}, points_xyz=[rng.normal(size=(5 + i, 3)) for i in range(t)],
-        points_canonical=[rng.normal(size=(5 + i, 3)) for i in range(t)], provenance={"source": "test"})
 
 
 def _write_one(args):
@@ -95,7 +76,7 @@ def test_sigkill_mid_subject_leaves_a_valid_store_without_it(store, tmp_path):
 
     target = tmp_path / "k"
     shutil.copytree(store, target)
-    code = ("import sys; sys.path.insert(0, %r); from test_store_loader import fake_subject; "
+    code = ("import sys; sys.path.insert(0, %r); from fakes import fake_subject; "
             "from facecanon_data.store import write_subject; "
             "write_subject(%r, fake_subject('905', t=12, views=16, h=600, w=400))") % (os.path.dirname(__file__), str(target))
     proc = subprocess.Popen([sys.executable, "-c", code])

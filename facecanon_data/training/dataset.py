@@ -15,8 +15,12 @@ A sample (``__getitem__``) is a dict of tensors, N images at the target resoluti
   ray_origin     (N, 3, H, W) float32 camera centre in world coordinates, metres (an expanded view)
   ray_direction  (N, 3, H, W) float32 unit direction of each pixel's ray in world coordinates
   subject, sequence (lists of str), frame, serial index
-Images are resized with area/bilinear filtering; labels (sparse) with nearest neighbour. Intrinsics are
-scaled with the pixel-centre convention, so a 3-D point projects to the same relative position.
+Images are resized with area/bilinear filtering. Labels are sparse (splatted points), so they are
+resampled by *scattering* each valid pixel to the target pixel containing its centre, the nearest depth
+winning; a plain nearest-neighbour resize would keep only about (target / stored area) of them.
+Intrinsics are scaled with the pixel-centre convention, so a 3-D point projects to the same relative
+position. ``dataset[i]`` uses the configured resolution; ``dataset[(i, (h, w))]`` another one (the
+trainer's multi-resolution batch sampler passes keys of that form, which also works in worker processes).
 
 Determinism: the sample list depends only on (index filter, mode, seed, epoch); augmentation on
 (seed, epoch, sample index). Splitting: use :class:`ShardedSampler` per DDP rank (disjoint, no
@@ -59,6 +63,32 @@ def ray_maps(k: np.ndarray, world_2_cam: np.ndarray, height: int, width: int) ->
         d[c] = x * r32[0, c] + y * r32[1, c] + r32[2, c]
     d /= np.sqrt((d * d).sum(0, keepdims=True))
     return centre, d
+
+
+def resample_labels(depth: np.ndarray, canonical: np.ndarray, mask: np.ndarray, height: int, width: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sparse labels (sh, sw) -> (height, width): each valid pixel goes to the target pixel holding its
+    centre; where several land on one target pixel the nearest (smallest depth) wins.
+
+    depth (sh, sw) float32 m, canonical (sh, sw, 3), mask (sh, sw) bool -> the same at the new size.
+    """
+    sh, sw = mask.shape
+    out_d = np.zeros((height, width), np.float32)
+    out_c = np.zeros((height, width, 3), np.float32)
+    out_m = np.zeros((height, width), bool)
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return out_d, out_c, out_m
+    ty = np.minimum(((ys + 0.5) * height / sh).astype(np.int64), height - 1)
+    tx = np.minimum(((xs + 0.5) * width / sw).astype(np.int64), width - 1)
+    d = depth[ys, xs]
+    order = np.argsort(d, kind="stable")  # nearest first; np.unique keeps each target's first occurrence
+    _, first = np.unique((ty * width + tx)[order], return_index=True)
+    pick = order[first]
+    out_d[ty[pick], tx[pick]] = d[pick]
+    out_c[ty[pick], tx[pick]] = canonical[ys[pick], xs[pick]]
+    out_m[ty[pick], tx[pick]] = True
+    return out_d, out_c, out_m
 
 
 class FaceCanonDataset(torch.utils.data.Dataset):
@@ -139,12 +169,17 @@ class FaceCanonDataset(torch.utils.data.Dataset):
                 out[k].append(g[k][t, v])
         return out
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, tuple[int, int]]) -> dict:
+        index, (h, w) = (key, self.resolution) if isinstance(key, (int, np.integer)) else (key[0], key[1])
+        sample = self.load(self.samples[index], h, w, jitter_key=index)
+        sample["sample_index"] = index
+        return sample
+
+    def load(self, rows: list[int], h: int, w: int, jitter_key: int | None = None) -> dict:
+        """One sample made of the given index rows (any rows: the evaluator groups its own), at (h, w)."""
         import cv2
 
-        rows = self.samples[index]
         raw = self.read_raw(rows)
-        h, w = self.resolution
         n = len(rows)
         images = np.empty((n, h, w, 3), np.uint8)
         depths = np.empty((n, h, w), np.float32)
@@ -157,16 +192,14 @@ class FaceCanonDataset(torch.utils.data.Dataset):
             sh, sw = rgb.shape[:2]
             interp = cv2.INTER_AREA if (h < sh and w < sw) else cv2.INTER_LINEAR
             images[j] = cv2.resize(rgb, (w, h), interpolation=interp)
-            depths[j] = cv2.resize(raw["depth"][j], (w, h), interpolation=cv2.INTER_NEAREST)
-            canons[j] = cv2.resize(raw["canonical"][j].astype(np.float32), (w, h), interpolation=cv2.INTER_NEAREST)
-            masks[j] = cv2.resize(raw["mask"][j].astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+            depths[j], canons[j], masks[j] = resample_labels(raw["depth"][j], raw["canonical"][j], raw["mask"][j], h, w)
             k = scale_intrinsics(raw["K"][j], w / sw, h / sh)
             ks.append(k)
             centre, dirs[j] = ray_maps(k, raw["world_2_cam"][j], h, w)
             origins.append(centre)
         image = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-        if self.color_jitter > 0:
-            image = self._jitter(image, index)
+        if self.color_jitter > 0 and jitter_key is not None:
+            image = self._jitter(image, jitter_key)
         r = self.rows
         return {
             "image": image,
@@ -179,7 +212,7 @@ class FaceCanonDataset(torch.utils.data.Dataset):
             "ray_direction": torch.from_numpy(dirs),
             "subject": [str(r["subject"][i]) for i in rows], "sequence": [str(r["sequence"][i]) for i in rows],
             "frame": torch.as_tensor([int(r["frame"][i]) for i in rows]),
-            "serial": [str(r["serial"][i]) for i in rows], "sample_index": index,
+            "serial": [str(r["serial"][i]) for i in rows],
         }
 
     def _jitter(self, image: torch.Tensor, index: int) -> torch.Tensor:
