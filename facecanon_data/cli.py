@@ -316,7 +316,8 @@ def build_cmd(subjects_file: Path = typer.Option(..., "--subjects", help="Manife
               work: Optional[Path] = WorkOpt,
               pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="Pipeline TOML (default: "
                                                       "synthetic.toml for manifests/synthetic.txt, else nersemble.toml)."),
-              cluster: str = typer.Option("local", "--cluster", help="local | tcp://host:port"),
+              cluster: str = typer.Option("local", "--cluster", help="local | tcp://host:port | slurm (jobs from "
+                                          "the pipeline's [slurm] table)"),
               subject: Optional[str] = typer.Option(None, "--subject", help="Run only this subject, in this process "
                                                     "(one subject per batch job)."),
               force: list[str] = typer.Option([], "--force", help="Redo a stage even if it completed: select, "
@@ -361,9 +362,11 @@ def build_cmd(subjects_file: Path = typer.Option(..., "--subjects", help="Manife
             gt = gt or str(Path(root_dir).parent / "ground_truth")
         spec = SourceSpec(root_dir, gt, cfg.capture.color_correction)
         spec.open()  # the capture root exists
-        console = _stderr_console()
-        outcomes = build(entries, cfg, spec, work_dir, store, cluster, subject, tuple(force),
-                         progress=lambda s, st: console.log(f"{s}: {st} done"), workers=workers)
+        from .progress import RichBuildProgress
+
+        with RichBuildProgress(_stderr_console()) as progress:
+            outcomes = build(entries, cfg, spec, work_dir, store, cluster, subject, tuple(force),
+                             progress=progress, workers=workers)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
     table = Table(title=f"build: {sum(o.ok for o in outcomes)} ok, {sum(not o.ok for o in outcomes)} failed -> {store}")

@@ -165,6 +165,30 @@ class RenderConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """``build --cluster slurm``: dask-jobqueue jobs. CPU jobs run select / reconstruct / render / write;
+    separate GPU jobs (``--gres=gpu:N``, Dask resource ``GPU=N``) run track. Not part of the config hash:
+    where a stage runs does not change its outputs."""
+
+    queue: str = ""  # partition of the CPU jobs ("" = the cluster's default)
+    account: str = ""
+    walltime: str = "04:00:00"
+    cores: int = 8  # per CPU job
+    memory: str = "32GB"  # per CPU job
+    processes: int = 2  # Dask worker processes per CPU job
+    cpu_jobs: int = 4
+    gpu_queue: str = ""  # partition of the GPU jobs ("" = queue)
+    gpu_jobs: int = 1
+    gpus_per_job: int = 1
+    gpu_cores: int = 8
+    gpu_memory: str = "64GB"
+    job_extra_directives: list[str] = field(default_factory=list)  # extra "#SBATCH" lines for every job
+    prologue: list[str] = field(default_factory=list)  # shell lines before the worker starts (module load, venv)
+    interface: str = ""  # network interface of the workers and scheduler (e.g. "ib0"); "" = default
+    log_directory: str = "slurm-logs"
+
+
+@dataclass
 class PipelineConfig:
     name: str = "synthetic"
     work: str = "work"  # per-subject stage outputs: {work}/{subject}/{stage}/
@@ -178,6 +202,7 @@ class PipelineConfig:
     track: TrackConfig = field(default_factory=TrackConfig)
     canonicalize: CanonicalizeConfig = field(default_factory=CanonicalizeConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     source_file: str = ""  # where it was loaded from (not part of the hash)
 
     def to_dict(self) -> dict[str, Any]:
@@ -193,7 +218,9 @@ class PipelineConfig:
 
     def hash(self) -> str:
         """Content hash of the effective configuration (recorded in every artifact)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        d = self.to_dict()
+        d.pop("slurm")  # where stages run does not change what they produce
+        blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -167,3 +167,39 @@ def test_sigkill_at_three_stages_then_resume_gives_identical_arrays(synth_captur
         assert got.keys() == reference.keys()
         for name, arr in reference.items():
             assert np.array_equal(got[name], arr), f"{name} differs after a kill in {stage}"
+
+
+def test_slurm_cluster_has_separate_gpu_jobs():
+    """`--cluster slurm`: the job scripts dask-jobqueue would submit (nothing is submitted here)."""
+    from facecanon_data.config import load_pipeline
+    from facecanon_data.orchestration.slurm import job_scripts
+
+    cfg = load_pipeline(Path(__file__).parent.parent / "pipelines" / "nersemble.toml").slurm
+    scripts = job_scripts(cfg)
+    cpu, gpu = scripts["cpu"], scripts["gpu"]
+    assert "#SBATCH -p cpu" in cpu and "--gres" not in cpu and "--resources" not in cpu
+    assert "#SBATCH -p gpu" in gpu and "#SBATCH --gres=gpu:1" in gpu and "--resources GPU=1" in gpu
+    assert "--nworkers 4" in cpu and "--cpus-per-task=16" in cpu
+    assert all("source .venv/bin/activate" in s for s in (cpu, gpu))
+
+
+def test_progress_bars_count_stages_and_failures():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from facecanon_data.progress import RichBuildProgress
+
+    console = Console(file=StringIO(), width=100)
+    with RichBuildProgress(console) as p:
+        p.start(["900", "901"])
+        p.timestamps("900", 3)
+        p.timestamps("901", 2)
+        for _ in range(3):
+            p.done("900", "reconstruct")
+        p.failed("901", "reconstruct-summary", "calibration.json: malformed")
+        for stage in ("select", "track", "render", "write"):
+            p.done("900", stage)
+    tasks = {t.description: (t.completed, t.total) for t in p.progress.tasks}
+    assert tasks["reconstruct"] == (3, 5) and tasks["track"] == (1, 1) and tasks["write"] == (1, 1)
+    assert "subject 901 failed in reconstruct" in console.file.getvalue()

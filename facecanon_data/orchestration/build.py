@@ -16,10 +16,13 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from ..artifacts import StageDir
 from ..config import PipelineConfig
+
+if TYPE_CHECKING:
+    from ..progress import BuildProgress
 
 log = logging.getLogger(__name__)
 STAGES = ("select", "reconstruct", "track", "canonicalize", "render", "write")
@@ -163,7 +166,7 @@ def run_subject_inline(spec: SourceSpec, subject: str, cfg: PipelineConfig, work
 
 
 def run_build_dask(client, spec: SourceSpec, subjects: list[str], cfg: PipelineConfig, work: str, store: str,
-                   force=(), gpu: bool = False, progress: Callable[[str, str], None] | None = None) -> list[SubjectOutcome]:
+                   force=(), gpu: bool = False, progress: "BuildProgress | None" = None) -> list[SubjectOutcome]:
     """Schedule all subjects on a Dask client; reconstruct fans out once select has chosen timestamps."""
     from distributed import as_completed
 
@@ -177,6 +180,8 @@ def run_build_dask(client, spec: SourceSpec, subjects: list[str], cfg: PipelineC
         meta[fut.key] = (subject, stage)
         return fut
 
+    if progress:
+        progress.start(subjects)
     ac = as_completed([submit(task_select, spec, s, cfg, work, force, stage="select", subject=s) for s in subjects],
                       with_results=False)
     for fut in ac:
@@ -187,12 +192,14 @@ def run_build_dask(client, spec: SourceSpec, subjects: list[str], cfg: PipelineC
         if fut.status == "error":
             o.ok, o.failed_stage, o.reason = False, stage, _reason(fut.exception())
             if progress:
-                progress(subject, f"failed in {stage}")
+                progress.failed(subject, stage, o.reason)
             continue
         r = fut.result()
         if stage == "select":
             o.timestamps_selected, o.seconds["select"] = len(r["timestamps"]), r["seconds"]
             pending_ts[subject] = list(r["timestamps"])
+            if progress:
+                progress.timestamps(subject, len(r["timestamps"]))
             results_ts[subject] = []
             for seq, frame in r["timestamps"]:
                 ac.add(submit(task_reconstruct_one, spec, subject, cfg, work, seq, frame, force,
@@ -216,5 +223,5 @@ def run_build_dask(client, spec: SourceSpec, subjects: list[str], cfg: PipelineC
         elif stage == "write":
             o.seconds["write"] = r["seconds"]
         if progress:
-            progress(subject, stage)
+            progress.done(subject, stage)
     return [outcomes[s] for s in subjects]

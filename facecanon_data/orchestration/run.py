@@ -12,9 +12,10 @@ from .build import SourceSpec, SubjectOutcome, run_build_dask, run_subject_inlin
 log = logging.getLogger(__name__)
 
 
-def make_client(cluster: str, workers: int = 0, threads: int = 0):
-    """A Dask client: ``local`` (a LocalCluster of single-threaded worker processes, one per core;
-    the stages use their own threads) or ``tcp://host:port`` (an existing scheduler)."""
+def make_client(cluster: str, workers: int = 0, threads: int = 0, slurm=None):
+    """A Dask client and whether GPU workers exist: ``local`` (a LocalCluster of single-threaded worker
+    processes, one per core; the stages use their own threads), ``tcp://host:port`` (an existing
+    scheduler) or ``slurm`` (CPU and GPU jobs from the pipeline's ``[slurm]`` table)."""
     from distributed import Client, LocalCluster
 
     from ..devices import cuda_device_count
@@ -33,7 +34,16 @@ def make_client(cluster: str, workers: int = 0, threads: int = 0):
         info = client.scheduler_info()
         gpu = any(w.get("resources", {}).get("GPU") for w in info.get("workers", {}).values())
         return client, gpu
-    raise ValueError(f"--cluster must be 'local' or tcp://host:port (SLURM is not wired yet), got {cluster!r}")
+    if cluster == "slurm":
+        from .slurm import job_scripts, slurm_cluster
+
+        for kind, script in job_scripts(slurm).items():
+            log.info("SLURM %s job script:\n%s", kind, script)
+        sc = slurm_cluster(slurm)
+        log.info("SLURM: %d CPU job(s) and %d GPU job(s) queued; tasks start as workers join", slurm.cpu_jobs,
+                 slurm.gpu_jobs)
+        return Client(sc), slurm.gpu_jobs > 0
+    raise ValueError(f"--cluster must be 'local', 'slurm' or tcp://host:port, got {cluster!r}")
 
 
 def ensure_synthetic_capture(cfg: PipelineConfig, root: str, subjects: list[str]) -> None:
@@ -68,7 +78,7 @@ def build(entries: list[ManifestEntry], cfg: PipelineConfig, spec: SourceSpec, w
             raise ValueError(f"subject {subject} is not in the manifest")
         outcomes = [run_subject_inline(spec, subject, _with_sequences(cfg, entries, subject), work, store, force)]
     else:
-        client, gpu = make_client(cluster, workers, cfg.threads)
+        client, gpu = make_client(cluster, workers, cfg.threads, cfg.slurm)
         try:
             if client.dashboard_link:
                 log.info("Dask dashboard: %s", client.dashboard_link)
@@ -82,7 +92,7 @@ def build(entries: list[ManifestEntry], cfg: PipelineConfig, spec: SourceSpec, w
                                                work, store, force, gpu, progress)
         finally:
             client.close()
-            if cluster == "local" and client.cluster is not None:
+            if cluster in ("local", "slurm") and client.cluster is not None:
                 client.cluster.close()
     if any(o.ok for o in outcomes) or Path(store, "zarr.json").is_file():
         build_index(store)
