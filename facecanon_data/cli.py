@@ -418,15 +418,19 @@ def report_cmd(store: Path = typer.Argument(..., help="Store folder."),
 
 
 @app.command("manifest")
-def manifest_cmd(root: Path = typer.Option(..., "--root", help="NeRSemble download (folders {pid:03d})."),
+def manifest_cmd(root: Optional[Path] = typer.Option(None, "--root", help="NeRSemble download (folders {pid:03d})."),
+                 metadata: Optional[Path] = typer.Option(None, "--metadata", help="Or NeRSemble's metadata_sequences.csv "
+                                                         "(the participant list, no download needed)."),
                  out: Path = typer.Option(Path("manifests/nersemble.txt"), "--out", help="Manifest to write.")) -> None:
-    """Regenerate the training manifest from a NeRSemble download (the paper's test subjects left out)."""
-    from .manifest import write_training_manifest
+    """Regenerate the training manifest (the paper's test subjects left out)."""
+    from .manifest import ManifestError, write_training_manifest
     from .sources import CaptureFileError
 
+    if (root is None) == (metadata is None):
+        _fail("give exactly one of --root DIR and --metadata CSV")
     try:
-        subjects = write_training_manifest(root, out)
-    except CaptureFileError as exc:
+        subjects = write_training_manifest(root, out, metadata)
+    except (CaptureFileError, ManifestError) as exc:
         _fail(str(exc))
     typer.echo(f"{out}: {len(subjects)} training subjects")
 

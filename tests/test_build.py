@@ -203,3 +203,17 @@ def test_progress_bars_count_stages_and_failures():
     tasks = {t.description: (t.completed, t.total) for t in p.progress.tasks}
     assert tasks["reconstruct"] == (3, 5) and tasks["track"] == (1, 1) and tasks["write"] == (1, 1)
     assert "subject 901 failed in reconstruct" in console.file.getvalue()
+
+
+def test_training_manifest_from_nersemble_metadata(tmp_path):
+    """`manifest --metadata metadata_sequences.csv`: every participant but the paper's test subjects."""
+    csv = tmp_path / "metadata_sequences.csv"
+    csv.write_text("ID,wears_glasses,EXP-1-head\n17,,x\n43,,x\n128,x,m\n240,,x\n")
+    out = tmp_path / "nersemble.txt"
+    r = subprocess.run([str(EXE), "manifest", "--metadata", str(csv), "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert [e.subject for e in read_manifest(out)] == ["017", "240"]
+    csv.write_text("ID\n17\n../x\n")
+    r = subprocess.run([str(EXE), "manifest", "--metadata", str(csv), "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 2 and "metadata_sequences.csv:3: participant id '../x'" in r.stderr
+    assert [e.subject for e in read_manifest(out)] == ["017", "240"]  # the previous manifest is untouched
