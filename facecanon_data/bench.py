@@ -290,7 +290,7 @@ def bench_train(cfg: PipelineConfig, train_config: str = "{project}/pipelines/tr
     t1 = time.perf_counter()
     summary = train(tcfg, store, run_dir, resume=False)
     out["seconds"] = round(time.perf_counter() - t1, 1)
-    out["steps"] = summary["step"]
+    out["steps"], out["stopped"] = summary["step"], summary["stopped"]
     device = select_device("auto")
     for label, untrained in (("trained", False), ("untrained", True)):
         model, _ = model_from_checkpoint(run_dir / "last.pt", device, untrained=untrained)

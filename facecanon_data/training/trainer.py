@@ -225,6 +225,7 @@ def train(cfg: TrainConfig, store: str | Path, out: str | Path | None = None, re
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.optim.bf16
                 else nullcontext())
     t0, start_step = time.time(), step
+    timed_out = False
     model.train()
     modes = cfg.data.modes
     while step < cfg.optim.max_steps:
@@ -278,8 +279,9 @@ def train(cfg: TrainConfig, store: str | Path, out: str | Path | None = None, re
         import torch.distributed as dist
 
         dist.barrier()
-    return {"out": str(out), "step": step, "seconds": round(time.time() - t0, 1), "checkpoint": str(ckpt_path),
-            "device": str(device), "world_size": world}
+    stopped = "max_steps" if step >= cfg.optim.max_steps else ("time cap" if timed_out else "interrupted")
+    return {"out": str(out), "step": step, "stopped": stopped, "seconds": round(time.time() - t0, 1),
+            "checkpoint": str(ckpt_path), "device": str(device), "world_size": world}
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, streams: dict, cfg: TrainConfig) -> None:
