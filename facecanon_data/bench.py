@@ -246,6 +246,7 @@ def bench_build(cfg: PipelineConfig) -> dict:
             outcomes = build(entries, run_cfg, spec, f"{tmp}/{label}/work", f"{tmp}/{label}/store", workers=workers)
             out[f"{label}_s"] = round(time.perf_counter() - t0, 1)
             out[f"{label}_ok"] = all(o.ok for o in outcomes)
+            out[f"{label}_stage_seconds"] = round(sum(sum(o.seconds.values()) for o in outcomes), 1)
     out["speedup"] = round(out["capped_1_worker_s"] / out["capped_2_workers_s"], 2)
     out["target_speedup"] = 1.6
     return out

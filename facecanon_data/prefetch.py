@@ -16,8 +16,14 @@ def prefetch(items: Iterable[T], depth: int = 1, name: str = "prefetch") -> Iter
     """Yield ``items`` in order, produced by a thread up to ``depth`` items ahead.
 
     An exception in the producer is re-raised in the consumer; closing the consumer early stops the
-    producer at its next item.
+    producer at its next item. Under a thread cap of 1 (``threads.apply_thread_cap``) the items are
+    produced inline: one core, no overlap.
     """
+    from .threads import thread_cap
+
+    if thread_cap() == 1:
+        yield from items
+        return
     q: queue.Queue = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
 

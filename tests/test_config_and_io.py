@@ -86,3 +86,27 @@ def test_generator_is_deterministic(head_assets):
     assert 25 < yaw <= 40.0 + 1e-3  # head sequences turn the head up to the configured 40 degrees
     # Mostly near-neutral: in most frames no expression coefficient exceeds 0.5.
     assert (np.abs(pa.expression).max(1) < 0.5).mean() > 0.3
+
+
+def test_thread_cap_reaches_pools_open3d_and_prefetch(monkeypatch):
+    import threading
+
+    from facecanon_data import threads
+    from facecanon_data.prefetch import prefetch
+
+    monkeypatch.delenv(threads.ENV, raising=False)
+    assert threads.thread_cap() == 0 and threads.open3d_threads() == 0 and threads.pool_size(64) >= 1
+    monkeypatch.setenv(threads.ENV, "1")
+    assert threads.pool_size(16) == 1 and threads.open3d_threads() == 1
+    producers = []
+
+    def items():
+        for i in range(3):
+            producers.append(threading.current_thread())
+            yield i
+
+    assert list(prefetch(items())) == [0, 1, 2]
+    assert all(t is threading.current_thread() for t in producers)  # inline: no second thread
+    monkeypatch.setenv(threads.ENV, "2")
+    producers.clear()
+    assert list(prefetch(items())) == [0, 1, 2] and producers[0] is not threading.current_thread()

@@ -5,11 +5,40 @@ import logging
 import os
 from pathlib import Path
 
+from distributed.diagnostics.plugin import WorkerPlugin
+
 from ..config import PipelineConfig
 from ..manifest import ManifestEntry
 from .build import SourceSpec, SubjectOutcome, run_build_dask, run_subject_inline
 
 log = logging.getLogger(__name__)
+
+
+def _pin_process(cores: set[int]) -> None:
+    for tid in os.listdir("/proc/self/task"):  # every thread, and through them the threads started later
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except OSError:  # a thread that ended meanwhile
+            pass
+
+
+class PinWorkerCores(WorkerPlugin):
+    """Dask worker plugin: with a thread cap of N, local worker i runs on cores [i N, (i + 1) N) (modulo the
+    core count). The cap then also holds for threads that libraries start on their own (COLMAP's image
+    reader and writer threads run beside its single extraction thread), which no setting reaches."""
+
+    name = "facecanon-pin-cores"
+
+    def __init__(self, threads: int):
+        self.threads = threads
+
+    def setup(self, worker) -> None:
+        try:
+            index = int(worker.name)
+        except (TypeError, ValueError):
+            return
+        n = os.cpu_count() or 1
+        _pin_process({(index * self.threads + j) % n for j in range(min(self.threads, n))})
 
 
 def make_client(cluster: str, workers: int = 0, threads: int = 0, slurm=None):
@@ -24,11 +53,14 @@ def make_client(cluster: str, workers: int = 0, threads: int = 0, slurm=None):
         gpus = cuda_device_count()
         # A thread cap also reaches the libraries that read it from the environment (BLAS, OpenMP, OpenCV).
         env = {k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                                         "OPENCV_FOR_THREADS_NUM")} if threads else None
+                                         "OPENCV_FOR_THREADS_NUM", "FACECANON_THREADS")} if threads else None
         lc = LocalCluster(n_workers=workers or max(1, os.cpu_count() or 1), threads_per_worker=1, processes=True,
                           resources={"GPU": gpus} if gpus else None, dashboard_address=":0", silence_logs=logging.ERROR,
                           env=env)
-        return Client(lc), gpus > 0
+        client = Client(lc)
+        if threads and hasattr(os, "sched_setaffinity"):
+            client.register_plugin(PinWorkerCores(threads))
+        return client, gpus > 0
     if cluster.startswith("tcp://"):
         client = Client(cluster)
         info = client.scheduler_info()

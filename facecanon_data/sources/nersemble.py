@@ -17,6 +17,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from ..cameras import NERSEMBLE_SERIALS, Camera
+from ..threads import pool_size
 from .base import CaptureSource, GroundTruthAccess
 from .video import CaptureFileError, VideoReader
 
@@ -36,10 +37,9 @@ def _resize(image: np.ndarray, downscale: float) -> np.ndarray:
 
 def _decode_pool():
     """Threads that decode the cameras of one timestamp in parallel (OpenCV releases the GIL)."""
-    import os
     from concurrent.futures import ThreadPoolExecutor
 
-    return ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1), thread_name_prefix="decode")
+    return ThreadPoolExecutor(max_workers=pool_size(16), thread_name_prefix="decode")
 
 
 def _read_json(path: Path) -> dict:

@@ -24,7 +24,11 @@ class VideoReader:
         self.path = Path(path)
         if not self.path.is_file():
             raise CaptureFileError(f"{self.path}: video file not found")
-        self._cap = cv2.VideoCapture(str(self.path))
+        from ..threads import thread_cap
+
+        cap = thread_cap()  # FFmpeg's decoder threads follow the process's thread cap
+        self._cap = (cv2.VideoCapture(str(self.path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, cap]) if cap
+                     else cv2.VideoCapture(str(self.path)))
         if not self._cap.isOpened():
             raise CaptureFileError(f"{self.path}: cannot open video (corrupt or unsupported codec)")
         self.num_frames = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT))

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..artifacts import StageDir, atomic_write
 from ..config import PipelineConfig
+from ..threads import apply_thread_cap, open3d_threads
 from .reconstruct import read_points, timestamp_dir
 
 STAGE = "canonicalize"
@@ -60,7 +61,7 @@ def transfer_to_canonical(points: np.ndarray, posed: np.ndarray, canonical: np.n
     scene.add_triangles(o3d.core.Tensor(np.ascontiguousarray(posed, np.float32)),
                         o3d.core.Tensor(np.ascontiguousarray(faces, np.uint32)))
     q = o3d.core.Tensor(np.ascontiguousarray(points, np.float32))
-    res = scene.compute_closest_points(q)
+    res = scene.compute_closest_points(q, nthreads=open3d_threads())
     tri = res["primitive_ids"].numpy().astype(np.int64)
     uv = res["primitive_uvs"].numpy()
     bary = np.stack([1.0 - uv[:, 0] - uv[:, 1], uv[:, 0], uv[:, 1]], 1).astype(np.float32)
@@ -92,6 +93,7 @@ def run_canonicalize(source, subject: str, cfg: PipelineConfig, work) -> Canonic
     from ..flame.assets import load_assets
 
     ccfg = cfg.canonicalize
+    apply_thread_cap(cfg.threads)
     track = StageDir(work, subject, "track")
     if track.done() is None:
         raise FileNotFoundError(f"{track.path}: stage track has not completed for subject {subject}")

@@ -35,6 +35,7 @@ from ..artifacts import StageDir, atomic_write
 from ..cameras import Camera
 from ..config import PipelineConfig, ReconstructConfig
 from ..prefetch import prefetch
+from ..threads import apply_thread_cap, pool_size
 
 log = logging.getLogger(__name__)
 STAGE = "reconstruct"
@@ -190,12 +191,11 @@ def reconstruct_timestamp(images: dict[str, np.ndarray], cameras: dict[str, Came
 
 def _write_pngs(writes: list[tuple[Path, np.ndarray]]) -> None:
     """Uncompressed PNGs written on threads (OpenCV releases the GIL; COLMAP is idle meanwhile)."""
-    import os
     from concurrent.futures import ThreadPoolExecutor
 
     import cv2
 
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=pool_size(8)) as pool:
         for ok in pool.map(lambda pw: cv2.imwrite(str(pw[0]), pw[1], [cv2.IMWRITE_PNG_COMPRESSION, 0]), writes):
             if not ok:
                 raise OSError("cannot write COLMAP input images")
@@ -442,6 +442,7 @@ def reconstruct_one(source, subject: str, cfg: PipelineConfig, work, sequence: s
     ``images`` / ``masks`` may be given (already decoded); otherwise they are read from ``source``.
     """
     rcfg = cfg.reconstruct
+    apply_thread_cap(cfg.threads)
     config_hash = cfg.section_hash("capture", "reconstruct")
     out = timestamp_dir(work, subject, sequence, frame)
     if not force:

@@ -29,6 +29,7 @@ import numpy as np
 from ..artifacts import StageDir, atomic_write
 from ..cameras import Camera
 from ..config import PipelineConfig
+from ..threads import apply_thread_cap, open3d_threads
 from .canonicalize import canonical_dir, vertex_regions
 from .reconstruct import read_points, timestamp_dir
 
@@ -128,7 +129,7 @@ def render_timestamp(points: np.ndarray, canonical: np.ndarray, observed: np.nda
         depth[v], canon[v], index[v] = d, c, i
         origin, dirs = cam.pixel_rays()
         rays = np.concatenate([np.broadcast_to(origin, dirs.shape), dirs], -1).astype(np.float32)
-        hit = scene.cast_rays(o3d.core.Tensor(rays))
+        hit = scene.cast_rays(o3d.core.Tensor(rays), nthreads=open3d_threads())
         tri = hit["primitive_ids"].numpy().astype(np.int64)
         fg[v] = np.isfinite(hit["t_hit"].numpy())
         if region is not None:
@@ -206,13 +207,7 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
     from ..flame.assets import load_assets
 
     rc = cfg.render
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
-        import cv2
-
-        cv2.setNumThreads(cfg.threads)
+    apply_thread_cap(cfg.threads)
     if StageDir(work, subject, "canonicalize").done() is None:
         raise FileNotFoundError(f"{Path(work) / subject / 'canonicalize'}: stage canonicalize has not completed")
     assets = load_assets(cfg.flame)

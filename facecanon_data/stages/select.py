@@ -27,6 +27,7 @@ from ..features import FrameObservation, make_backend
 from ..prefetch import prefetch
 from ..sampling import farthest_point_sampling
 from ..sources.base import CaptureSource
+from ..threads import apply_thread_cap
 
 log = logging.getLogger(__name__)
 STAGE = "select"
@@ -89,6 +90,7 @@ def run_select(source: CaptureSource, subject: str, cfg: PipelineConfig, work,
     import pyarrow.parquet as pq
 
     sel = cfg.select
+    apply_thread_cap(cfg.threads)
     out = StageDir(work, subject, STAGE)
     backend = make_backend(sel, cfg.source_file)  # before any work: a missing .task fails fast
     plan = frame_plan(source, subject, cfg)

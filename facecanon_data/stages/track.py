@@ -37,6 +37,7 @@ import numpy as np
 from ..artifacts import StageDir, atomic_write
 from ..cameras import Camera
 from ..config import PipelineConfig, TrackConfig
+from ..threads import apply_thread_cap, open3d_threads
 from .reconstruct import read_points, timestamp_dir
 
 log = logging.getLogger(__name__)
@@ -230,7 +231,7 @@ class _Fitter:
             scene = o3d.t.geometry.RaycastingScene()
             scene.add_triangles(o3d.core.Tensor(v_np[i].astype(np.float32)),
                                 o3d.core.Tensor(self.faces.astype(np.uint32)))
-            res = scene.compute_closest_points(o3d.core.Tensor(pts.cpu().numpy()))
+            res = scene.compute_closest_points(o3d.core.Tensor(pts.cpu().numpy()), nthreads=open3d_threads())
             tri = res["primitive_ids"].numpy().astype(np.int64)
             uv = res["primitive_uvs"].numpy()
             d = np.linalg.norm(res["points"].numpy() - pts.cpu().numpy(), axis=1)
@@ -392,11 +393,7 @@ def run_track(source, subject: str, cfg: PipelineConfig, work, device: str | Non
     out = StageDir(work, subject, STAGE)
     out.begin()
     torch.manual_seed(0)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-        import cv2
-
-        cv2.setNumThreads(cfg.threads)
+    apply_thread_cap(cfg.threads)
     fitter = _Fitter(assets, obs, tcfg, dev)
     fitter.fit(progress)
     cd, lm = fitter.errors()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..cameras import Camera
+from ..threads import open3d_threads
 
 BACKGROUND_RGB = np.array([0.62, 0.63, 0.65])
 HAIR_RGB = np.array([0.23, 0.16, 0.10], np.float32)
@@ -94,7 +95,7 @@ class HeadRenderer:
                             o3d.core.Tensor(self.faces.astype(np.uint32)))
         origin, dirs = camera.pixel_rays()
         rays = np.concatenate([np.broadcast_to(origin, dirs.shape), dirs], -1).astype(np.float32)
-        hit = scene.cast_rays(o3d.core.Tensor(rays))
+        hit = scene.cast_rays(o3d.core.Tensor(rays), nthreads=open3d_threads())
         t = hit["t_hit"].numpy()
         tri = hit["primitive_ids"].numpy().astype(np.int64)
         uv = hit["primitive_uvs"].numpy()
