@@ -209,7 +209,7 @@ def test_checkpoint_loading_never_runs_code(tmp_path):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
     path = tmp_path / "evil.pt"
-    path.write_bytes(pickle.dumps({"model": Evil(), "config": {}}))
+    path.write_bytes(pickle.dumps({"model": Evil(), "config": {}}, protocol=2))
     with pytest.raises(ValueError, match="evil.pt: not a readable checkpoint"):
         load_checkpoint(path)
     assert not (tmp_path / "pwned").exists()
