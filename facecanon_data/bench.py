@@ -280,8 +280,8 @@ def bench_train(cfg: PipelineConfig, train_config: str = "{project}/pipelines/tr
     missing = [e for e in entries if e.subject not in have]
     if missing:
         cap, gt = capture_roots(cfg.capture, None)
-        ensure_synthetic_capture(cfg, str(cap), [e.subject for e in entries])
-        spec = SourceSpec(str(cap), str(gt or cap.parent / "ground_truth"), cfg.capture.color_correction)
+        synth_gt = ensure_synthetic_capture(cfg, str(cap), [e.subject for e in entries])
+        spec = SourceSpec(str(cap), str(gt or synth_gt), cfg.capture.color_correction)
         outcomes = build(entries, cfg, spec, str(expand(cfg.work)), str(store))
         failed = [o.subject for o in outcomes if not o.ok]
         if failed:

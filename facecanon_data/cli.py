@@ -358,8 +358,7 @@ def build_cmd(subjects_file: Path = typer.Option(..., "--subjects", help="Manife
 
     try:
         if cfg.flame.kind == "synthetic" and synthetic:
-            ensure_synthetic_capture(cfg, root_dir, [e.subject for e in entries])
-            gt = gt or str(Path(root_dir).parent / "ground_truth")
+            gt = gt or ensure_synthetic_capture(cfg, root_dir, [e.subject for e in entries])
         spec = SourceSpec(root_dir, gt, cfg.capture.color_correction)
         spec.open()  # the capture root exists
         from .progress import RichBuildProgress
@@ -438,24 +437,13 @@ def manifest_cmd(root: Optional[Path] = typer.Option(None, "--root", help="NeRSe
 TrainConfigOpt = typer.Option(None, "--config", help="Trainer TOML (default: pipelines/train_tiny.toml).")
 
 
-def _train_config(config: Optional[Path], overrides: dict | None = None):
+def _load_config(loader, path: Optional[Path], default: str, *args):
+    """``loader(path or pipelines/DEFAULT, *args)``; a configuration error becomes a clean exit."""
     from .config import ConfigError
     from .paths import PROJECT_ROOT
-    from .training.config import load_train_config
 
     try:
-        return load_train_config(config or PROJECT_ROOT / "pipelines" / "train_tiny.toml", overrides)
-    except ConfigError as exc:
-        _fail(str(exc))
-
-
-def _eval_config(protocol: Optional[Path]):
-    from .config import ConfigError
-    from .paths import PROJECT_ROOT
-    from .training.config import load_eval_config
-
-    try:
-        return load_eval_config(protocol or PROJECT_ROOT / "pipelines" / "eval_synthetic.toml")
+        return loader(path or PROJECT_ROOT / "pipelines" / default, *args)
     except ConfigError as exc:
         _fail(str(exc))
 
@@ -475,7 +463,9 @@ def train_cmd(store: Path = typer.Option(..., "--store", help="Dataset store to 
     """Train the depth + ray + canonical predictor on a store (DDP when launched by torchrun)."""
     _setup_logging()
     _require_store(store)
-    cfg = _train_config(config, {"optim": {"max_steps": steps}} if steps else None)
+    from .training.config import load_train_config
+
+    cfg = _load_config(load_train_config, config, "train_tiny.toml", {"optim": {"max_steps": steps}} if steps else None)
     from .training.trainer import train
 
     result = _guarded(train, cfg, store, out or None, resume=resume)
@@ -494,7 +484,9 @@ def evaluate_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", help="A ch
     """Depth AbsRel / RMSE and canonical-space correspondence EPE on held-out subjects (Sec. 4.2)."""
     _setup_logging()
     _require_store(store)
-    ev = _eval_config(protocol)
+    from .training.config import load_eval_config
+
+    ev = _load_config(load_eval_config, protocol, "eval_synthetic.toml")
     from .training.evaluate import evaluate_model
     from .training.trainer import model_from_checkpoint, select_device
 

@@ -39,8 +39,8 @@ class RichBuildProgress:
         for stage in STAGE_BARS:
             if stage not in self.bars:
                 self.bars[stage] = self.progress.add_task(stage, total=0)
-            # reconstruct and render totals grow as select reports each subject's timestamps
-            if stage not in ("reconstruct",):
+            # the reconstruct total counts timestamps: it grows as select reports each subject's picks
+            if stage != "reconstruct":
                 self.progress.update(self.bars[stage], total=self.progress.tasks[self.bars[stage]].total + len(subjects))
 
     def timestamps(self, subject: str, count: int) -> None:

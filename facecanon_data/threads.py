@@ -1,15 +1,18 @@
 """One thread budget per process, read by every pool and library call that can fan out.
 
-``apply_thread_cap(n)`` (called by each stage with the pipeline's ``threads``, and set through the
-environment of ``build``'s worker processes) caps torch, OpenCV, the decode / PNG pools and open3d's ray
-casting and closest-point queries at ``n``; without a cap every one of them uses all cores. A cap of 1
-makes a worker use one core, which ``bench build`` relies on and bit-reproducible runs need.
+``apply_thread_cap(n)`` (called by each stage with the pipeline's ``threads``; ``build`` also puts
+``thread_env(n)`` in its worker processes' environment) caps torch, OpenCV, BLAS / OpenMP, FFmpeg's
+decoder, the decode / PNG pools and open3d's ray casting and closest-point queries at ``n``; without a
+cap every one of them uses all cores. A cap of 1 makes a process use one core (but see
+``orchestration.run.PinWorkerCores`` for threads no setting reaches).
 """
 from __future__ import annotations
 
 import os
+import sys
 
 ENV = "FACECANON_THREADS"
+_LIBRARY_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OPENCV_FOR_THREADS_NUM")
 
 
 def thread_cap() -> int:
@@ -28,13 +31,18 @@ def open3d_threads() -> int:
     return thread_cap()
 
 
+def thread_env(threads: int) -> dict[str, str]:
+    """Environment that caps a process at ``threads`` from its start (empty for no cap)."""
+    return {k: str(threads) for k in (ENV, *_LIBRARY_ENV)} if threads > 0 else {}
+
+
 def apply_thread_cap(threads: int) -> None:
-    """Cap this process at ``threads`` (0: leave the libraries' defaults)."""
+    """Cap this process at ``threads`` (0: leave the libraries' defaults). Libraries imported later read
+    the environment; torch and OpenCV, if already imported, are told directly. Imports nothing heavy."""
     if threads <= 0:
         return
-    os.environ[ENV] = str(threads)
-    import cv2
-    import torch
-
-    torch.set_num_threads(threads)
-    cv2.setNumThreads(threads)
+    os.environ.update(thread_env(threads))
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    if "cv2" in sys.modules:
+        sys.modules["cv2"].setNumThreads(threads)

@@ -27,6 +27,12 @@ from facecanon_data.training.trainer import (init_from_checkpoint, load_checkpoi
 TINY = dict(dim=24, depth=2, heads=2, out_layers=[0, 1, 1, 1], head_features=8, head_channels=[4, 8, 8, 8])
 
 
+def _tiny_toml(out, data: str, optim: str = "") -> str:
+    """A trainer TOML with the TINY model, 2 steps, writing to ``out``."""
+    model = "\n".join(f"{k} = {v!r}" for k, v in TINY.items())  # ints and int lists: valid TOML
+    return f'out = "{out}"\n[model]\n{model}\n[data]\n{data}\n[optim]\nmax_steps = 2\nwarmup_steps = 1\n{optim}\n'
+
+
 def tiny_config(**optim) -> TrainConfig:
     cfg = TrainConfig()
     cfg.model = ModelConfig(**TINY)
@@ -241,7 +247,7 @@ def _oracle_pair(shift: int = 0) -> Prediction:
     pred = gt * 10.0  # a perfect predictor (in canonical_scale units) ...
     pred[1] = np.roll(pred[1], shift, axis=1)  # ... or one whose image B is off by ``shift`` pixels
     pred[~mask] = 1e3 if shift == 0 else pred[~mask]
-    return Prediction(canonical=pred, gt_canonical=gt, mask=mask, frames=[0, 1], sequences=["s", "s"])
+    return Prediction(canonical=pred, gt_canonical=gt, mask=mask)
 
 
 def test_epe_is_zero_for_a_perfect_predictor_and_the_shift_otherwise():
@@ -274,9 +280,7 @@ def test_evaluate_reports_the_metrics(store, tmp_path):
 def test_cli_train_evaluate_visualize(store, tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "facecanon-data")
     cfg = tmp_path / "tiny.toml"
-    cfg.write_text('out = "%s"\n[model]\ndim = 24\ndepth = 2\nheads = 2\nout_layers = [0, 1, 1, 1]\n'
-                   'head_features = 8\nhead_channels = [4, 8, 8, 8]\n[data]\nresolutions = [[42, 28]]\n'
-                   'exclude_subjects = ["901"]\n[optim]\nmax_steps = 2\nwarmup_steps = 1\n' % (tmp_path / "run"))
+    cfg.write_text(_tiny_toml(tmp_path / "run", data='resolutions = [[42, 28]]\nexclude_subjects = ["901"]'))
     r = subprocess.run([exe, "train", "--store", str(store), "--config", str(cfg), "--json"], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
@@ -307,9 +311,7 @@ def test_cli_train_evaluate_visualize(store, tmp_path):
 def test_ddp_on_two_cpu_processes(store, tmp_path):
     """torchrun with 2 gloo ranks: each rank gets a disjoint share; the ranks end with the same weights."""
     cfg = tmp_path / "ddp.toml"
-    cfg.write_text('out = "%s"\n[model]\ndim = 24\ndepth = 2\nheads = 2\nout_layers = [0, 1, 1, 1]\n'
-                   'head_features = 8\nhead_channels = [4, 8, 8, 8]\n[data]\nresolutions = [[28, 28]]\n'
-                   'batch_size = 1\n[optim]\nmax_steps = 2\nwarmup_steps = 1\ndevice = "cpu"\n' % (tmp_path / "ddp"))
+    cfg.write_text(_tiny_toml(tmp_path / "ddp", data="resolutions = [[28, 28]]\nbatch_size = 1", optim='device = "cpu"'))
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     r = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "facecanon_data.cli", "train",
                         "--store", str(store), "--config", str(cfg), "--json"], capture_output=True, text=True,

@@ -51,9 +51,9 @@ def make_client(cluster: str, workers: int = 0, threads: int = 0, slurm=None):
 
     if cluster == "local":
         gpus = cuda_device_count()
-        # A thread cap also reaches the libraries that read it from the environment (BLAS, OpenMP, OpenCV).
-        env = {k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                                         "OPENCV_FOR_THREADS_NUM", "FACECANON_THREADS")} if threads else None
+        from ..threads import thread_env
+
+        env = thread_env(threads) or None  # read by the libraries as the workers import them
         lc = LocalCluster(n_workers=workers or max(1, os.cpu_count() or 1), threads_per_worker=1, processes=True,
                           resources={"GPU": gpus} if gpus else None, dashboard_address=":0", silence_logs=logging.ERROR,
                           env=env)
@@ -78,16 +78,18 @@ def make_client(cluster: str, workers: int = 0, threads: int = 0, slurm=None):
     raise ValueError(f"--cluster must be 'local', 'slurm' or tcp://host:port, got {cluster!r}")
 
 
-def ensure_synthetic_capture(cfg: PipelineConfig, root: str, subjects: list[str]) -> None:
-    """The embedded default: render the synthetic capture when the manifest's subjects are missing."""
+def ensure_synthetic_capture(cfg: PipelineConfig, root: str, subjects: list[str]) -> str:
+    """The embedded default: render the synthetic capture when the manifest's subjects are missing.
+    Returns the ground-truth folder that ``synth`` writes beside the capture root."""
     from ..sources import NeRSembleSource
 
+    gt = str(Path(root).parent / "ground_truth")
     try:
         have = set(NeRSembleSource(root).subjects())
     except OSError:
         have = set()
     if set(subjects) <= have:
-        return
+        return gt
     from ..synthetic.synth import FIRST_SYNTHETIC_ID, synthesize
 
     needed = max(int(s) for s in subjects) - FIRST_SYNTHETIC_ID + 1
@@ -96,6 +98,7 @@ def ensure_synthetic_capture(cfg: PipelineConfig, root: str, subjects: list[str]
     cfg.synth.subjects = max(cfg.synth.subjects, needed)
     log.info("rendering the synthetic capture (%d subject(s)) into %s", cfg.synth.subjects, Path(root).parent)
     synthesize(cfg, out=Path(root).parent, verify=False)
+    return gt
 
 
 def build(entries: list[ManifestEntry], cfg: PipelineConfig, spec: SourceSpec, work: str, store: str,

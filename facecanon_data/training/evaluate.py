@@ -36,8 +36,6 @@ class Prediction:
     canonical: np.ndarray  # (N, H, W, 3) predicted, in canonical_scale units
     gt_canonical: np.ndarray  # (N, H, W, 3) stored, metres
     mask: np.ndarray  # (N, H, W) bool
-    frames: list[int]
-    sequences: list[str]
 
 
 def evaluation_subjects(cfg: EvalConfig) -> tuple[list[str], dict[str, list[str]]]:
@@ -109,16 +107,15 @@ def evaluate_model(model, store: str, cfg: EvalConfig, device: str = "cpu") -> d
         all_epe.append(e)
         by_margin[str(m)] = _epe_summary(e, len(chosen))
     epe = np.concatenate(all_epe) if all_epe else np.zeros(0)
-    result = {
+    overall = _epe_summary(epe, sum(len(p) for p in pairs.values()))
+    return {
         "subjects": present, "missing_subjects": missing, "resolution": [h, w],
         "depth_absrel": float(np.mean(depth_abs)) if depth_abs else float("nan"),
         "depth_rmse_m": float(np.mean(depth_rmse)) if depth_rmse else float("nan"),
         "depth_images": len(depth_abs), "depth_alignment": "per-image median scale",
-        **{f"epe_{k}": v for k, v in _epe_summary(epe, sum(len(p) for p in pairs.values())).items()},
+        "epe": overall.pop("epe_px"), **{f"epe_{k}": v for k, v in overall.items()},
         "margins": by_margin,
     }
-    result["epe"] = result.pop("epe_epe_px")
-    return result
 
 
 @torch.no_grad()
@@ -132,7 +129,7 @@ def forward_sample(model, ds: FaceCanonDataset, rows: list[int], h: int, w: int,
     else:
         canon = np.zeros((len(rows), h, w, 3), np.float32)
     pred = Prediction(canonical=canon, gt_canonical=sample["canonical"].permute(0, 2, 3, 1).numpy(),
-                      mask=sample["mask"][:, 0].numpy(), frames=sample["frame"].tolist(), sequences=sample["sequence"])
+                      mask=sample["mask"][:, 0].numpy())
     return pred, sample, out
 
 

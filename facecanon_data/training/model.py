@@ -123,7 +123,7 @@ class Backbone(nn.Module):
         x = self.patch_embed(images.flatten(0, 1))  # (B*N, h*w, C)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self._pos_embed(h, w)
         x = x.view(b, n, 1 + h * w, -1)
-        x = torch.cat([x[:, :1] + self.reference_embed, x[:, 1:]], dim=1) if n > 0 else x
+        x = torch.cat([x[:, :1] + self.reference_embed, x[:, 1:]], dim=1)
         tokens = 1 + h * w
         outs: dict[int, torch.Tensor] = {}
         checkpoint = self.cfg.grad_checkpoint and self.training and images.is_cuda

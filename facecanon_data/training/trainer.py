@@ -94,8 +94,7 @@ class BatchStream:
             if self._it is None:
                 batches = self._batches()[self.batch:]
                 loader = torch.utils.data.DataLoader(
-                    self.ds, batch_sampler=batches, collate_fn=collate_samples, num_workers=self.cfg.data.num_workers,
-                    persistent_workers=False)
+                    self.ds, batch_sampler=batches, collate_fn=collate_samples, num_workers=self.cfg.data.num_workers)
                 self._it = iter(loader)
             try:
                 batch = next(self._it)
