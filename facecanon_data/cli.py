@@ -89,7 +89,7 @@ def synth(
     cfg = _load(pipeline, {"synth": overrides})
     from rich.progress import Progress
 
-    from .synthetic.synth import synthesize
+    from .synthetic.synth import SynthError, synthesize
 
     with Progress(transient=True, console=_stderr_console()) as bar:
         task = bar.add_task("rendering videos", total=None)
@@ -97,7 +97,10 @@ def synth(
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        report = synthesize(cfg, verify=verify, progress=progress)
+        try:
+            report = synthesize(cfg, verify=verify, progress=progress)
+        except SynthError as exc:
+            _fail(str(exc))
     result = dataclasses.asdict(report)
     rate = report.facemesh_detection_rate
     human = (f"wrote {len(report.subjects)} subject(s) {', '.join(report.subjects)} x {len(report.sequences)} "
@@ -356,9 +359,13 @@ def build_cmd(subjects_file: Path = typer.Option(..., "--subjects", help="Manife
 
     from .orchestration.run import build, ensure_synthetic_capture
 
+    names = [e.subject for e in entries]
+    if subject is not None and subject not in names:
+        _fail(f"{subjects_file}: subject {subject} is not in the manifest")
     try:
-        if cfg.flame.kind == "synthetic" and synthetic:
-            gt = gt or ensure_synthetic_capture(cfg, root_dir, [e.subject for e in entries])
+        if cfg.flame.kind == "synthetic" and synthetic:  # render what is missing, whatever the configured paths
+            rendered_gt = ensure_synthetic_capture(cfg, root_dir, [subject] if subject else names)
+            gt = gt if gt and Path(gt).is_dir() else rendered_gt
         spec = SourceSpec(root_dir, gt, cfg.capture.color_correction)
         spec.open()  # the capture root exists
         from .progress import RichBuildProgress

@@ -79,25 +79,34 @@ def make_client(cluster: str, workers: int = 0, threads: int = 0, slurm=None):
 
 
 def ensure_synthetic_capture(cfg: PipelineConfig, root: str, subjects: list[str]) -> str:
-    """The embedded default: render the synthetic capture when the manifest's subjects are missing.
-    Returns the ground-truth folder that ``synth`` writes beside the capture root."""
-    from ..sources import NeRSembleSource
+    """The embedded default: render exactly the manifest's synthetic subjects that ``root`` lacks.
 
-    gt = str(Path(root).parent / "ground_truth")
-    try:
-        have = set(NeRSembleSource(root).subjects())
-    except OSError:
-        have = set()
-    if set(subjects) <= have:
-        return gt
+    A subject counts as present when its folder ``root/{pid}`` exists; a present subject is never
+    re-rendered, replaced or deleted, and must be readable (calibration, sequences, a video header),
+    else :class:`CaptureFileError` names the file. Missing ids must be synthetic (900+); each is
+    rendered from its own seeded stream (``synth.subject_rng``), so the result does not depend on
+    which other subjects are rendered with it. Returns the ground-truth folder that ``synth`` writes
+    beside the capture root.
+    """
+    from ..sources import NeRSembleSource
     from ..synthetic.synth import FIRST_SYNTHETIC_ID, synthesize
 
-    needed = max(int(s) for s in subjects) - FIRST_SYNTHETIC_ID + 1
-    if needed < 1:
-        raise ValueError(f"subjects {subjects} are missing from {root} and are not synthetic ids (900+)")
-    cfg.synth.subjects = max(cfg.synth.subjects, needed)
-    log.info("rendering the synthetic capture (%d subject(s)) into %s", cfg.synth.subjects, Path(root).parent)
-    synthesize(cfg, out=Path(root).parent, verify=False)
+    root_dir = Path(root)
+    gt = str(root_dir.parent / "ground_truth")
+    present = [s for s in subjects if (root_dir / s).is_dir()]
+    missing = [s for s in subjects if s not in present]
+    not_synthetic = [s for s in missing if int(s) < FIRST_SYNTHETIC_ID]
+    if not_synthetic:
+        raise ValueError(f"{root_dir}: subjects {', '.join(not_synthetic)} are missing and are not synthetic ids "
+                         f"({FIRST_SYNTHETIC_ID}+), so they cannot be rendered")
+    if present:
+        source = NeRSembleSource(root_dir, color_correction=cfg.capture.color_correction)
+        for pid in present:  # malformed or incomplete: an error naming the file, never a re-render
+            source.check_subject(pid)
+    if missing:
+        log.info("rendering %d missing synthetic subject(s) %s into %s", len(missing), ", ".join(missing),
+                 root_dir.parent)
+        synthesize(cfg, out=root_dir.parent, verify=False, subject_ids=missing)
     return gt
 
 

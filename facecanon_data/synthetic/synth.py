@@ -6,9 +6,11 @@ Output (``out``):
   ``ground_truth/{pid}/subject.npz`` and ``ground_truth/{pid}/{SEQ}.npz`` (see ``ground_truth.py``);
   ``synth.json`` — the configuration, seed and summary; ``preview.png`` — a contact sheet to look at.
 
-Each subject is written into a hidden staging folder and renamed into place when complete, so an
-interrupted run never leaves a half-written subject that a reader could mistake for a whole one.
-Subject ids are 900, 901, ... (never a real NeRSemble id). Deterministic for a seed.
+Each subject is written into a hidden staging folder and renamed into place when complete (its ground
+truth first, its capture folder last), so an interrupted run never leaves a half-written subject that a
+reader could mistake for a whole one. A subject folder that already exists is never replaced.
+Subject ids are 900, 901, ... (never a real NeRSemble id). Each subject is drawn from its own random
+stream, seeded by (seed, subject id): rendering 902 alone gives the same 902 as rendering 900-902.
 """
 from __future__ import annotations
 
@@ -30,6 +32,20 @@ from .rig import nersemble_like_rig
 
 log = logging.getLogger(__name__)
 FIRST_SYNTHETIC_ID = 900
+
+
+class SynthError(ValueError):
+    """A synthetic subject cannot be rendered where asked (bad id, or its folder already exists)."""
+
+
+def default_subject_ids(count: int) -> list[str]:
+    """The ids ``synth --subjects N`` renders: 900, 901, ..., 900 + N - 1."""
+    return [f"{FIRST_SYNTHETIC_ID + i:03d}" for i in range(count)]
+
+
+def subject_rng(seed: int, subject: str) -> np.random.Generator:
+    """The random stream of one subject: depends on (seed, id) only, never on the other subjects."""
+    return np.random.default_rng([int(seed), int(subject)])
 
 
 @dataclass
@@ -97,8 +113,13 @@ def _render_video(task: dict) -> int:
 
 
 def synthesize(cfg: PipelineConfig, out: str | Path | None = None, verify: bool = True,
-               progress=None) -> SynthReport:
-    """Render ``cfg.synth`` subjects into ``out`` (default ``cfg.synth.out``); see module docstring."""
+               progress=None, subject_ids: list[str] | None = None) -> SynthReport:
+    """Render synthetic subjects into ``out`` (default ``cfg.synth.out``); see module docstring.
+
+    Args:
+        subject_ids: which ids to render (3-digit, >= 900); default ``cfg.synth.subjects`` ids from 900.
+            None of them may exist yet under ``out/capture`` or ``out/ground_truth``.
+    """
     import torch
 
     from ..flame.assets import load_assets
@@ -120,9 +141,9 @@ def synthesize(cfg: PipelineConfig, out: str | Path | None = None, verify: bool 
     capture_root, gt_root = out / "capture", out / "ground_truth"
     capture_root.mkdir(parents=True, exist_ok=True)
     gt_root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(s.seed)
     sequences = list(SEQUENCE_NAMES[: s.sequences])
-    subjects = [f"{FIRST_SYNTHETIC_ID + i:03d}" for i in range(s.subjects)]
+    subjects = list(subject_ids) if subject_ids is not None else default_subject_ids(s.subjects)
+    _check_new_subjects(subjects, capture_root, gt_root)
     workers = s.workers or max(1, min(os.cpu_count() or 1, 16))
     total_videos = len(subjects) * len(sequences) * len(cameras)
     done_videos = 0
@@ -133,6 +154,7 @@ def synthesize(cfg: PipelineConfig, out: str | Path | None = None, verify: bool 
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(str(expand(cfg.flame.synthetic_dir)),)) as pool:
         for pid in subjects:
+            rng = subject_rng(s.seed, pid)
             stage_cap = capture_root / f".{pid}.partial"
             stage_gt = gt_root / f".{pid}.partial"
             for d in (stage_cap, stage_gt):
@@ -169,10 +191,10 @@ def synthesize(cfg: PipelineConfig, out: str | Path | None = None, verify: bool 
                     progress(done_videos, total_videos)
             for f in stage_gt.glob(".*.vertices.npy"):
                 f.unlink()
-            for final, stage in ((capture_root / pid, stage_cap), (gt_root / pid, stage_gt)):
-                if final.exists():
-                    shutil.rmtree(final)
-                stage.rename(final)
+            # Ground truth first, capture last: a capture folder is only ever seen complete with its truth.
+            # os.rename never replaces a non-empty folder, so a subject that appeared meanwhile is kept.
+            for final, stage in ((gt_root / pid, stage_gt), (capture_root / pid, stage_cap)):
+                os.rename(stage, final)
     report = SynthReport(out=str(out), subjects=subjects, sequences=sequences, frames_per_sequence=s.frames,
                          cameras=len(cameras), full_resolution=(s.width, s.height),
                          working_resolution=(work_w, work_h), images_written=images, seconds=0.0)
@@ -187,6 +209,19 @@ def synthesize(cfg: PipelineConfig, out: str | Path | None = None, verify: bool 
     (out / "synth.json").write_text(json.dumps({"config": cfg.to_dict(), "config_hash": cfg.hash(),
                                                 "report": report.__dict__}, indent=2))
     return report
+
+
+def _check_new_subjects(subjects: list[str], capture_root: Path, gt_root: Path) -> None:
+    """Refuse ids that are not synthetic, listed twice, or whose capture or ground truth already exists."""
+    if len(set(subjects)) != len(subjects):
+        raise SynthError(f"subject ids listed twice: {subjects}")
+    for pid in subjects:
+        if not (len(pid) == 3 and pid.isdigit() and int(pid) >= FIRST_SYNTHETIC_ID):
+            raise SynthError(f"{pid!r} is not a synthetic subject id (3 digits, {FIRST_SYNTHETIC_ID} or more)")
+        for folder in (capture_root / pid, gt_root / pid):
+            if folder.exists():
+                raise SynthError(f"{folder}: already exists; synth never replaces a subject "
+                                 "(remove the folder to render it again, or choose another --out)")
 
 
 def _write_calibration(folder: Path, cameras: list[Camera]) -> str:
