@@ -49,6 +49,11 @@ def test_ground_truth_mesh_projects_into_masks_and_onto_depth(source):
     gt = source.ground_truth("900")
     assert gt is not None
     cams = source.cameras("900", downscale=2)
+    boundary = np.zeros(len(gt.canonical_vertices()), bool)
+    edges = np.sort(gt.faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
+    unique, count = np.unique(edges, axis=0, return_counts=True)
+    boundary[unique[count == 1].ravel()] = True  # an edge of one triangle only
+    assert 0 < boundary.sum() < 0.05 * len(boundary)
     checked = 0
     for serial in (FRONTAL_SERIAL, "222200042", "221501007"):
         frame = gt.frame("EXP-1-head", 3)
@@ -69,10 +74,12 @@ def test_ground_truth_mesh_projects_into_masks_and_onto_depth(source):
         d = depth[px[:, 1], px[:, 0]]
         # Away from depth discontinuities (3x3 depth range < 5 mm), no vertex lies in front of the
         # rendered surface, and the visible ones lie on it; the tolerance is the sampling error of a
-        # half-pixel offset, bounded by the local depth range, plus 0.5 mm.
+        # half-pixel offset, bounded by the local depth range, plus 0.5 mm. Vertices on the mesh's own
+        # boundary (the lips' edge at the mouth cut) are silhouettes in every view, whose pixel may
+        # look past them into the cavity, so they are left out.
         with np.errstate(invalid="ignore"):
             local = (ndi.maximum_filter(depth, 3) - ndi.minimum_filter(depth, 3))[px[:, 1], px[:, 0]]
-        smooth = local < 0.005
+        smooth = (local < 0.005) & ~boundary
         tol = 0.0005 + local[smooth]
         assert smooth.mean() > 0.75
         assert (d[smooth] <= z[smooth] + tol).all()

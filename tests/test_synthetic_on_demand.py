@@ -107,12 +107,14 @@ def test_present_subject_without_calibration_fails_naming_the_file_and_is_untouc
     (subject / "calibration" / "camera_params.json").unlink()
     before = _tree_digest(subject)
     (tmp_path / "m.txt").write_text("900\n")
-    r = subprocess.run([str(EXE), "build", "--subjects", "m.txt", "--pipeline", str(_pipeline(tmp_path))],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "900/calibration/camera_params.json: file not found" in r.stderr
+    r = subprocess.run([str(EXE), "build", "--subjects", "m.txt", "--pipeline", str(_pipeline(tmp_path)), "--json"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]  # the subject fails alone (fault isolation), naming the file
+    (outcome,) = json.loads(r.stdout.strip().splitlines()[-1])["subjects"]
+    assert not outcome["ok"] and "900/calibration/camera_params.json: file not found" in outcome["reason"]
     assert _tree_digest(subject) == before  # never re-rendered
-    assert not (tmp_path / "out" / "ground_truth").exists() and not (tmp_path / "out" / "store").exists()
+    assert not (tmp_path / "out" / "ground_truth").exists()
+    assert not (tmp_path / "out" / "store" / "subjects" / "900").exists()
 
 
 def test_build_from_an_empty_folder_renders_the_capture_and_ends_in_a_valid_store(tmp_path):

@@ -82,13 +82,11 @@ def ensure_synthetic_capture(cfg: PipelineConfig, root: str, subjects: list[str]
     """The embedded default: render exactly the manifest's synthetic subjects that ``root`` lacks.
 
     A subject counts as present when its folder ``root/{pid}`` exists; a present subject is never
-    re-rendered, replaced or deleted, and must be readable (calibration, sequences, a video header),
-    else :class:`CaptureFileError` names the file. Missing ids must be synthetic (900+); each is
-    rendered from its own seeded stream (``synth.subject_rng``), so the result does not depend on
-    which other subjects are rendered with it. Returns the ground-truth folder that ``synth`` writes
-    beside the capture root.
+    re-rendered, replaced or deleted (a malformed one then fails alone in the build, its reason naming
+    the file). Missing ids must be synthetic (900+); each is rendered from its own seeded stream
+    (``synth.subject_rng``), so the result does not depend on which other subjects are rendered with
+    it. Returns the ground-truth folder that ``synth`` writes beside the capture root.
     """
-    from ..sources import NeRSembleSource
     from ..synthetic.synth import FIRST_SYNTHETIC_ID, synthesize
 
     root_dir = Path(root)
@@ -99,10 +97,6 @@ def ensure_synthetic_capture(cfg: PipelineConfig, root: str, subjects: list[str]
     if not_synthetic:
         raise ValueError(f"{root_dir}: subjects {', '.join(not_synthetic)} are missing and are not synthetic ids "
                          f"({FIRST_SYNTHETIC_ID}+), so they cannot be rendered")
-    if present:
-        source = NeRSembleSource(root_dir, color_correction=cfg.capture.color_correction)
-        for pid in present:  # malformed or incomplete: an error naming the file, never a re-render
-            source.check_subject(pid)
     if missing:
         log.info("rendering %d missing synthetic subject(s) %s into %s", len(missing), ", ".join(missing),
                  root_dir.parent)

@@ -94,13 +94,6 @@ class NeRSembleSource(CaptureSource):
         return sorted(p.name for p in seq_dir.iterdir()
                       if p.is_dir() and p.name not in NON_PERFORMANCE_SEQUENCES and (p / "images").is_dir())
 
-    def check_subject(self, subject: str) -> None:
-        """Raise :class:`CaptureFileError` naming the file when the subject's calibration, its sequences
-        folder or its first video header cannot be read (what every stage would fail on later)."""
-        if not self.sequences(subject):
-            raise CaptureFileError(f"{self.subject_dir(subject) / 'sequences'}: no performance sequence")
-        self.cameras(subject)  # camera_params.json, then the first video's header
-
     # -- calibration ---------------------------------------------------------------------------
     def _load_calibration(self, subject: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
         path = self.subject_dir(subject) / "calibration" / "camera_params.json"
