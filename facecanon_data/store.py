@@ -20,13 +20,20 @@ Layout (schema version ``SCHEMA_VERSION``)::
     STORE/.staging/                       subjects being written (never read)
 
 Image arrays have one view-image per chunk and one shard per array, so a subject is a few files and a
-reader fetches exactly one chunk per view. Compression: zstd level 1 (measured on rendered subjects:
-see README). Writes: a subject is written by exactly one process into ``.staging/{pid}-{uuid}`` and
-renamed into ``subjects/{pid}`` when complete; an existing subject is moved aside first and deleted
-after, so a reader sees the old subject, then (briefly) none, then the new one — never a mixture.
+reader fetches exactly one chunk per view. Every chunk is encoded ``bytes → zstd(1) → crc32c`` and
+written even when it holds only the fill value, so a chunk that is absent is always an error, never
+zeros (:mod:`facecanon_data.chunk_reader` reads and verifies them). The subject's attrs carry an
+``integrity`` manifest: every file of the subject group (array metadata and chunk files) with its size
+and crc32c, written last, so ``validate`` finds missing, extra, truncated or altered files.
+
+Writes: a subject is written by exactly one process into ``.staging/{pid}-{uuid}`` and renamed into
+``subjects/{pid}`` when complete; an existing subject is moved aside first and deleted after, so a
+reader sees the old subject, then (briefly) none, then the new one — never a mixture. Concurrent
+writers of one subject retry the swap until their rename lands: the last to commit wins, whole.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -37,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: crc32c per chunk, every chunk written, integrity manifest
 IMAGE_ARRAYS = {"rgb": "uint8", "depth": "float32", "canonical": "float16", "mask": "bool"}
 CAMERA_ARRAYS = {"K": (3, 3), "world_2_cam": (4, 4)}
 
@@ -78,22 +85,61 @@ class SubjectData:
             raise StoreError(f"subject {self.subject}: depth or canonical contains NaN/inf")
 
 
-def _compressor():
+def _compressors():
     import zarr.codecs as zc
 
-    return zc.ZstdCodec(level=1)
+    return [zc.ZstdCodec(level=1), zc.Crc32cCodec()]
 
 
 def _write_array(group, name: str, data: np.ndarray, image: bool = False) -> None:
     data = np.ascontiguousarray(data)
+    # write_empty_chunks: a chunk of fill values is stored too, so "absent" can only mean "lost".
+    config = {"write_empty_chunks": True}
     if image:
         chunks = (1, 1) + data.shape[2:]
         group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=data.shape,
-                           compressors=_compressor())[...] = data
+                           compressors=_compressors(), config=config)[...] = data
     else:
         arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape or (1,),
-                                 compressors=_compressor())
+                                 compressors=_compressors(), config=config)
         arr[...] = data
+
+
+def _file_manifest(group_dir: Path) -> dict[str, list[int]]:
+    """{relative path: [bytes, crc32c]} of every file of a subject group but its own ``zarr.json``."""
+    from .chunk_reader import crc32c
+
+    out = {}
+    for path in sorted(group_dir.rglob("*")):
+        rel = path.relative_to(group_dir).as_posix()
+        if path.is_file() and rel != "zarr.json":
+            data = path.read_bytes()
+            out[rel] = [len(data), crc32c(data)]
+    return out
+
+
+def _commit(staging: Path, final: Path, store: Path, subject: str) -> None:
+    """Rename ``staging`` to ``final``, moving a committed subject aside first. With concurrent writers
+    of the same subject, each retries until its own rename lands; the last one wins, whole."""
+    trash: list[Path] = []
+    try:
+        for _ in range(1000):
+            try:
+                os.rename(staging, final)  # the commit: one atomic rename
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+            aside = store / ".staging" / f"{subject}-old-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(final, aside)
+                trash.append(aside)
+            except FileNotFoundError:  # another writer moved it aside first
+                pass
+        raise StoreError(f"{final}: could not commit subject {subject} (another writer kept replacing it)")
+    finally:
+        for t in trash:
+            shutil.rmtree(t, ignore_errors=True)
 
 
 def write_subject(store: str | Path, data: SubjectData) -> Path:
@@ -120,16 +166,11 @@ def write_subject(store: str | Path, data: SubjectData) -> Path:
         _write_array(pg, "canonical", (np.concatenate(data.points_canonical) if counts else np.zeros((0, 3))).astype(np.float32))
         g.attrs.update({"schema_version": SCHEMA_VERSION, "subject": data.subject, "serials": list(data.serials),
                         "timestamps": _jsonable(data.timestamps),
-                        "provenance": {**_jsonable(data.provenance), "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}})
+                        "provenance": {**_jsonable(data.provenance), "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                        "integrity": {"algorithm": "crc32c", "files": _file_manifest(staging)}})
         final = store / "subjects" / data.subject
         final.parent.mkdir(parents=True, exist_ok=True)
-        trash = None
-        if final.exists():
-            trash = store / ".staging" / f"{data.subject}-old-{uuid.uuid4().hex[:8]}"
-            os.rename(final, trash)
-        os.rename(staging, final)  # the commit: one atomic rename
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+        _commit(staging, final, store, data.subject)
         return final
     finally:
         if staging.exists():
@@ -171,6 +212,31 @@ def open_subject(store: str | Path, subject: str):
     if not (path / "zarr.json").is_file():
         raise StoreError(f"{path}: subject not in the store")
     return zarr.open_group(str(path), mode="r")
+
+
+def subject_attrs(store: str | Path, subject: str) -> dict:
+    """A committed subject's attributes, after checking its schema version."""
+    path = Path(store) / "subjects" / subject / "zarr.json"
+    try:
+        attrs = json.loads(path.read_text()).get("attributes", {})
+    except FileNotFoundError:
+        raise StoreError(f"{path.parent}: subject not in the store") from None
+    except (ValueError, AttributeError) as exc:
+        raise StoreError(f"{path}: malformed group metadata ({exc})") from None
+    if attrs.get("schema_version") != SCHEMA_VERSION:
+        raise StoreError(f"{path.parent}: schema_version {attrs.get('schema_version')}, this version reads "
+                         f"{SCHEMA_VERSION} (rebuild it with `facecanon-data build` or `write`)")
+    return attrs
+
+
+def subject_readers(store: str | Path, subject: str, names=tuple(IMAGE_ARRAYS) + tuple(CAMERA_ARRAYS)):
+    """{array name: :class:`~facecanon_data.chunk_reader.ArrayReader`} of a committed subject: verified
+    single-chunk reads that raise naming the subject, array and chunk instead of returning fill values."""
+    from .chunk_reader import ArrayReader
+
+    subject_attrs(store, subject)
+    folder = Path(store) / "subjects" / subject
+    return {n: ArrayReader(folder / n, label=f"subject {subject}, array {n}") for n in names}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,59 +290,122 @@ def read_index(store: str | Path):
     return pq.read_table(path)
 
 
-def validate_store(store: str | Path) -> list[str]:
-    """Problems found (empty list = valid): schema, shapes, dtypes, NaNs, index vs arrays."""
+def validate_store(store: str | Path, quick: bool = False, sample: int = 8) -> list[str]:
+    """Problems found (empty list = valid): schema, every file against the subject's integrity manifest,
+    every array's dtype and shape against the schema, every chunk decoded and checksum-verified (rgb and
+    mask included), NaN/inf and negative depth, point offsets, and the index against the arrays.
+
+    ``quick``: file sizes instead of file checksums, and ``sample`` seeded chunks per image array instead
+    of all (the camera, track and point arrays are always read whole).
+    """
     problems: list[str] = []
     store = Path(store)
     if not (store / "zarr.json").is_file():
         return [f"{store}: not a facecanon-data store (no zarr.json)"]
     expected_rows = set()
     for pid in subjects(store):
-        path = store / "subjects" / pid
-        try:
-            g = open_subject(store, pid)
-        except Exception as exc:  # noqa: BLE001 - every failure is a finding
-            problems.append(f"{path}: cannot open ({exc})")
-            continue
-        attrs = g.attrs.asdict()
-        if attrs.get("schema_version") != SCHEMA_VERSION:
-            problems.append(f"{path}: schema_version {attrs.get('schema_version')} != {SCHEMA_VERSION}")
-            continue
-        try:
-            t, v, h, w = g["depth"].shape
-        except KeyError:
-            problems.append(f"{path}: missing array depth")
-            continue
-        shapes = {"rgb": (t, v, h, w, 3), "canonical": (t, v, h, w, 3), "mask": (t, v, h, w),
-                  "K": (t, v, 3, 3), "world_2_cam": (t, v, 4, 4)}
-        dtypes = {**IMAGE_ARRAYS, "K": "float32", "world_2_cam": "float32"}
-        for name, shape in shapes.items():
-            if name not in g:
-                problems.append(f"{path}: missing array {name}")
-                continue
-            a = g[name]
-            if tuple(a.shape) != shape:
-                problems.append(f"{path}/{name}: shape {tuple(a.shape)} != {shape}")
-            if str(a.dtype) != dtypes[name]:
-                problems.append(f"{path}/{name}: dtype {a.dtype} != {dtypes[name]}")
-        for name in ("depth", "canonical", "K", "world_2_cam"):
-            if name in g and not np.isfinite(np.asarray(g[name][...], np.float32)).all():
-                problems.append(f"{path}/{name}: contains NaN or inf")
-        if len(attrs.get("serials", [])) != v or len(attrs.get("timestamps", [])) != t:
-            problems.append(f"{path}: attrs list {len(attrs.get('serials', []))} serials / "
-                            f"{len(attrs.get('timestamps', []))} timestamps for arrays of {v} / {t}")
-        offs = np.asarray(g["points/offsets"][...]) if "points" in g else None
-        if offs is None or len(offs) != t + 1 or offs[-1] != g["points/xyz"].shape[0]:
-            problems.append(f"{path}/points: offsets do not match the point arrays")
-        for ti, ts in enumerate(attrs.get("timestamps", [])):
-            for vi, serial in enumerate(attrs.get("serials", [])):
-                expected_rows.add((pid, ts["sequence"], int(ts["frame"]), serial, ti, vi))
+        found, rows = _validate_subject(store, pid, quick, sample)
+        problems += found
+        expected_rows |= rows
     if (store / "index.parquet").is_file():
-        idx = read_index(store).to_pydict()
-        got = set(zip(idx["subject"], idx["sequence"], idx["frame"], idx["serial"], idx["t"], idx["v"]))
-        if got != expected_rows:
-            problems.append(f"{store}/index.parquet: {len(got - expected_rows)} rows without arrays, "
-                            f"{len(expected_rows - got)} samples missing from the index (run `facecanon-data index`)")
+        try:
+            idx = read_index(store).to_pydict()
+            got = set(zip(idx["subject"], idx["sequence"], idx["frame"], idx["serial"], idx["t"], idx["v"]))
+        except Exception as exc:  # noqa: BLE001 - an unreadable index is a finding
+            problems.append(f"{store}/index.parquet: unreadable ({exc})")
+        else:
+            if got != expected_rows:
+                problems.append(f"{store}/index.parquet: {len(got - expected_rows)} rows without arrays, "
+                                f"{len(expected_rows - got)} samples missing from the index (run `facecanon-data index`)")
     elif expected_rows:
         problems.append(f"{store}/index.parquet: missing (run `facecanon-data index {store}`)")
     return problems
+
+
+def _validate_subject(store: Path, pid: str, quick: bool, sample: int) -> tuple[list[str], set]:
+    from .chunk_reader import ArrayReader, ChunkError, crc32c
+
+    path = store / "subjects" / pid
+    try:
+        attrs = subject_attrs(store, pid)
+    except StoreError as exc:
+        return [str(exc)], set()
+    problems: list[str] = []
+    manifest = (attrs.get("integrity") or {}).get("files")
+    if not isinstance(manifest, dict):
+        return [f"{path}: no integrity manifest in its attributes"], set()
+    present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {"zarr.json"}
+    for rel in sorted(set(manifest) - present):
+        problems.append(f"{path}/{rel}: missing (listed in the integrity manifest)")
+    for rel in sorted(present - set(manifest)):
+        problems.append(f"{path}/{rel}: not in the integrity manifest")
+    for rel in sorted(set(manifest) & present):
+        size, digest = manifest[rel]
+        f = path / rel
+        if f.stat().st_size != size:
+            problems.append(f"{f}: {f.stat().st_size} bytes, the manifest says {size}")
+        elif not quick and crc32c(f.read_bytes()) != digest:
+            problems.append(f"{f}: content altered (crc32c differs from the manifest)")
+
+    def reader(name: str):
+        try:
+            return ArrayReader(path / name, label=f"subject {pid}, array {name}")
+        except ChunkError as exc:
+            problems.append(str(exc))
+            return None
+
+    depth = reader("depth")
+    if depth is None or len(depth.shape) != 4:
+        problems.append(f"{path}/depth: missing or not (T, V, H, W)")
+        return problems, set()
+    t, v, h, w = depth.shape
+    schema = {"rgb": ((t, v, h, w, 3), "uint8"), "depth": ((t, v, h, w), "float32"),
+              "canonical": ((t, v, h, w, 3), "float16"), "mask": ((t, v, h, w), "bool"),
+              "K": ((t, v, 3, 3), "float32"), "world_2_cam": ((t, v, 4, 4), "float32")}
+    rng = np.random.default_rng(0)
+    for name, (shape, dtype) in schema.items():
+        arr = depth if name == "depth" else reader(name)
+        if arr is None:
+            continue
+        if tuple(arr.shape) != shape or str(arr.dtype) != dtype:
+            problems.append(f"{path}/{name}: {tuple(arr.shape)} {arr.dtype}, the schema says {shape} {dtype}")
+            continue
+        grid = list(np.ndindex(*arr.chunk_grid()))
+        if quick and name in IMAGE_ARRAYS and len(grid) > sample:
+            grid = [grid[i] for i in sorted(rng.choice(len(grid), sample, replace=False))]
+        for coords in grid:  # one chunk at a time: memory independent of the subject's size
+            try:
+                chunk = arr.read_chunk(tuple(int(c) for c in coords))
+            except ChunkError as exc:
+                problems.append(str(exc))
+                break
+            if name in ("depth", "canonical", "K", "world_2_cam") and not np.isfinite(chunk.astype(np.float32)).all():
+                problems.append(f"{path}/{name}: chunk {tuple(coords)} contains NaN or inf")
+                break
+            if name == "depth" and (chunk < 0).any():
+                problems.append(f"{path}/depth: chunk {tuple(coords)} has negative depth")
+                break
+    for group in ("track", "points"):
+        folder = path / group
+        for sub in sorted(p.parent.name for p in folder.glob("*/zarr.json")):
+            arr = reader(f"{group}/{sub}")
+            if arr is not None:
+                try:
+                    arr.read_all()
+                except ChunkError as exc:
+                    problems.append(str(exc))
+    if len(attrs.get("serials", [])) != v or len(attrs.get("timestamps", [])) != t:
+        problems.append(f"{path}: attrs list {len(attrs.get('serials', []))} serials / "
+                        f"{len(attrs.get('timestamps', []))} timestamps for arrays of {v} / {t}")
+    try:
+        offs = ArrayReader(path / "points/offsets").read_all()
+        n_points = ArrayReader(path / "points/xyz").shape[0]
+        if len(offs) != t + 1 or offs[-1] != n_points:
+            problems.append(f"{path}/points: offsets do not match the point arrays")
+    except ChunkError as exc:
+        problems.append(f"{path}/points: {exc}")
+    rows = set()
+    for ti, ts in enumerate(attrs.get("timestamps", [])):
+        for vi, serial in enumerate(attrs.get("serials", [])):
+            rows.add((pid, ts["sequence"], int(ts["frame"]), serial, ti, vi))
+    return problems, rows

@@ -16,6 +16,7 @@ import torch
 from fakes import fake_subject
 from facecanon_data.store import build_index, subjects, validate_store, write_subject
 from facecanon_data.training import FaceCanonDataset, ShardedSampler, collate_samples
+from facecanon_data.training.dataset import IndexFilter
 from facecanon_data.cameras import scale_intrinsics
 
 
@@ -155,3 +156,115 @@ def test_report_table_and_html(store, tmp_path):
     assert report["subjects"][0]["cd_l1_mm"] == pytest.approx(0.8) and report["subjects"][0]["reasons"]["expression"] == 4
     page = write_html(store, report, tmp_path / "r.html").read_text()
     assert "<table>" in page and "data:image/png;base64," in page and page.count("<tr>") == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# integrity: every lost or altered chunk is found by validate and refused by the loader
+
+
+def _copy(store, tmp_path, name):
+    import shutil
+
+    out = tmp_path / name
+    shutil.copytree(store, out)
+    return out
+
+
+def _drop_chunk(array_dir, coords):
+    """Remove one chunk the way a lost write would: zarr rewrites the shard without it."""
+    import zarr
+
+    arr = zarr.open_array(str(array_dir), mode="r+", config={"write_empty_chunks": False})
+    if arr.shards is None:  # one chunk per file: delete the file
+        (array_dir / "c").joinpath(*["0"] * arr.ndim).unlink()
+        return
+    index = tuple(slice(c, c + 1) for c in coords)
+    arr[index] = np.zeros(arr[index].shape, arr.dtype)  # all fill value -> the chunk is dropped
+
+
+@pytest.mark.parametrize("name", ["rgb", "depth", "canonical", "mask", "K", "world_2_cam"])
+def test_a_missing_chunk_of_each_array_is_found_and_never_read_as_zeros(store, tmp_path, name):
+    from facecanon_data.chunk_reader import ChunkError
+
+    bad = _copy(store, tmp_path, name)
+    _drop_chunk(bad / "subjects" / "901" / name, (2, 3))
+    problems = validate_store(bad)
+    assert any(f"array {name}" in p and "missing" in p for p in problems), problems
+    assert validate_store(bad, quick=True) != []  # the quick mode sees the changed file size
+    ds = FaceCanonDataset(bad, mode="views", images_per_sample=6, resolution=(30, 20),
+                          filter=IndexFilter(subjects=["901"]))
+    row = next(i for i, s in enumerate(ds.samples) if 2 in {int(ds.rows["t"][j]) for j in s})
+    chunk = r"\(2, 3, " if name in ("rgb", "depth", "canonical", "mask") else r"\(0, 0, "  # cameras: one chunk
+    with pytest.raises(ChunkError, match=rf"subject 901, array {name}: chunk {chunk}.* missing"):
+        ds[row]
+
+
+def test_flipped_bytes_in_a_shard_and_a_deleted_shard_are_found(store, tmp_path):
+    from facecanon_data.chunk_reader import ChunkError
+
+    bad = _copy(store, tmp_path, "flip")
+    shard = bad / "subjects" / "900" / "depth" / "c" / "0" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+    shard.write_bytes(bytes(data))
+    problems = validate_store(bad)
+    assert any("depth" in p and "altered" in p for p in problems), problems
+    ds = FaceCanonDataset(bad, mode="views", images_per_sample=6, resolution=(30, 20),
+                          filter=IndexFilter(subjects=["900"]))
+    with pytest.raises(ChunkError, match="subject 900, array depth"):
+        for i in range(len(ds)):
+            ds[i]
+    gone = _copy(store, tmp_path, "gone")
+    (gone / "subjects" / "900" / "rgb" / "c" / "0" / "0" / "0" / "0" / "0").unlink()
+    problems = validate_store(gone)
+    assert any("rgb" in p and "missing" in p for p in problems), problems
+    assert any("rgb" in p for p in validate_store(gone, quick=True))
+
+
+@pytest.mark.parametrize("dtype", ["int32", "float64"])
+def test_a_changed_dtype_is_a_finding_not_a_crash(store, tmp_path, dtype):
+    bad = _copy(store, tmp_path, dtype)
+    meta = bad / "subjects" / "900" / "depth" / "zarr.json"
+    m = json.loads(meta.read_text())
+    m["data_type"] = dtype
+    meta.write_text(json.dumps(m))
+    problems = validate_store(bad)
+    assert any(f"depth: (4, 6, 60, 40) {dtype}, the schema says (4, 6, 60, 40) float32" in p for p in problems), problems
+    assert any("depth/zarr.json: " in p for p in problems)  # and the manifest sees the edit
+
+
+def test_concurrent_writers_of_one_subject_last_wins_whole(tmp_path):
+    """Writers of the same subject held at a barrier, then committing at once: none fails, the store
+    holds exactly one of their subjects, whole."""
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Manager().Barrier(4)
+    with ctx.Pool(4) as pool:
+        pool.map(_write_same_subject, [(str(tmp_path), seed, barrier) for seed in range(4)])
+    build_index(tmp_path)
+    assert subjects(tmp_path) == ["920"] and validate_store(tmp_path) == []
+    import zarr
+
+    depth = zarr.open_group(str(tmp_path / "subjects" / "920"), mode="r")["depth"][...]
+    assert any(np.array_equal(depth, fake_subject("920", seed=s).depth) for s in range(4))
+    assert not list((tmp_path / ".staging").iterdir())
+
+
+def _write_same_subject(args):
+    import facecanon_data.store as store_module
+
+    store, seed, barrier = args
+    rename = os.rename
+
+    def held_rename(src, dst):  # every writer reaches its commit before any of them commits
+        if str(dst).endswith("subjects/920") and not held_rename.waited:
+            held_rename.waited = True
+            barrier.wait(timeout=60)
+        return rename(src, dst)
+
+    held_rename.waited = False
+    store_module.os.rename = held_rename
+    try:
+        write_subject(store, fake_subject("920", seed=seed))
+    finally:
+        store_module.os.rename = rename

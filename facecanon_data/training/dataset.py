@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..cameras import scale_intrinsics
-from ..store import open_subject, read_index
+from ..store import CAMERA_ARRAYS, IMAGE_ARRAYS, read_index, subject_readers
 
 
 @dataclass
@@ -146,26 +146,30 @@ class FaceCanonDataset(torch.utils.data.Dataset):
     # -- reading -------------------------------------------------------------------------------
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_groups"], state["_pid"] = {}, None  # zarr handles are reopened in each process
+        state["_groups"], state["_pid"] = {}, None  # chunk readers are reopened in each process
         return state
 
     def _group(self, subject: str) -> dict:
-        """Per process: the subject's image-array handles and its (small) camera arrays in memory."""
+        """Per process: the subject's verified chunk readers and its (small) camera arrays in memory."""
         if self._pid != os.getpid():
             self._groups, self._pid = {}, os.getpid()
         if subject not in self._groups:
-            g = open_subject(self.store, subject)
-            self._groups[subject] = {**{k: g[k] for k in ("rgb", "depth", "canonical", "mask")},
-                                     "K": g["K"][...], "world_2_cam": g["world_2_cam"][...]}
+            readers = subject_readers(self.store, subject)
+            self._groups[subject] = {**{k: readers[k] for k in IMAGE_ARRAYS},
+                                     **{k: readers[k].read_all() for k in CAMERA_ARRAYS}}
         return self._groups[subject]
 
     def read_raw(self, rows: list[int]) -> dict[str, list[np.ndarray]]:
-        """The stored chunks of some index rows, decoded by Zarr only (the loader's raw bound)."""
-        out = {k: [] for k in ("rgb", "depth", "canonical", "mask", "K", "world_2_cam")}
+        """The stored chunks of some index rows, each decoded and checksum-verified (the loader's raw
+        bound); a missing or altered chunk raises naming the subject, array and chunk."""
+        out = {k: [] for k in (*IMAGE_ARRAYS, *CAMERA_ARRAYS)}
         for i in rows:
             g = self._group(str(self.rows["subject"][i]))
             t, v = int(self.rows["t"][i]), int(self.rows["v"][i])
-            for k in out:
+            for k in IMAGE_ARRAYS:
+                reader = g[k]
+                out[k].append(reader.read_chunk((t, v) + (0,) * (len(reader.shape) - 2))[0, 0])
+            for k in CAMERA_ARRAYS:
                 out[k].append(g[k][t, v])
         return out
 
