@@ -51,10 +51,11 @@ def _guarded(fn, *args, **kwargs):
     """Run a stage; bad input (missing or malformed files, configuration) becomes a clean error exit."""
     from .features import ModelFileError
     from .flame.assets import AssetError
+    from .sources import CaptureFileError
 
     try:
         return fn(*args, **kwargs)
-    except (FileNotFoundError, ValueError, RuntimeError, AssetError, ModelFileError) as exc:
+    except (FileNotFoundError, CaptureFileError, ValueError, RuntimeError, AssetError, ModelFileError) as exc:
         _fail(str(exc))
 
 
@@ -144,16 +145,12 @@ def select_cmd(root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectO
     source, subject = _open(cfg, root, subject)
     from rich.progress import Progress
 
-    from .features import ModelFileError
     from .stages.select import run_select
 
-    try:
-        with Progress(transient=True, console=_stderr_console()) as bar:
-            task = bar.add_task(f"select {subject}: MediaPipe on {cfg.capture.frontal_serial}", total=None)
-            result = run_select(source, subject, cfg, work or cfg.work,
-                                progress=lambda d, t: bar.update(task, completed=d, total=t))
-    except (ModelFileError, ValueError) as exc:
-        _fail(str(exc))
+    with Progress(transient=True, console=_stderr_console()) as bar:
+        task = bar.add_task(f"select {subject}: MediaPipe on {cfg.capture.frontal_serial}", total=None)
+        result = _guarded(run_select, source, subject, cfg, work or cfg.work,
+                          progress=lambda d, t: bar.update(task, completed=d, total=t))
     fig = result.figures()
     human = (f"subject {subject}: {result.selected_expression} expression + {result.selected_pose} pose timestamps "
              f"from {result.frames_processed} frames ({result.backend}, face found in "
@@ -178,14 +175,11 @@ def reconstruct_cmd(root: Optional[Path] = RootOpt, subject: Optional[str] = Sub
 
     from .stages.reconstruct import parse_timestamps, run_reconstruct
 
-    try:
-        picks = parse_timestamps(timestamps) if timestamps else None
-        with Progress(transient=True, console=_stderr_console()) as bar:
-            task = bar.add_task(f"reconstruct {subject}", total=None)
-            result = run_reconstruct(source, subject, cfg, work or cfg.work, timestamps=picks,
-                                     progress=lambda d, t: bar.update(task, completed=d, total=t))
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        _fail(str(exc))
+    picks = _guarded(parse_timestamps, timestamps) if timestamps else None
+    with Progress(transient=True, console=_stderr_console()) as bar:
+        task = bar.add_task(f"reconstruct {subject}", total=None)
+        result = _guarded(run_reconstruct, source, subject, cfg, work or cfg.work, timestamps=picks,
+                          progress=lambda d, t: bar.update(task, completed=d, total=t))
     human = (f"subject {subject}: kept {result.timestamps_kept}/{result.timestamps_total} timestamps "
              f"(every view registered; min views registered {result.views_registered_min}), "
              f"median {result.points_median:.0f} points, {'dense' if result.dense else 'sparse'}, "

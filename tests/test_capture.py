@@ -125,7 +125,103 @@ def test_errors_name_the_file(tmp_path, source, synth_capture):
     src = NeRSembleSource(tmp_path / "root")
     with pytest.raises(CaptureFileError, match=r"901/calibration/camera_params.json: not valid JSON"):
         src.serials("901")
-    with pytest.raises(CaptureFileError, match=r"cam_222200037.mp4: video file not found"):
+    with pytest.raises(CaptureFileError, match=r"EXP-9-jaw-2/images/cam_\d+.mp4: video file not found"):
         next(source.frames("900", "EXP-9-jaw-2", FRONTAL_SERIAL))
     with pytest.raises(ValueError, match="3-digit"):
         source.sequences("../900")
+
+
+# ---------------------------------------------------------------------------------------------
+# calibration and video checks at open: every mismatch an error naming the file
+
+
+def _subject_copy(synth_capture, tmp_path):
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(synth_capture["out"] / "capture" / "900", root / "900")
+    return root, root / "900" / "calibration" / "camera_params.json"
+
+
+def _edit_calibration(path, edit):
+    params = json.loads(path.read_text())
+    edit(params)
+    path.write_text(json.dumps(params))
+
+
+def _nan_translation(p):
+    p["world_2_cam"]["222200044"][0][3] = float("nan")
+
+
+def _reflection(p):
+    p["world_2_cam"]["222200044"][0] = [-x for x in p["world_2_cam"]["222200044"][0]]
+
+
+def _bad_focal(p):
+    p["intrinsics"][1][1] = -5.0
+
+
+def _nan_k(p):
+    p["intrinsics"][0][2] = float("nan")
+
+
+def _no_frontal(p):
+    del p["world_2_cam"][FRONTAL_SERIAL]
+
+
+def _centre_off(p):
+    p["intrinsics"][0][2] = 5000.0
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_nan_translation, "world_2_cam of camera 222200044 is not finite"),
+    (_reflection, "world_2_cam of camera 222200044 is a reflection"),
+    (_bad_focal, "intrinsics must be finite with positive focal lengths"),
+    (_nan_k, "intrinsics must be finite with positive focal lengths"),
+    (_no_frontal, f"no calibration for camera\\(s\\) {FRONTAL_SERIAL} whose videos are in"),
+    (_centre_off, "principal point \\(5000, .*\\) lies outside the 832x1216 frames"),
+])
+def test_bad_calibrations_are_refused_naming_the_file(synth_capture, tmp_path, edit, message):
+    root, calib = _subject_copy(synth_capture, tmp_path)
+    _edit_calibration(calib, edit)
+    with pytest.raises(CaptureFileError, match=f"900/calibration/camera_params.json: .*{message}"):
+        NeRSembleSource(root).cameras("900")
+
+
+def _rewrite_video(path, frames: int, size: tuple[int, int]):
+    from facecanon_data.sources.video import VideoWriter
+
+    writer = VideoWriter(path, size[0], size[1], 25.0)
+    for i in range(frames):
+        writer.write(np.full((size[1], size[0], 3), 40 + i, np.uint8))
+    writer.close()
+
+
+def test_cameras_disagreeing_in_size_or_frame_count_are_named(synth_capture, tmp_path):
+    root, _ = _subject_copy(synth_capture, tmp_path)
+    video = root / "900" / "sequences" / "EXP-2-eyes" / "images" / "cam_222200046.mp4"
+    _rewrite_video(video, 8, (416, 608))
+    src = NeRSembleSource(root)
+    with pytest.raises(CaptureFileError, match=r"cam_222200046.mp4: 416x608 frames, but cam_\d+.mp4 has 832x1216"):
+        src.num_frames("900", "EXP-2-eyes")
+    assert src.num_frames("900", "EXP-1-head") == 8  # the other sequence is unaffected
+    _rewrite_video(video, 5, (832, 1216))
+    src = NeRSembleSource(root)
+    with pytest.raises(CaptureFileError, match=r"cam_222200046.mp4: 5 frames, but cam_\d+.mp4 has 8"):
+        next(src.timestamps("900", "EXP-2-eyes", [6]))
+
+
+def test_stage_commands_exit_2_naming_the_calibration(synth_capture, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "facecanon-data"
+    root, calib = _subject_copy(synth_capture, tmp_path)
+    _edit_calibration(calib, _reflection)
+    for args in (["select"], ["reconstruct", "--timestamps", "EXP-1-head:0"]):  # the first readers of a capture
+        r = subprocess.run([str(exe), *args, "--root", str(root), "--work", str(tmp_path / "w")],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, (args, r.stderr[-1500:])
+        assert "camera_params.json: world_2_cam of camera 222200044 is a reflection" in r.stderr
+        assert "Traceback" not in r.stderr

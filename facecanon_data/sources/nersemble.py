@@ -69,6 +69,7 @@ class NeRSembleSource(CaptureSource):
         self.color_correction = color_correction
         self._calibration = lru_cache(maxsize=None)(self._load_calibration)
         self._ccm = lru_cache(maxsize=None)(self._load_ccm)
+        self._videos = lru_cache(maxsize=None)(self._sequence_videos)
 
     # -- layout --------------------------------------------------------------------------------
     def subject_dir(self, subject: str) -> Path:
@@ -105,10 +106,17 @@ class NeRSembleSource(CaptureSource):
             raise CaptureFileError(f"{path}: expected keys 'world_2_cam' and 'intrinsics' ({exc})") from None
         if k.shape != (3, 3) or any(m.shape != (4, 4) for m in w2c.values()) or not w2c:
             raise CaptureFileError(f"{path}: intrinsics must be 3x3 and every world_2_cam 4x4")
+        if not np.isfinite(k).all() or k[0, 0] <= 0 or k[1, 1] <= 0 or not np.allclose(k[2], [0, 0, 1]):
+            raise CaptureFileError(f"{path}: intrinsics must be finite with positive focal lengths and a last "
+                                   f"row (0, 0, 1), got {k.tolist()}")
         for serial, m in w2c.items():
             r = m[:3, :3]
+            if not np.isfinite(m).all():
+                raise CaptureFileError(f"{path}: world_2_cam of camera {serial} is not finite")
             if not np.allclose(r @ r.T, np.eye(3), atol=1e-4) or not np.allclose(m[3], [0, 0, 0, 1]):
                 raise CaptureFileError(f"{path}: world_2_cam of camera {serial} is not a rigid transform")
+            if np.linalg.det(r) < 0:
+                raise CaptureFileError(f"{path}: world_2_cam of camera {serial} is a reflection (det R = -1)")
         return w2c, k
 
     def _load_ccm(self, subject: str) -> dict[str, np.ndarray] | None:
@@ -129,11 +137,43 @@ class NeRSembleSource(CaptureSource):
         order = {s: i for i, s in enumerate(NERSEMBLE_SERIALS)}
         return sorted(w2c, key=lambda s: (order.get(s, len(order)), s))
 
+    def _sequence_videos(self, subject: str, sequence: str) -> tuple[int, int, int]:
+        """(width, height, frames) shared by every camera of a sequence, after checking that the videos
+        present are exactly the calibrated cameras and that all agree in size and frame count."""
+        serials = self.serials(subject)
+        folder = self.subject_dir(subject) / "sequences" / sequence / "images"
+        present = {p.name[4:-4] for p in folder.glob("cam_*.mp4")}
+        uncalibrated = sorted(present - set(serials))
+        if uncalibrated:
+            raise CaptureFileError(f"{self.subject_dir(subject) / 'calibration' / 'camera_params.json'}: no "
+                                   f"calibration for camera(s) {', '.join(uncalibrated)} whose videos are in {folder}")
+        ref = None
+        for serial in serials:
+            path = self.video_path(subject, sequence, serial)
+            with VideoReader(path) as r:  # a missing video: "video file not found" naming it
+                header = (r.width, r.height, r.num_frames)
+            if header[2] <= 0:
+                raise CaptureFileError(f"{path}: the video header gives no frame count")
+            if ref is None:
+                ref, ref_path = header, path
+                _, k = self._calibration(subject)
+                w, h = header[:2]
+                if not (0 < k[0, 2] < w and 0 < k[1, 2] < h):
+                    raise CaptureFileError(f"{self.subject_dir(subject) / 'calibration' / 'camera_params.json'}: "
+                                           f"principal point ({k[0, 2]:.0f}, {k[1, 2]:.0f}) lies outside the "
+                                           f"{w}x{h} frames of {path}")
+            elif header[:2] != ref[:2]:
+                raise CaptureFileError(f"{path}: {header[0]}x{header[1]} frames, but {ref_path.name} has "
+                                       f"{ref[0]}x{ref[1]} (every camera of a sequence must have one size)")
+            elif header[2] != ref[2]:
+                raise CaptureFileError(f"{path}: {header[2]} frames, but {ref_path.name} has {ref[2]} "
+                                       "(every camera of a sequence must have one frame count)")
+        return ref
+
     def image_size(self, subject: str, sequence: str | None = None) -> tuple[int, int]:
-        """(width, height) at full resolution, read from a video header (calibration has no size)."""
-        sequence = sequence or self.sequences(subject)[0]
-        with VideoReader(self.video_path(subject, sequence, self.serials(subject)[0])) as r:
-            return r.width, r.height
+        """(width, height) at full resolution, from the video headers (calibration has no size)."""
+        width, height, _ = self._videos(subject, sequence or self.sequences(subject)[0])
+        return width, height
 
     def cameras(self, subject: str, sequence: str | None = None, downscale: float = 1) -> dict[str, Camera]:
         w2c, k = self._calibration(subject)
@@ -142,8 +182,7 @@ class NeRSembleSource(CaptureSource):
 
     # -- frames --------------------------------------------------------------------------------
     def num_frames(self, subject: str, sequence: str) -> int:
-        with VideoReader(self.video_path(subject, sequence, self.serials(subject)[0])) as r:
-            return r.num_frames
+        return self._videos(subject, sequence)[2]
 
     def _postprocess(self, subject: str, serial: str, image: np.ndarray, downscale: float) -> np.ndarray:
         ccm = self._ccm(subject)
@@ -158,12 +197,14 @@ class NeRSembleSource(CaptureSource):
 
     def frames(self, subject: str, sequence: str, serial: str, indices: Iterable[int] | None = None,
                downscale: float = 1) -> Iterator[tuple[int, np.ndarray]]:
+        self._videos(subject, sequence)  # the sequence's cameras agree in size and frame count
         with VideoReader(self.video_path(subject, sequence, serial)) as reader:
             for i, img in reader.frames(indices):
                 yield i, self._postprocess(subject, serial, img, downscale)
 
     def timestamps(self, subject: str, sequence: str, indices: Iterable[int],
                    downscale: float = 1) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        self._videos(subject, sequence)
         serials = self.serials(subject)
         with ExitStack() as stack:
             readers = {s: stack.enter_context(VideoReader(self.video_path(subject, sequence, s))) for s in serials}
