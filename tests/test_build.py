@@ -217,3 +217,30 @@ def test_training_manifest_from_nersemble_metadata(tmp_path):
     r = subprocess.run([str(EXE), "manifest", "--metadata", str(csv), "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 2 and "metadata_sequences.csv:3: participant id '../x'" in r.stderr
     assert [e.subject for e in read_manifest(out)] == ["017", "240"]  # the previous manifest is untouched
+
+
+def test_a_subject_that_produced_nothing_fails_the_build(synth_capture, tmp_path):
+    """select keeping no timestamp is a failed subject (exit 1) on the Dask path, never "1 ok"."""
+    pipeline = _pipeline(tmp_path, synth_capture["out"] / "capture")
+    pipeline.write_text(pipeline.read_text().replace("num_expression = 2\nnum_pose = 1", "num_expression = 0\nnum_pose = 0"))
+    manifest = tmp_path / "m.txt"
+    manifest.write_text("900\n")
+    cmd = _build_cmd(manifest, pipeline, synth_capture["out"] / "capture", tmp_path) + ["--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    (outcome,) = json.loads(r.stdout.strip().splitlines()[-1])["subjects"]
+    assert not outcome["ok"] and outcome["failed_stage"] == "select"
+    assert "select kept no timestamp" in outcome["reason"]
+    assert not (tmp_path / "store" / "subjects" / "900").exists()
+
+
+def test_an_empty_reconstruction_drops_the_timestamp_with_its_reason(synth_capture, tmp_path):
+    pipeline = _pipeline(tmp_path, synth_capture["out"] / "capture")
+    pipeline.write_text(pipeline.read_text() + "[reconstruct]\nhead_box_half_size_m = 0.000001\n")
+    r = subprocess.run([str(EXE), "reconstruct", "--pipeline", str(pipeline), "--work", str(tmp_path / "w"),
+                        "--timestamps", "EXP-1-head:0", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["timestamps_kept"] == 0
+    (reason,) = result["dropped"].values()
+    assert "no point left after clean-up" in reason and "triangulated" in reason

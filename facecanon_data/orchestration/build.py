@@ -69,6 +69,9 @@ def task_select(spec: SourceSpec, subject: str, cfg: PipelineConfig, work: str, 
     if not _done(work, subject, "select", cfg, ("capture", "select"), force):
         run_select(spec.open(), subject, cfg, work)
     picks = [(s, int(f)) for s, f, _, _ in read_selection(work, subject)]
+    if not picks:
+        raise RuntimeError(f"{StageDir(work, subject, 'select').path}: select kept no timestamp "
+                           "(no frame of the frontal camera with a face?)")
     return {"timestamps": picks, "seconds": time.perf_counter() - t0}
 
 
@@ -224,4 +227,7 @@ def run_build_dask(client, spec: SourceSpec, subjects: list[str], cfg: PipelineC
             o.seconds["write"] = r["seconds"]
         if progress:
             progress.done(subject, stage)
+    for o in outcomes.values():  # success means written, never "nothing left to schedule"
+        if o.ok and "write" not in o.seconds:
+            o.ok, o.failed_stage, o.reason = False, "write", "the chain stopped before writing the subject"
     return [outcomes[s] for s in subjects]

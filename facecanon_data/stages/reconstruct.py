@@ -166,8 +166,13 @@ def reconstruct_timestamp(images: dict[str, np.ndarray], cameras: dict[str, Came
             is_dense = True
         else:
             kept, reason = False, f"dense reconstruction failed: {msg}"
+    triangulated = len(pts)
     pts, colors, normals, visibility, keep_idx = _clean(pts, colors, normals, visibility,
                                                         common_focus(list(cameras.values())), rcfg)
+    if len(pts) == 0:  # nothing to track or label: drop the timestamp with the reason
+        kept = False
+        reason = "; ".join(filter(None, [reason, f"no point left after clean-up ({triangulated} triangulated, none "
+                                                 f"within {rcfg.head_box_half_size_m} m of the cameras' common focus)"]))
     if is_dense:
         depth = _dense_depths(col_dir / "dense", serials, cameras)
         observed = _observed_by_depth(pts, depth, serials, cameras)
@@ -175,7 +180,8 @@ def reconstruct_timestamp(images: dict[str, np.ndarray], cameras: dict[str, Came
         observed = np.array([[s in obs[i] for s in serials] for i in keep_idx], bool).reshape(-1, len(serials))
         depth = _sparse_depths(pts, observed, serials, cameras)
     atomic_write(out / "observers.npz", lambda p: np.savez_compressed(p, observed=observed, serials=np.array(serials)))
-    _write_points(out / "points.ply", pts, colors, normals, visibility)
+    if len(pts):  # a PLY of no points cannot be written; a dropped timestamp has none
+        _write_points(out / "points.ply", pts, colors, normals, visibility)
     atomic_write(out / "depth.npz", lambda p: np.savez_compressed(
         p, depth=depth.astype(np.float32), serials=np.array(serials), kind=np.array("dense" if is_dense else "sparse")))
     cams_json = {s: {"K": c.K.tolist(), "world_2_cam": c.world_2_cam.tolist(), "width": c.width,
@@ -528,9 +534,9 @@ def _ground_truth_error(res: TimestampResult, out: Path, gt, seq: str, frame: in
     """Distance from each kept point to the ground-truth mesh of the timestamp (median, p90, mm)."""
     import open3d as o3d
 
-    pts = read_points(out / "points.ply")["positions"]
-    if len(pts) == 0:
+    if res.num_points == 0:
         return
+    pts = read_points(out / "points.ply")["positions"]
     scene = o3d.t.geometry.RaycastingScene()
     scene.add_triangles(o3d.core.Tensor(gt.frame(seq, frame)["vertices"].astype(np.float32)),
                         o3d.core.Tensor(gt.faces.astype(np.uint32)))
