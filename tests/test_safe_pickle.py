@@ -85,3 +85,33 @@ def test_loads_chumpy_and_sparse_flame_layout(tmp_path, monkeypatch):
 def test_missing_file_names_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pkl"):
         load_flame_model(tmp_path / "nope.pkl")
+
+
+class _HugeArray:
+    """Pickles as numpy's own array reconstruction, asking for a terabyte."""
+
+    def __reduce__(self):
+        return (np.core.multiarray._reconstruct, (np.ndarray, (10 ** 12,), b"b"))
+
+
+def test_an_array_larger_than_the_file_is_refused_before_allocation(tmp_path):
+    path = tmp_path / "huge.pkl"
+    path.write_bytes(pickle.dumps({"v_template": _HugeArray()}, protocol=2))
+    assert path.stat().st_size < 500
+    with pytest.raises(UnsafePickleError, match=r"huge.pkl: an array of shape \(1000000000000,\).*larger than the file"):
+        safe_load_pickle(path)
+
+
+def test_a_sparse_regressor_beyond_the_model_family_is_refused(tmp_path):
+    from facecanon_data.flame.assets import AssetError
+
+    rng = np.random.default_rng(0)
+    weights = np.full((6, 5), 0.2)
+    raw = {"v_template": rng.normal(size=(6, 3)), "f": np.array([[0, 1, 2]], np.uint32),
+           "shapedirs": rng.normal(size=(6, 3, 10)), "posedirs": rng.normal(size=(6, 3, 36)),
+           "J_regressor": sp.csc_matrix((10 ** 6, 10 ** 7)),  # a few bytes on disk, 80 TB dense
+           "weights": weights, "kintree_table": np.array([[2 ** 32 - 1, 0, 1, 1, 1], [0, 1, 2, 3, 4]])}
+    path = tmp_path / "sparse_bomb.pkl"
+    path.write_bytes(pickle.dumps(raw, protocol=2))
+    with pytest.raises(AssetError, match=r"sparse_bomb.pkl: J_regressor has shape \(1000000, 10000000\)"):
+        load_flame_model(path, cache=False)

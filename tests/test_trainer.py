@@ -320,3 +320,23 @@ def test_ddp_on_two_cpu_processes(store, tmp_path):
     results = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(results) == 2 and all(x["world_size"] == 2 and x["step"] == 2 for x in results)
     assert load_checkpoint(tmp_path / "ddp" / "last.pt")["step"] == 2
+
+
+def test_a_checkpoint_asking_for_a_huge_model_is_refused_before_allocation(tmp_path):
+    from facecanon_data.training.config import TrainConfig
+    from facecanon_data.training.trainer import model_from_checkpoint
+
+    import dataclasses
+
+    cfg = dataclasses.asdict(TrainConfig())
+    cfg.pop("source_file")
+    cfg["model"]["dim"], cfg["model"]["heads"] = 3 * 10 ** 6, 3
+    path = tmp_path / "bomb.pt"
+    torch.save({"model": {}, "config": cfg}, path)
+    with pytest.raises(ValueError, match=r"bomb.pt: config: model.dim = 3000000 is outside"):
+        model_from_checkpoint(path)
+    cfg["model"]["dim"], cfg["model"]["heads"], cfg["model"]["depth"] = 4096, 64, 64
+    cfg["model"]["out_layers"] = [1, 2, 3, 4]
+    torch.save({"model": {}, "config": cfg}, path)
+    with pytest.raises(ValueError, match=r"would hold ~\d+ G parameters"):
+        model_from_checkpoint(path)

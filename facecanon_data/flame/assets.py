@@ -99,7 +99,16 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _dense(a) -> np.ndarray:
+# The FLAME family: FLAME has 5023 vertices and 5 joints; SMPL-X, the largest relative, 10475 and 55.
+MAX_VERTICES = 100_000
+MAX_JOINTS = 128
+
+
+def _dense(a, source: str, key: str, max_shape: tuple[int, int]) -> np.ndarray:
+    """A (sparse or dense) 2-D array as dense, refusing shapes beyond what the model family holds."""
+    shape = getattr(a, "shape", None)
+    if shape is None or len(shape) != 2 or any(not 0 < int(n) <= m for n, m in zip(shape, max_shape)):
+        raise AssetError(f"{source}: {key} has shape {shape}; the FLAME family holds at most {max_shape}")
     return np.asarray(a.toarray() if hasattr(a, "toarray") else a)
 
 
@@ -119,7 +128,9 @@ def model_from_flame_dict(raw: dict, source: str, digest: str) -> FlameModel:
     posedirs = np.asarray(raw["posedirs"], np.float32)
     if posedirs.shape[:2] != (n_v, 3):
         raise AssetError(f"{source}: posedirs has shape {posedirs.shape}, expected ({n_v}, 3, P)")
-    J = _dense(raw["J_regressor"]).astype(np.float32)
+    if n_v > MAX_VERTICES:
+        raise AssetError(f"{source}: v_template has {n_v} vertices; the FLAME family holds at most {MAX_VERTICES}")
+    J = _dense(raw["J_regressor"], source, "J_regressor", (MAX_JOINTS, MAX_VERTICES)).astype(np.float32)
     weights = np.asarray(raw["weights"], np.float32)
     kintree = np.asarray(raw["kintree_table"]).astype(np.int64)
     n_j = J.shape[0]

@@ -17,7 +17,12 @@ import numpy as np
 
 
 class UnsafePickleError(pickle.UnpicklingError):
-    """Raised when a pickle names a global outside the allow-list."""
+    """Raised when a pickle names a global outside the allow-list, or asks for more memory than it can hold."""
+
+
+# A pickled array carries its data, so no legitimate array is larger than the file; sparse matrices
+# are densified by the caller under their own bound (``max_dense_bytes``).
+_SLACK_BYTES = 1 << 20
 
 
 class _ChumpyPlaceholder:
@@ -76,12 +81,36 @@ _SAFE_BUILTINS = {"object": object, "set": set, "frozenset": frozenset, "slice":
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only numpy arrays, scipy sparse matrices and chumpy arrays."""
+    """Unpickler that resolves only numpy arrays, scipy sparse matrices and chumpy arrays.
+
+    ``max_array_bytes``: the largest array it may allocate (the caller passes the file size plus slack).
+    """
+
+    def __init__(self, file, *, max_array_bytes: int, **kwargs: Any) -> None:
+        super().__init__(file, **kwargs)
+        self.max_array_bytes = max_array_bytes
+
+    def _bounded_reconstruct(self, cls: type, shape: Any, dtype: Any) -> np.ndarray:
+        """``numpy.core.multiarray._reconstruct``, refusing shapes larger than the file could fill."""
+        try:
+            dims = [int(x) for x in (shape if isinstance(shape, (tuple, list)) else (shape,))]
+            nbytes = int(np.prod(dims, dtype=object)) * np.dtype(dtype).itemsize
+        except (TypeError, ValueError) as exc:
+            raise UnsafePickleError(f"array reconstruction with shape {shape!r}, dtype {dtype!r} ({exc})") from None
+        if any(x < 0 for x in dims) or nbytes > self.max_array_bytes:
+            raise UnsafePickleError(f"an array of shape {tuple(dims)} ({nbytes} bytes) is larger than the file "
+                                    "could hold")
+        return np.core.multiarray._reconstruct(cls, tuple(dims), dtype)
+
+    def _bounded_bytes(self, *args: Any) -> bytes:
+        if args and isinstance(args[0], int) and not 0 <= args[0] <= self.max_array_bytes:
+            raise UnsafePickleError(f"bytes({args[0]}) is larger than the file could hold")
+        return bytes(*args)
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _NUMPY_GLOBALS:
             if name == "_reconstruct":
-                return np.core.multiarray._reconstruct
+                return self._bounded_reconstruct
             if name == "scalar":
                 return np.core.multiarray.scalar
             return getattr(np, name)
@@ -93,6 +122,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             return _reconstructor
         if module in ("__builtin__", "builtins") and name in _SAFE_BUILTINS:
             return _SAFE_BUILTINS[name]
+        if module in ("__builtin__", "builtins") and name == "bytes":  # protocol 2 writes b"" as bytes()
+            return self._bounded_bytes
         if (module, name) == ("_codecs", "encode"):  # protocol-2 pickles store bytes this way
             import codecs
 
@@ -122,9 +153,12 @@ def safe_load_pickle(path: str | Path) -> Any:
         raise FileNotFoundError(f"{path}: no such file")
     data = path.read_bytes()
     try:
-        obj = RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+        obj = RestrictedUnpickler(io.BytesIO(data), encoding="latin1",
+                                  max_array_bytes=len(data) + _SLACK_BYTES).load()
     except UnsafePickleError as exc:
         raise UnsafePickleError(f"{path}: {exc}") from None
+    except MemoryError:
+        raise UnsafePickleError(f"{path}: asks for more memory than this machine has") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
         raise pickle.UnpicklingError(f"{path}: not a readable FLAME pickle ({exc})") from None
     return _to_plain(obj)

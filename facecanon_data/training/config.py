@@ -93,12 +93,14 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        """Rebuild from a checkpoint's copy (the same strict filling as a TOML file)."""
+    def from_dict(cls, d: dict[str, Any], where: str = "checkpoint config") -> "TrainConfig":
+        """Rebuild from a checkpoint's copy: the same strict filling and checks (size bounds included)
+        as a TOML file, so a tampered checkpoint cannot ask for a terabyte model."""
         from ..config import _fill
 
         cfg = cls()
-        _fill(cfg, d, "checkpoint config")
+        _fill(cfg, d, where)
+        _validate_train(cfg, where)
         return cfg
 
 
@@ -137,8 +139,30 @@ def load_eval_config(path: str | Path) -> EvalConfig:
     return cfg
 
 
+# What the model family can plausibly hold (ViT-g/14 is 1536 wide, 40 deep, 24 heads; its heads far
+# narrower): a configuration beyond these is refused before anything is allocated.
+MODEL_BOUNDS = {"patch_size": (4, 64), "dim": (8, 4096), "depth": (1, 64), "heads": (1, 64),
+                "head_features": (4, 2048)}
+MAX_PARAMETERS = 3_000_000_000  # ~12 dim^2 per block
+MAX_RESOLUTION = 4096  # pixels per side
+MAX_BATCH = 4096
+
+
 def _validate_train(cfg: TrainConfig, where: str) -> None:
     m, d, o = cfg.model, cfg.data, cfg.optim
+    for name, (lo, hi) in MODEL_BOUNDS.items():
+        value = getattr(m, name)
+        if not lo <= value <= hi:
+            raise ConfigError(f"{where}: model.{name} = {value} is outside {lo}..{hi}")
+    if not 0 < m.mlp_ratio <= 16 or not all(1 <= c <= 4096 for c in m.head_channels):
+        raise ConfigError(f"{where}: model.mlp_ratio must lie in (0, 16] and model.head_channels in 1..4096")
+    params = m.depth * (4 + 2 * m.mlp_ratio) * m.dim ** 2
+    if params > MAX_PARAMETERS:
+        raise ConfigError(f"{where}: the model would hold ~{params / 1e9:.0f} G parameters "
+                          f"(more than {MAX_PARAMETERS / 1e9:.0f} G); refusing to allocate it")
+    if any(not 1 <= x <= MAX_RESOLUTION for r in d.resolutions for x in r) or not 1 <= d.batch_size <= MAX_BATCH:
+        raise ConfigError(f"{where}: data.resolutions must lie in 1..{MAX_RESOLUTION} px and data.batch_size "
+                          f"in 1..{MAX_BATCH}")
     if m.dim % m.heads:
         raise ConfigError(f"{where}: model.dim must be a multiple of model.heads")
     if len(m.out_layers) != 4 or not all(0 <= i < m.depth for i in m.out_layers):

@@ -151,7 +151,7 @@ def model_from_checkpoint(path: str | Path, device: torch.device | str = "cpu", 
                           ) -> tuple[FaceAnythingModel, TrainConfig]:
     """The trained model of a checkpoint, or (``untrained``) the same architecture fresh from its seed."""
     ckpt = load_checkpoint(path)
-    cfg = TrainConfig.from_dict(ckpt["config"])
+    cfg = TrainConfig.from_dict(ckpt["config"], where=f"{path}: config")
     cfg.model.pretrained, cfg.model.init_from = "", ""
     torch.manual_seed(cfg.optim.seed)
     model = FaceAnythingModel(cfg.model)
