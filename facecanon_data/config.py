@@ -291,6 +291,12 @@ def load_pipeline(path: str | Path, overrides: dict[str, Any] | None = None) -> 
 def _validate(cfg: PipelineConfig, where: str) -> None:
     if cfg.capture.downscale < 1:
         raise ConfigError(f"{where}: capture.downscale must be >= 1")
+    for name, value in (("select.downscale", cfg.select.downscale), ("reconstruct.downscale", cfg.reconstruct.downscale),
+                        ("threads", cfg.threads)):
+        if value < 0:
+            raise ConfigError(f"{where}: {name} must be >= 0 (0 = the default), got {value}")
+    if cfg.select.queue_frames < 1:
+        raise ConfigError(f"{where}: select.queue_frames must be >= 1, got {cfg.select.queue_frames}")
     if cfg.flame.kind not in ("synthetic", "flame"):
         raise ConfigError(f"{where}: flame.kind must be 'synthetic' or 'flame', got {cfg.flame.kind!r}")
     s = cfg.synth

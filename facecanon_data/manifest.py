@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _ID = re.compile(r"^\d{3}$")
-_SEQUENCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+\-]*$")
+_SEQUENCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+\-]{0,127}$")  # NeRSemble's longest name is ~35 characters
+MAX_LINE = 4096  # characters; a manifest line is an id and a few sequence names
+MAX_BYTES = 16 << 20  # a manifest of every NeRSemble subject is a few kilobytes
 # The Face Anything test split (never used for training).
 TEST_SUBJECTS = ("043", "128", "236", "306", "474")
 
@@ -29,21 +31,34 @@ class ManifestEntry:
     sequences: list[str] = field(default_factory=list)  # empty = all
 
 
+def _short(text: str, limit: int = 60) -> str:
+    """``text`` for an error message: at most ``limit`` characters, the rest counted."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def read_manifest(path: str | Path) -> list[ManifestEntry]:
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found")
+    if path.stat().st_size > MAX_BYTES:
+        raise ManifestError(f"{path}: {path.stat().st_size} bytes; a manifest is at most {MAX_BYTES} bytes")
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     entries, seen = [], set()
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(lines, 1):
+        if len(line) > MAX_LINE:
+            raise ManifestError(f"{path}:{n}: line of {len(line)} characters (at most {MAX_LINE})")
         text = line.split("#", 1)[0].strip()
         if not text:
             continue
         sid, *seqs = text.split()
         if not _ID.match(sid):
-            raise ManifestError(f"{path}:{n}: subject id {sid!r} is not a 3-digit NeRSemble id")
-        bad = [s for s in seqs if not _SEQUENCE.match(s)]
+            raise ManifestError(f"{path}:{n}: subject id {_short(sid)} is not a 3-digit NeRSemble id")
+        bad = [_short(s) for s in seqs if not _SEQUENCE.match(s)]
         if bad:
-            raise ManifestError(f"{path}:{n}: invalid sequence name(s) {bad}")
+            raise ManifestError(f"{path}:{n}: invalid sequence name(s) {', '.join(bad)}")
         if sid in seen:
             raise ManifestError(f"{path}:{n}: subject {sid} listed twice")
         seen.add(sid)

@@ -24,6 +24,11 @@ def test_shipped_pipelines_load_and_hash_differs():
     ("[nonsense]\nx = 1\n", r"bad.toml: unknown key 'nonsense'"),
     ("[capture\n", r"bad.toml: not valid TOML"),
     ("[flame]\nkind = 'smplx'\n", r"flame.kind must be"),
+    ("threads = -2\n", r"threads must be >= 0"),
+    ("[select]\ndownscale = -1\n", r"select.downscale must be >= 0"),
+    ("[reconstruct]\ndownscale = -4\n", r"reconstruct.downscale must be >= 0"),
+    ("[select]\nqueue_frames = 0\n", r"select.queue_frames must be >= 1"),
+    ("[capture]\ndownscale = -4\n", r"capture.downscale must be >= 1"),
 ])
 def test_config_errors_name_file_and_key(tmp_path, text, message):
     path = tmp_path / "bad.toml"
@@ -110,3 +115,66 @@ def test_thread_cap_reaches_pools_open3d_and_prefetch(monkeypatch):
     monkeypatch.setenv(threads.ENV, "2")
     producers.clear()
     assert list(prefetch(items())) == [0, 1, 2] and producers[0] is not threading.current_thread()
+
+
+# ---------------------------------------------------------------------------------------------
+# small bad inputs: each a clean error naming the file, nothing touched
+
+
+def _exe():
+    import sys
+    from pathlib import Path
+
+    return str(Path(sys.executable).parent / "facecanon-data")
+
+
+def test_a_non_utf8_or_oversized_manifest_is_refused_naming_the_file(tmp_path):
+    import subprocess
+
+    from facecanon_data.manifest import ManifestError, read_manifest
+
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("900 # Kalibrierung f\xfcr Probanden\n".encode("latin-1"))
+    with pytest.raises(ManifestError, match=r"latin.txt: not UTF-8 text"):
+        read_manifest(latin)
+    r = subprocess.run([_exe(), "build", "--subjects", str(latin), "--out", str(tmp_path / "store")],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "latin.txt: not UTF-8 text" in r.stderr and "Traceback" not in r.stderr
+    long = tmp_path / "long.txt"
+    long.write_text("900 " + "A" * 10_000_000 + "\n")
+    with pytest.raises(ManifestError, match=r"long.txt:1: line of 10000004 characters") as exc:
+        read_manifest(long)
+    assert len(str(exc.value)) < 300
+    seq = tmp_path / "seq.txt"
+    seq.write_text("900 " + "B" * 3000 + "\n")
+    with pytest.raises(ManifestError, match=r"seq.txt:1: invalid sequence name\(s\) 'BBBB.*\(3000 characters\)") as exc:
+        read_manifest(seq)
+    assert len(str(exc.value)) < 300
+    assert not (tmp_path / "store").exists()
+
+
+def test_reconstruct_with_a_mistyped_timestamp_keeps_the_finished_stage(synth_capture, tmp_path):
+    import json
+    import subprocess
+
+    marker = tmp_path / "w" / "900" / "reconstruct" / "_DONE.json"
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"config_hash": "x"}))
+    root = str(synth_capture["out"] / "capture")
+    for spec, message in (("EXP-1-haed:0", "has no sequence 'EXP-1-haed'"), ("EXP-1-head:99", "frame 99 out of range")):
+        r = subprocess.run([_exe(), "reconstruct", "--root", root, "--work", str(tmp_path / "w"), "--timestamps", spec],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and message in r.stderr, r.stderr[-1500:]
+        assert marker.is_file()  # the finished stage is untouched
+
+
+def test_track_with_flame_and_no_embedding_names_the_setting(synth_capture, tmp_path):
+    import subprocess
+
+    pipeline = tmp_path / "flame.toml"
+    pipeline.write_text(f"[capture]\ndownscale = 2\n[flame]\nkind = 'flame'\n"
+                        f"model = '{PROJECT_ROOT / 'flame_assets' / 'synthetic' / 'synthetic_head.pkl'}'\n")
+    r = subprocess.run([_exe(), "track", "--root", str(synth_capture["out"] / "capture"), "--work", str(tmp_path / "w"),
+                        "--pipeline", str(pipeline)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-1500:]
+    assert "flame.toml: flame.embedding is not set" in r.stderr and "Traceback" not in r.stderr

@@ -430,6 +430,19 @@ def parse_timestamps(spec: str) -> list[tuple[str, int]]:
     return out
 
 
+def _check_timestamps(source, subject: str, timestamps: list[tuple[str, int]]) -> None:
+    """Every (sequence, frame) exists in the capture; else ValueError naming the sequence or video."""
+    known = source.sequences(subject)
+    for seq, frame in timestamps:
+        if seq not in known:
+            raise ValueError(f"{source.subject_dir(subject) / 'sequences'}: subject {subject} has no sequence "
+                             f"{seq!r} (sequences: {', '.join(known)})")
+        n = source.num_frames(subject, seq)
+        if not 0 <= frame < n:
+            raise ValueError(f"{source.subject_dir(subject) / 'sequences' / seq}: frame {frame} out of range "
+                             f"(0..{n - 1})")
+
+
 def _dense_flag(rcfg: ReconstructConfig) -> bool:
     from ..devices import colmap_cuda_available
 
@@ -497,6 +510,7 @@ def run_reconstruct(source, subject: str, cfg: PipelineConfig, work, timestamps:
     if timestamps is None:
         timestamps = [(s, f) for s, f, _, _ in read_selection(work, subject)]
     timestamps = sorted(set(timestamps))
+    _check_timestamps(source, subject, timestamps)  # before the finished stage's marker is touched
     _dense_flag(rcfg)  # fail fast on dense = "always" without a device
     downscale = rcfg.downscale or cfg.capture.downscale
     StageDir(work, subject, STAGE).begin()

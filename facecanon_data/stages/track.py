@@ -381,11 +381,14 @@ def run_track(source, subject: str, cfg: PipelineConfig, work, device: str | Non
     """Fit a subject (see module docstring) and write ``{work}/{subject}/track/``."""
     import torch
 
-    from ..flame.assets import load_assets
+    from ..flame.assets import AssetError, load_assets
 
     tcfg = cfg.track
     dev = pick_device(device or tcfg.device)
     assets = load_assets(cfg.flame)
+    if assets.embedding is None:
+        raise AssetError(f"{cfg.source_file or 'the pipeline'}: flame.embedding is not set; tracking needs the "
+                         "MediaPipe landmark embedding (mediapipe_landmark_embedding.npz, see flame_assets/README.md)")
     t0 = time.perf_counter()
     obs = observations if observations is not None else load_observations(work, subject, assets.embedding.mediapipe_idx)
     if not obs:
