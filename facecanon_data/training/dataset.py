@@ -48,20 +48,22 @@ class IndexFilter:
     max_cd_l1_mm: float | None = None
 
 
-def ray_maps(k: np.ndarray, world_2_cam: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Camera centre (3,) and (3, H, W) float32 unit ray directions in world coordinates.
+def ray_maps(k: np.ndarray, world_2_cam: np.ndarray, height: int, width: int,
+             out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Camera centre (3,) and (3, H, W) float32 unit ray directions in world coordinates (into ``out``).
 
-    d_world = R^T K^-1 [u, v, 1]^T, evaluated channel by channel with broadcasting (no (H, W, 3) temporaries).
+    d_world = R^T K^-1 [u, v, 1]^T / |K^-1 [u, v, 1]^T|: R is a rotation, so the norm is that of the camera
+    ray, sqrt(x^2 + y^2 + 1), an outer sum; evaluated channel by channel (no (H, W, 3) temporaries).
     """
     r, t = world_2_cam[:3, :3].astype(np.float64), world_2_cam[:3, 3].astype(np.float64)
     centre = (-r.T @ t).astype(np.float32)
     x = ((np.arange(width) - k[0, 2]) / k[0, 0]).astype(np.float32)[None, :]  # (1, W) assumes no skew
     y = ((np.arange(height) - k[1, 2]) / k[1, 1]).astype(np.float32)[:, None]  # (H, 1)
+    inv_norm = 1.0 / np.sqrt(x * x + y * y + 1.0, dtype=np.float32)  # (H, W)
     r32 = r.astype(np.float32)
-    d = np.empty((3, height, width), np.float32)
+    d = np.empty((3, height, width), np.float32) if out is None else out
     for c in range(3):
-        d[c] = x * r32[0, c] + y * r32[1, c] + r32[2, c]
-    d /= np.sqrt((d * d).sum(0, keepdims=True))
+        np.multiply(x * r32[0, c] + (y * r32[1, c] + r32[2, c]), inv_norm, out=d[c])
     return centre, d
 
 
@@ -199,7 +201,7 @@ class FaceCanonDataset(torch.utils.data.Dataset):
             depths[j], canons[j], masks[j] = resample_labels(raw["depth"][j], raw["canonical"][j], raw["mask"][j], h, w)
             k = scale_intrinsics(raw["K"][j], w / sw, h / sh)
             ks.append(k)
-            centre, dirs[j] = ray_maps(k, raw["world_2_cam"][j], h, w)
+            centre, _ = ray_maps(k, raw["world_2_cam"][j], h, w, out=dirs[j])
             origins.append(centre)
         image = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
         if self.color_jitter > 0 and jitter_key is not None:
