@@ -225,3 +225,25 @@ def test_stage_commands_exit_2_naming_the_calibration(synth_capture, tmp_path):
         assert r.returncode == 2, (args, r.stderr[-1500:])
         assert "camera_params.json: world_2_cam of camera 222200044 is a reflection" in r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_select_exits_2_naming_a_missing_or_truncated_video(synth_capture, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "facecanon-data"
+    root, _ = _subject_copy(synth_capture, tmp_path)
+    images = root / "900" / "sequences" / "EXP-2-eyes" / "images"
+    (images / "cam_222200042.mp4").unlink()
+    frontal = images / f"cam_{FRONTAL_SERIAL}.mp4"
+    frontal.write_bytes(frontal.read_bytes()[:2000])
+    def select():
+        r = subprocess.run([str(exe), "select", "--root", str(root), "--work", str(tmp_path / "w")],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
+        return r.stderr
+
+    assert "EXP-2-eyes/images/cam_222200042.mp4: video file not found" in select()
+    _rewrite_video(images / "cam_222200042.mp4", 8, (832, 1216))  # now only the truncated frontal one is wrong
+    assert f"EXP-2-eyes/images/cam_{FRONTAL_SERIAL}.mp4: " in select()
