@@ -67,17 +67,22 @@ def ray_maps(k: np.ndarray, world_2_cam: np.ndarray, height: int, width: int,
     return centre, d
 
 
-def resample_labels(depth: np.ndarray, canonical: np.ndarray, mask: np.ndarray, height: int, width: int
+def resample_labels(depth: np.ndarray, canonical: np.ndarray, mask: np.ndarray, height: int, width: int,
+                    out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sparse labels (sh, sw) -> (height, width): each valid pixel goes to the target pixel holding its
     centre; where several land on one target pixel the nearest (smallest depth) wins.
 
-    depth (sh, sw) float32 m, canonical (sh, sw, 3), mask (sh, sw) bool -> the same at the new size.
+    depth (sh, sw) float32 m, canonical (sh, sw, 3), mask (sh, sw) bool -> the same at the new size,
+    written into ``out`` (depth, canonical, mask) when given.
     """
     sh, sw = mask.shape
-    out_d = np.zeros((height, width), np.float32)
-    out_c = np.zeros((height, width, 3), np.float32)
-    out_m = np.zeros((height, width), bool)
+    if out is None:
+        out = (np.empty((height, width), np.float32), np.empty((height, width, 3), np.float32),
+               np.empty((height, width), bool))
+    out_d, out_c, out_m = out
+    for a in out:
+        a.fill(0)
     ys, xs = np.nonzero(mask)
     if len(ys) == 0:
         return out_d, out_c, out_m
@@ -187,7 +192,7 @@ class FaceCanonDataset(torch.utils.data.Dataset):
 
         raw = self.read_raw(rows)
         n = len(rows)
-        images = np.empty((n, h, w, 3), np.uint8)
+        images = np.empty((n, 3, h, w), np.float32)  # (N, 3, H, W) in [0, 1]
         depths = np.empty((n, h, w), np.float32)
         canons = np.empty((n, h, w, 3), np.float32)
         masks = np.empty((n, h, w), bool)
@@ -197,13 +202,16 @@ class FaceCanonDataset(torch.utils.data.Dataset):
             rgb = raw["rgb"][j]
             sh, sw = rgb.shape[:2]
             interp = cv2.INTER_AREA if (h < sh and w < sw) else cv2.INTER_LINEAR
-            images[j] = cv2.resize(rgb, (w, h), interpolation=interp)
-            depths[j], canons[j], masks[j] = resample_labels(raw["depth"][j], raw["canonical"][j], raw["mask"][j], h, w)
+            # One strided pass: uint8 (H, W, 3) -> float32 (3, H, W) scaled to [0, 1].
+            np.multiply(cv2.resize(rgb, (w, h), interpolation=interp).transpose(2, 0, 1), np.float32(1 / 255),
+                        out=images[j], casting="unsafe")
+            resample_labels(raw["depth"][j], raw["canonical"][j], raw["mask"][j], h, w,
+                            out=(depths[j], canons[j], masks[j]))
             k = scale_intrinsics(raw["K"][j], w / sw, h / sh)
             ks.append(k)
             centre, _ = ray_maps(k, raw["world_2_cam"][j], h, w, out=dirs[j])
             origins.append(centre)
-        image = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+        image = torch.from_numpy(images)
         if self.color_jitter > 0 and jitter_key is not None:
             image = self._jitter(image, jitter_key)
         r = self.rows
