@@ -322,6 +322,27 @@ def validate_store(store: str | Path, quick: bool = False, sample: int = 8) -> l
     return problems
 
 
+_PER_TIMESTAMP = {"track/expression", "track/global_rot", "track/neck", "track/jaw", "track/left_eye",
+                  "track/right_eye", "track/translation", "track/tracked_vertices"}
+_SIDE_SCHEMA_TEXT = {"points/xyz": "(P, 3) float32", "points/canonical": "(P, 3) float32",
+                     "points/offsets": "(T + 1,) int64", "track/faces": "(F, 3) integer"}
+
+
+def _side_array_schema(name: str, t: int):
+    """A check ``(shape, dtype) -> bool`` for a track/ or points/ array, or None for arrays it does not know."""
+    if name in ("points/xyz", "points/canonical"):
+        return lambda shape, dtype: len(shape) == 2 and shape[1] == 3 and dtype == "float32"
+    if name == "points/offsets":
+        return lambda shape, dtype: shape == (t + 1,) and dtype == "int64"
+    if name == "track/faces":
+        return lambda shape, dtype: len(shape) == 2 and shape[1] == 3 and dtype in ("int32", "int64")
+    if name in _PER_TIMESTAMP:
+        return lambda shape, dtype: len(shape) >= 2 and shape[0] == t and dtype == "float32"
+    if name.startswith("track/"):
+        return lambda shape, dtype: dtype == "float32"
+    return None
+
+
 def _validate_subject(store: Path, pid: str, quick: bool, sample: int) -> tuple[list[str], set]:
     from .chunk_reader import ArrayReader, ChunkError, crc32c
 
@@ -388,12 +409,19 @@ def _validate_subject(store: Path, pid: str, quick: bool, sample: int) -> tuple[
     for group in ("track", "points"):
         folder = path / group
         for sub in sorted(p.parent.name for p in folder.glob("*/zarr.json")):
-            arr = reader(f"{group}/{sub}")
-            if arr is not None:
-                try:
-                    arr.read_all()
-                except ChunkError as exc:
-                    problems.append(str(exc))
+            name = f"{group}/{sub}"
+            arr = reader(name)
+            if arr is None:
+                continue
+            expected = _side_array_schema(name, t)
+            if expected is not None and not expected(tuple(arr.shape), str(arr.dtype)):
+                problems.append(f"{path}/{name}: {tuple(arr.shape)} {arr.dtype} does not fit the schema "
+                                f"({_SIDE_SCHEMA_TEXT.get(name, 'float32, first axis T')})")
+                continue
+            try:
+                arr.read_all()
+            except ChunkError as exc:
+                problems.append(str(exc))
     if len(attrs.get("serials", [])) != v or len(attrs.get("timestamps", [])) != t:
         problems.append(f"{path}: attrs list {len(attrs.get('serials', []))} serials / "
                         f"{len(attrs.get('timestamps', []))} timestamps for arrays of {v} / {t}")

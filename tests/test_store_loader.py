@@ -268,3 +268,13 @@ def _write_same_subject(args):
         write_subject(store, fake_subject("920", seed=seed))
     finally:
         store_module.os.rename = rename
+
+
+def test_side_arrays_are_checked_against_the_schema(store, tmp_path):
+    bad = _copy(store, tmp_path, "side")
+    meta = bad / "subjects" / "901" / "points" / "xyz" / "zarr.json"
+    m = json.loads(meta.read_text())
+    m["data_type"] = "float64"
+    meta.write_text(json.dumps(m))
+    problems = validate_store(bad)
+    assert any("points/xyz: (" in p and "float64 does not fit the schema ((P, 3) float32)" in p for p in problems), problems
