@@ -52,9 +52,16 @@ def _object_new(cls: type, *args: Any) -> Any:
 
 
 def _reconstructor(cls: type, base: type, state: Any) -> Any:
-    if cls is not _ChumpyPlaceholder:
-        raise UnsafePickleError(f"copy_reg._reconstructor for {cls!r} is not allowed")
-    return _ChumpyPlaceholder()
+    """``copy_reg._reconstructor`` (protocols 0 and 1) for exactly the allow-listed classes: chumpy
+    placeholders and scipy's sparse matrices, created bare (``object.__new__``); their state is then set
+    by pickle's BUILD as plain attributes. Anything else is refused."""
+    if cls is _ChumpyPlaceholder:
+        return _ChumpyPlaceholder()
+    import scipy.sparse as sp
+
+    if cls in tuple(getattr(sp, n) for n in _SPARSE_NAMES) and base is object and state is None:
+        return object.__new__(cls)
+    raise UnsafePickleError(f"copy_reg._reconstructor for {cls!r} (base {base!r}) is not allowed")
 
 
 def _sparse_class(name: str) -> type:
