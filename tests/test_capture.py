@@ -179,7 +179,7 @@ def _centre_off(p):
     (_bad_focal, "intrinsics must be finite with positive focal lengths"),
     (_nan_k, "intrinsics must be finite with positive focal lengths"),
     (_no_frontal, f"no calibration for camera\\(s\\) {FRONTAL_SERIAL} whose videos are in"),
-    (_centre_off, "principal point \\(5000, .*\\) lies outside the 832x1216 frames"),
+    (_centre_off, "principal point \\(5000, .*\\) is far from the centre of the 832x1216 frames"),
 ])
 def test_bad_calibrations_are_refused_naming_the_file(synth_capture, tmp_path, edit, message):
     root, calib = _subject_copy(synth_capture, tmp_path)
@@ -247,3 +247,13 @@ def test_select_exits_2_naming_a_missing_or_truncated_video(synth_capture, tmp_p
     assert "EXP-2-eyes/images/cam_222200042.mp4: video file not found" in select()
     _rewrite_video(images / "cam_222200042.mp4", 8, (832, 1216))  # now only the truncated frontal one is wrong
     assert f"EXP-2-eyes/images/cam_{FRONTAL_SERIAL}.mp4: " in select()
+
+
+def test_a_downscaled_release_with_full_size_intrinsics_is_refused(synth_capture, tmp_path):
+    """Videos at half size under a calibration made for the full size: K would be scaled wrong."""
+    root, _ = _subject_copy(synth_capture, tmp_path)
+    for video in (root / "900" / "sequences" / "EXP-1-head" / "images").glob("cam_*.mp4"):
+        _rewrite_video(video, 8, (416, 608))
+    with pytest.raises(CaptureFileError, match=r"camera_params.json: principal point \(416, 608\) is far from the "
+                                               r"centre of the 416x608 frames .* were the videos resized\?"):
+        NeRSembleSource(root).cameras("900", "EXP-1-head")

@@ -22,6 +22,7 @@ from .base import CaptureSource, GroundTruthAccess
 from .video import CaptureFileError, VideoReader
 
 NON_PERFORMANCE_SEQUENCES = ("BACKGROUND",)
+PRINCIPAL_POINT_TOLERANCE = 0.2  # fraction of the frame size the principal point may lie off its centre
 _SUBJECT_RE = re.compile(r"^\d{3}$")
 
 
@@ -158,10 +159,14 @@ class NeRSembleSource(CaptureSource):
                 ref, ref_path = header, path
                 _, k = self._calibration(subject)
                 w, h = header[:2]
-                if not (0 < k[0, 2] < w and 0 < k[1, 2] < h):
+                # K belongs to the full-size frames: a principal point far from their centre means the
+                # videos were resized (a downscaled release) and K would be scaled wrong.
+                if abs(k[0, 2] - w / 2) > PRINCIPAL_POINT_TOLERANCE * w or \
+                        abs(k[1, 2] - h / 2) > PRINCIPAL_POINT_TOLERANCE * h:
                     raise CaptureFileError(f"{self.subject_dir(subject) / 'calibration' / 'camera_params.json'}: "
-                                           f"principal point ({k[0, 2]:.0f}, {k[1, 2]:.0f}) lies outside the "
-                                           f"{w}x{h} frames of {path}")
+                                           f"principal point ({k[0, 2]:.0f}, {k[1, 2]:.0f}) is far from the "
+                                           f"centre of the {w}x{h} frames of {path} (more than "
+                                           f"{PRINCIPAL_POINT_TOLERANCE:.0%} of the size): were the videos resized?")
             elif header[:2] != ref[:2]:
                 raise CaptureFileError(f"{path}: {header[0]}x{header[1]} frames, but {ref_path.name} has "
                                        f"{ref[0]}x{ref[1]} (every camera of a sequence must have one size)")
