@@ -106,6 +106,7 @@ class ArrayReader:
         self.dir = Path(array_dir)
         self.label = label or str(self.dir)
         self.layout = read_layout(self.dir)
+        self.grid = tuple(-(-s // c) for s, c in zip(self.layout.shape, self.layout.chunk_shape))  # chunks per axis
         self._index: dict[tuple[int, ...], np.ndarray] = {}  # shard coords -> (n, 2) uint64 offsets, sizes
 
     @property
@@ -115,10 +116,6 @@ class ArrayReader:
     @property
     def dtype(self) -> np.dtype:
         return self.layout.dtype
-
-    def chunk_grid(self) -> tuple[int, ...]:
-        """Number of chunks along each axis."""
-        return tuple(-(-s // c) for s, c in zip(self.layout.shape, self.layout.chunk_shape))
 
     def _key_path(self, coords: tuple[int, ...]) -> Path:
         return self.dir.joinpath("c", *[str(c) for c in coords]) if coords else self.dir / "c"
@@ -173,8 +170,8 @@ class ArrayReader:
 
     def read_chunk(self, coords: tuple[int, ...]) -> np.ndarray:
         """One chunk, ``chunk_shape`` (clipped at the array's edge), in the array's dtype."""
-        if len(coords) != len(self.layout.shape) or any(not 0 <= c < g for c, g in zip(coords, self.chunk_grid())):
-            raise IndexError(f"{self.label}: chunk {coords} outside the chunk grid {self.chunk_grid()}")
+        if len(coords) != len(self.grid) or any(not 0 <= c < g for c, g in zip(coords, self.grid)):
+            raise IndexError(f"{self.label}: chunk {coords} outside the chunk grid {self.grid}")
         data, path = self._encoded(coords)
         lay = self.layout
         count = int(np.prod(lay.chunk_shape))
@@ -202,7 +199,7 @@ class ArrayReader:
     def read_all(self) -> np.ndarray:
         """The whole array, chunk by chunk (every chunk verified)."""
         out = np.empty(self.layout.shape, self.layout.dtype)
-        for coords in np.ndindex(*self.chunk_grid()):
+        for coords in np.ndindex(*self.grid):
             sl = tuple(slice(i * c, i * c + c) for i, c in zip(coords, self.layout.chunk_shape))
             out[sl] = self.read_chunk(tuple(int(c) for c in coords))
         return out

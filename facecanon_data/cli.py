@@ -293,8 +293,8 @@ def index_cmd(store: Path = typer.Argument(..., help="Store folder."), as_json: 
 
 @app.command("validate")
 def validate_cmd(store: Path = typer.Argument(..., help="Store folder."),
-                 quick: bool = typer.Option(False, "--quick", help="File sizes instead of checksums, and 8 seeded "
-                                            "chunks per image array instead of every chunk."),
+                 quick: bool = typer.Option(False, "--quick", help="Decode 8 seeded chunks per image array instead of "
+                                            "every chunk (file sizes and metadata checksums are checked either way)."),
                  as_json: bool = JsonOpt) -> None:
     """Check every file against the integrity manifest, every chunk's checksum, schema dtypes and shapes,
     NaNs, and index vs arrays; exit 1 listing the problems."""
@@ -302,7 +302,7 @@ def validate_cmd(store: Path = typer.Argument(..., help="Store folder."),
     from .store import subjects, validate_store
 
     problems = validate_store(store, quick=quick)
-    mode = "quick: sizes and sampled chunks" if quick else "full: every file and chunk verified"
+    mode = "quick: every file, sampled chunks" if quick else "full: every file and chunk verified"
     result = {"store": str(store), "valid": not problems, "mode": "quick" if quick else "full",
               "subjects": subjects(store), "problems": problems}
     _emit(result, as_json, "\n".join(problems) if problems else

@@ -1,6 +1,8 @@
 """Small in-memory subjects for store, loader and trainer tests (no pipeline run needed)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from facecanon_data.store import SubjectData
@@ -24,3 +26,22 @@ def fake_subject(pid: str, t: int = 3, views: int = 6, h: int = 60, w: int = 40,
         canonical=rng.normal(0, 0.05, (t, views, h, w, 3)).astype(np.float16), mask=mask, K=k, world_2_cam=w2c,
         track={"shape": np.zeros(10, np.float32)}, points_xyz=[rng.normal(size=(5 + i, 3)) for i in range(t)],
         points_canonical=[rng.normal(size=(5 + i, 3)) for i in range(t)], provenance={"source": "test"})
+
+
+def small_pipeline(path: Path, capture_root, top: str = "", capture: str = "", extra: str = "") -> Path:
+    """A pipeline TOML for fast CLI tests: the synthetic head, 2 + 1 timestamps, short tracking.
+    ``top`` goes before the first table, ``capture`` into ``[capture]``, ``extra`` after everything."""
+    path.write_text(f"""{top}
+[capture]
+root = "{capture_root}"
+downscale = 2
+{capture}
+[flame]
+kind = "synthetic"
+[select]
+num_expression = 2
+num_pose = 1
+[track]
+iterations = [40, 40, 60, 60]
+{extra}""")
+    return path

@@ -95,21 +95,9 @@ def test_sbatch_array_template_runs_the_array_index_subject(tmp_path):
 
 
 def _pipeline(tmp_path, cap, threads=1) -> Path:
-    p = tmp_path / "p.toml"
-    p.write_text(f"""name = "test"
-threads = {threads}
-[capture]
-root = "{cap}"
-downscale = 2
-[flame]
-kind = "synthetic"
-[select]
-num_expression = 2
-num_pose = 1
-[track]
-iterations = [40, 40, 60, 60]
-""")
-    return p
+    from fakes import small_pipeline
+
+    return small_pipeline(tmp_path / "p.toml", cap, top=f'name = "test"\nthreads = {threads}')
 
 
 def _build_cmd(manifest, pipeline, cap, out):

@@ -77,28 +77,11 @@ def test_synth_never_replaces_an_existing_subject(tmp_path):
 
 def _pipeline(folder: Path, frames: int = 6) -> Path:
     """A small pipeline whose paths are relative to the folder it runs in, like pipelines/synthetic.toml."""
-    p = folder / "p.toml"
-    p.write_text(f"""name = "synthetic"
-work = "out/work"
-store = "out/store"
-[capture]
-root = "out/capture"
-ground_truth = "out/ground_truth"
-downscale = 2
-[flame]
-kind = "synthetic"
-[synth]
-out = "out"
-subjects = 1
-sequences = 1
-frames = {frames}
-[select]
-num_expression = 2
-num_pose = 1
-[track]
-iterations = [40, 40, 60, 60]
-""")
-    return p
+    from fakes import small_pipeline
+
+    return small_pipeline(folder / "p.toml", "out/capture", top='name = "synthetic"\nwork = "out/work"\nstore = "out/store"',
+                          capture='ground_truth = "out/ground_truth"',
+                          extra=f'[synth]\nout = "out"\nsubjects = 1\nsequences = 1\nframes = {frames}\n')
 
 
 def test_present_subject_without_calibration_fails_naming_the_file_and_is_untouched(synth_capture, tmp_path):

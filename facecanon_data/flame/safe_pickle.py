@@ -21,7 +21,7 @@ class UnsafePickleError(pickle.UnpicklingError):
 
 
 # A pickled array carries its data, so no legitimate array is larger than the file; sparse matrices
-# are densified by the caller under their own bound (``max_dense_bytes``).
+# are densified by the caller under the FLAME family's bounds (``flame.assets.MAX_JOINTS``, ``MAX_VERTICES``).
 _SLACK_BYTES = 1 << 20
 
 
