@@ -1,15 +1,19 @@
 """Stage outputs on disk: atomic files, provenance, and completion markers written last.
 
 A stage writes its files into ``{work}/{subject}/{stage}/`` and, only after all of them exist, a
-``_DONE.json`` marker with the figures, the configuration hash and the code version. A folder without
-a valid marker is incomplete and is redone; a marker with another config hash is stale.
+``_DONE.json`` marker with the figures, its key and the code version. A folder without a valid marker
+is incomplete and is redone; a marker with another key is stale. Which key a stage must carry is the
+runner's business (:mod:`facecanon_data.orchestration.runner`); this module only stores it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import time
+import uuid
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
@@ -55,23 +59,43 @@ class StageDir:
     def file(self, name: str) -> Path:
         return self.path / name
 
-    def begin(self) -> None:
-        """Start (or restart) the stage: the old marker goes first, so a crash leaves it incomplete."""
+    def begin(self, clear: bool = False) -> None:
+        """Start (or restart) the stage: the old marker goes first, so a crash leaves it incomplete.
+        ``clear`` also removes everything the previous run wrote (outputs of timestamps no longer
+        selected must not survive a rerun)."""
+        if clear:
+            shutil.rmtree(self.path, ignore_errors=True)
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / MARKER).unlink(missing_ok=True)
 
-    def finish(self, config_hash: str, figures: dict[str, Any]) -> dict[str, Any]:
-        record = {"stage": self.stage, "config_hash": config_hash, "code_version": code_version(),
-                  "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "figures": figures}
+    def finish(self, key: str, figures: dict[str, Any], upstream: dict[str, str] | None = None) -> dict[str, Any]:
+        """Write the marker, last: ``key`` identifies what produced the outputs, ``upstream`` the digests
+        of the upstream markers they were made from."""
+        record = {"stage": self.stage, "key": key, "upstream": upstream or {}, "code_version": code_version(),
+                  "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run": uuid.uuid4().hex,
+                  "figures": figures}
         atomic_write(self.path / MARKER, lambda p: p.write_text(json.dumps(record, indent=1, default=str)))
         return record
 
-    def done(self, config_hash: str | None = None) -> dict[str, Any] | None:
-        """The marker if the stage completed (with this config hash, when given), else None."""
+    def done(self, key: str | None = None) -> dict[str, Any] | None:
+        """The marker if the stage completed (with this key, when given), else None."""
+        return read_marker(self.path / MARKER, key)
+
+    def digest(self) -> str | None:
+        """Content hash of the marker (key, figures, a random run id): it changes whenever the stage
+        reruns, so downstream keys that include it follow every rerun."""
         try:
-            record = json.loads((self.path / MARKER).read_text())
-        except (OSError, json.JSONDecodeError):
+            return hashlib.sha256((self.path / MARKER).read_bytes()).hexdigest()[:16]
+        except OSError:
             return None
-        if config_hash is not None and record.get("config_hash") != config_hash:
-            return None
-        return record
+
+
+def read_marker(path: Path, key: str | None = None) -> dict[str, Any] | None:
+    """A marker's record if it exists, parses and (when ``key`` is given) carries that key."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or (key is not None and record.get("key") != key):
+        return None
+    return record

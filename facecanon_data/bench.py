@@ -6,6 +6,7 @@ import time
 
 from .config import PipelineConfig
 from .sources.base import CaptureSource
+from .errors import InputValueError
 
 
 def bench_select(source: CaptureSource, subject: str, cfg: PipelineConfig) -> dict:
@@ -75,8 +76,7 @@ def bench_reconstruct(source: CaptureSource, subject: str, cfg: PipelineConfig, 
             "median_points": float(np.median([t.num_points for t in result.timestamps]))}
 
 
-def bench_track(source: CaptureSource, subject: str, cfg: PipelineConfig, timestamps: int = 8,
-                device: str | None = None) -> dict:
+def bench_track(cfg: PipelineConfig, timestamps: int = 8, device: str | None = None, subject: str = "SYN") -> dict:
     """Seconds per timestamp and peak memory of ``track`` for ``timestamps`` timestamps x 16 views.
 
     Observations are generated from the synthetic head (points sampled on its posed surface, exact
@@ -87,7 +87,8 @@ def bench_track(source: CaptureSource, subject: str, cfg: PipelineConfig, timest
 
     import torch
 
-    from .stages.track import pick_device, run_track, synthetic_observations
+    from .stages.track import pick_device, run_track
+    from .synthetic.observations import synthetic_observations
 
     dev = pick_device(device or cfg.track.device)
     obs, _ = synthetic_observations(cfg, num_timestamps=timestamps, seed=0)
@@ -152,7 +153,7 @@ def bench_transfer(cfg: PipelineConfig, num_points: int = 1_000_000, trimesh_sub
     few = pts[:20000].astype(np.float64)
     t0 = time.perf_counter()
     render_timestamp(few, few, np.ones((len(few), len(serials)), bool), np.ones(len(few), bool), cams, serials,
-                     v, f, np.zeros(len(v), np.uint8))
+                     v, f)
     render_ms = 1000 * (time.perf_counter() - t0) / len(serials)
     return {"bench": "transfer", "points": num_points, "mesh_vertices": len(v), "mesh_triangles": len(f),
             "ours_points_per_s": round(ours_pps), "open3d_points_per_s": round(num_points / o3d_s),
@@ -176,7 +177,7 @@ def bench_loader(store, samples: int = 24, images_per_sample: int = 4, resolutio
     ds = FaceCanonDataset(store, mode="views", images_per_sample=images_per_sample, resolution=resolution, seed=0)
     n = min(samples, len(ds))
     if n == 0:
-        raise ValueError(f"{store}: no samples with {images_per_sample} views per timestamp")
+        raise InputValueError(f"{store}: no samples with {images_per_sample} views per timestamp")
     t0 = time.perf_counter()
     for i in range(n):
         ds.read_raw(ds.samples[i])
@@ -271,7 +272,7 @@ def bench_train(cfg: PipelineConfig, train_config: str = "{project}/pipelines/tr
     tcfg, ev = load_train_config(expand(train_config)), load_eval_config(expand(protocol))
     held_out = set(ev.subjects)
     if held_out & set(tcfg.data.subjects) or not held_out <= set(tcfg.data.exclude_subjects):
-        raise ValueError(f"{tcfg.source_file}: the evaluation subjects {sorted(held_out)} must be excluded from training")
+        raise InputValueError(f"{tcfg.source_file}: the evaluation subjects {sorted(held_out)} must be excluded from training")
     store = expand(cfg.store)
     entries = read_manifest(expand(manifest))
     have = set(store_subjects(store)) if (store / "index.parquet").is_file() else set()
@@ -285,7 +286,7 @@ def bench_train(cfg: PipelineConfig, train_config: str = "{project}/pipelines/tr
         outcomes = build(entries, cfg, spec, str(expand(cfg.work)), str(store))
         failed = [o.subject for o in outcomes if not o.ok]
         if failed:
-            raise RuntimeError(f"building the training store failed for subjects {failed}")
+            raise InputValueError(f"building the training store failed for subjects {failed}")
     out["build_seconds"] = round(time.perf_counter() - t0, 1)
     run_dir = expand(tcfg.out)
     t1 = time.perf_counter()
@@ -304,3 +305,15 @@ def bench_train(cfg: PipelineConfig, train_config: str = "{project}/pipelines/tr
     out["target_epe_ratio"] = 2.0
     out["checkpoint"] = str(run_dir / "last.pt")
     return out
+
+
+# name -> (function, what it needs: "capture" (source, subject, cfg), "store" (store path) or "config" (cfg))
+BENCHES = {
+    "select": (bench_select, "capture"),
+    "reconstruct": (bench_reconstruct, "capture"),
+    "track": (bench_track, "config"),  # generates its observations from the head model: no capture needed
+    "transfer": (bench_transfer, "config"),
+    "loader": (bench_loader, "store"),
+    "build": (bench_build, "config"),
+    "train": (bench_train, "config"),
+}

@@ -80,3 +80,26 @@ def look_at(position: np.ndarray, target: np.ndarray, up: np.ndarray = np.array(
     m[:3, :3] = np.stack([x, y, z])
     m[:3, 3] = -m[:3, :3] @ position
     return m
+
+
+def write_cameras_json(path, cameras: dict[str, Camera]) -> None:
+    """``{serial: {K, world_2_cam, width, height}}`` (the per-timestamp ``cameras.json`` of reconstruct),
+    written atomically."""
+    import json
+    from pathlib import Path
+
+    from .artifacts import atomic_write
+
+    table = {s: {"K": c.K.tolist(), "world_2_cam": c.world_2_cam.tolist(), "width": c.width, "height": c.height}
+             for s, c in cameras.items()}
+    atomic_write(Path(path), lambda p: p.write_text(json.dumps(table)))
+
+
+def read_cameras_json(path) -> dict[str, Camera]:
+    """The cameras a ``cameras.json`` holds (see :func:`write_cameras_json`), serial order kept."""
+    import json
+    from pathlib import Path
+
+    table = json.loads(Path(path).read_text())
+    return {s: Camera(s, np.asarray(c["K"], np.float64), np.asarray(c["world_2_cam"], np.float64), c["width"],
+                      c["height"]) for s, c in table.items()}

@@ -20,12 +20,13 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from .errors import InputError
 
 _EMPTY = np.uint64(2**64 - 1)  # a shard-index entry of a chunk that is not stored
 _SUPPORTED_INNER = ("bytes", "zstd", "crc32c")
 
 
-class ChunkError(ValueError):
+class ChunkError(InputError, ValueError):
     """A chunk of the store is missing, truncated or altered; the message names array, chunk and file."""
 
 

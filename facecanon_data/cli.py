@@ -33,13 +33,10 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def _load(pipeline: Optional[Path], overrides: dict | None = None):
-    from .config import ConfigError, load_pipeline
+    from .config import load_pipeline
     from .paths import default_pipeline
 
-    try:
-        return load_pipeline(pipeline or default_pipeline(), overrides)
-    except ConfigError as exc:
-        _fail(str(exc))
+    return _guarded(load_pipeline, pipeline or default_pipeline(), overrides)
 
 
 def _fail(message: str, code: int = 2):
@@ -48,14 +45,14 @@ def _fail(message: str, code: int = 2):
 
 
 def _guarded(fn, *args, **kwargs):
-    """Run a stage; bad input (missing or malformed files, configuration) becomes a clean error exit."""
-    from .features import ModelFileError
-    from .flame.assets import AssetError
-    from .sources import CaptureFileError
+    """Run ``fn``; bad input (:class:`~facecanon_data.errors.InputError`: a missing or malformed file, a
+    bad setting, a stage run out of order) becomes ``error: ...`` and exit status 2. Anything else is
+    a bug and keeps its traceback."""
+    from .errors import InputError
 
     try:
         return fn(*args, **kwargs)
-    except (FileNotFoundError, CaptureFileError, ValueError, RuntimeError, AssetError, ModelFileError) as exc:
+    except InputError as exc:
         _fail(str(exc))
 
 
@@ -90,7 +87,7 @@ def synth(
     cfg = _load(pipeline, {"synth": overrides})
     from rich.progress import Progress
 
-    from .synthetic.synth import SynthError, synthesize
+    from .synthetic.synth import synthesize
 
     with Progress(transient=True, console=_stderr_console()) as bar:
         task = bar.add_task("rendering videos", total=None)
@@ -98,10 +95,7 @@ def synth(
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        try:
-            report = synthesize(cfg, verify=verify, progress=progress)
-        except SynthError as exc:
-            _fail(str(exc))
+        report = _guarded(synthesize, cfg, verify=verify, progress=progress)
     result = dataclasses.asdict(report)
     rate = report.facemesh_detection_rate
     human = (f"wrote {len(report.subjects)} subject(s) {', '.join(report.subjects)} x {len(report.sequences)} "
@@ -121,171 +115,96 @@ WorkOpt = typer.Option(None, "--work", help="Work folder for stage outputs ({wor
 
 def _open(cfg, root, subject):
     """Capture source and subject id for a stage command, with clear errors."""
-    from .sources import CaptureFileError, open_source
+    from .sources import open_source
 
-    try:
-        source = open_source(cfg.capture, root)
-        if subject is None:
-            subjects = source.subjects()
-            if len(subjects) != 1:
-                _fail(f"{source.root}: --subject is required (subjects: {', '.join(subjects) or 'none'})")
-            subject = subjects[0]
-        source.subject_dir(subject)
-    except (CaptureFileError, ValueError) as exc:
-        _fail(str(exc))
+    source = _guarded(open_source, cfg.capture, root)
+    if subject is None:
+        subjects = source.subjects()
+        if len(subjects) != 1:
+            _fail(f"{source.root}: --subject is required (subjects: {', '.join(subjects) or 'none'})")
+        subject = subjects[0]
+    _guarded(source.check_subject, subject)  # calibration and every video's header, before any stage runs
     return source, subject
 
 
-@app.command("select")
-def select_cmd(root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectOpt, work: Optional[Path] = WorkOpt,
-               pipeline: Optional[Path] = PipelineOpt, as_json: bool = JsonOpt) -> None:
-    """Pick timestamps: MediaPipe on the frontal camera, farthest-point sampling on expression + pose."""
-    _setup_logging()
-    cfg = _load(pipeline)
-    source, subject = _open(cfg, root, subject)
-    from rich.progress import Progress
+def _stage_command(stage):
+    """The subcommand of one stage of the chain: open the capture, run the stage through the runner
+    (reused when its outputs are current, unless ``--force``), print its summary or figures."""
+    import inspect
 
-    from .stages.select import run_select
+    def command(root: Optional[Path], subject: Optional[str], work: Optional[Path], pipeline: Optional[Path],
+                force: bool, as_json: bool, **options) -> None:
+        _setup_logging()
+        cfg = _load(pipeline)
+        store = options.pop("out", None)
+        index = options.pop("index", False)
+        source, subject = _open(cfg, root, subject)
+        from rich.progress import Progress
 
-    with Progress(transient=True, console=_stderr_console()) as bar:
-        task = bar.add_task(f"select {subject}: MediaPipe on {cfg.capture.frontal_serial}", total=None)
-        result = _guarded(run_select, source, subject, cfg, work or cfg.work,
-                          progress=lambda d, t: bar.update(task, completed=d, total=t))
-    fig = result.figures()
-    human = (f"subject {subject}: {result.selected_expression} expression + {result.selected_pose} pose timestamps "
-             f"from {result.frames_processed} frames ({result.backend}, face found in "
-             f"{result.frontal_detect_rate:.1%}, {result.frames_per_second:.0f} frames/s)")
-    if result.gt_coverage_gain is not None:
-        human += (f"\nground truth: expression picks cover the expression space {result.gt_coverage_gain:.2f}x "
-                  f"(p95) / {result.gt_coverage_gain_mean:.2f}x (mean) better than uniform-in-time picks; "
-                  f"all picks {result.gt_coverage_gain_all:.2f}x / {result.gt_coverage_gain_all_mean:.2f}x")
-    _emit(fig, as_json, human)
+        from .orchestration.runner import run_stage
+        from .stages.contract import StageContext
 
-
-@app.command("reconstruct")
-def reconstruct_cmd(root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectOpt, work: Optional[Path] = WorkOpt,
-                    timestamps: Optional[str] = typer.Option(
-                        None, "--timestamps", help="SEQ:FRAME[,SEQ:FRAME...] instead of the select stage's picks."),
-                    pipeline: Optional[Path] = PipelineOpt, as_json: bool = JsonOpt) -> None:
-    """COLMAP with the calibrated cameras on each selected timestamp; keep those with all views registered."""
-    _setup_logging()
-    cfg = _load(pipeline)
-    source, subject = _open(cfg, root, subject)
-    from rich.progress import Progress
-
-    from .stages.reconstruct import parse_timestamps, run_reconstruct
-
-    picks = _guarded(parse_timestamps, timestamps) if timestamps else None
-    with Progress(transient=True, console=_stderr_console()) as bar:
-        task = bar.add_task(f"reconstruct {subject}", total=None)
-        result = _guarded(run_reconstruct, source, subject, cfg, work or cfg.work, timestamps=picks,
-                          progress=lambda d, t: bar.update(task, completed=d, total=t))
-    human = (f"subject {subject}: kept {result.timestamps_kept}/{result.timestamps_total} timestamps "
-             f"(every view registered; min views registered {result.views_registered_min}), "
-             f"median {result.points_median:.0f} points, {'dense' if result.dense else 'sparse'}, "
-             f"{result.seconds_per_timestamp:.1f} s per timestamp")
-    if result.gt_point_error_median_mm is not None:
-        human += f"\nground truth: median point-to-mesh error {result.gt_point_error_median_mm:.3f} mm"
-    for key, why in result.dropped.items():
-        human += f"\ndropped {key}: {why}"
-    _emit(result.figures(), as_json, human)
-
-
-@app.command("track")
-def track_cmd(root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectOpt, work: Optional[Path] = WorkOpt,
-              device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: the pipeline's track.device, auto)."),
-              pipeline: Optional[Path] = PipelineOpt, as_json: bool = JsonOpt) -> None:
-    """Fit FLAME to all kept timestamps jointly (one shape + static offsets), drop outlier timestamps."""
-    _setup_logging()
-    cfg = _load(pipeline)
-    if device not in (None, "cpu", "cuda"):
-        _fail(f"--device must be cpu or cuda, got {device!r}")
-    source, subject = _open(cfg, root, subject)
-    from .stages.track import run_track
-
-    result = _guarded(run_track, source, subject, cfg, work or cfg.work, device=device,
-                      progress=lambda m: logging.getLogger("facecanon_data.track").info(m))
-    human = (f"subject {subject}: tracked {result.timestamps_kept}/{result.timestamps_in} timestamps on {result.device} "
-             f"in {result.seconds:.0f} s; CD-L1 median {result.cd_l1_mm_median:.2f} mm, landmarks "
-             f"{result.landmark_px_median:.2f} px; {result.outliers_removed} outlier(s) removed")
-    for key, why in result.outliers.items():
-        human += f"\n  removed {key}: {why}"
-    if result.gt_vertex_error_mm_mean is not None:
-        human += f"\nground truth: mean face-vertex error {result.gt_vertex_error_mm_mean:.2f} mm"
-    _emit(result.figures(), as_json, human)
-
-
-@app.command("canonicalize")
-def canonicalize_cmd(root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectOpt, work: Optional[Path] = WorkOpt,
-                     pipeline: Optional[Path] = PipelineOpt, as_json: bool = JsonOpt) -> None:
-    """Carry every reconstructed point into canonical space by its nearest tracked-surface deformation."""
-    _setup_logging()
-    cfg = _load(pipeline)
-    source, subject = _open(cfg, root, subject)
-    from .stages.canonicalize import run_canonicalize
-
-    result = _guarded(run_canonicalize, source, subject, cfg, work or cfg.work)
-    human = (f"subject {subject}: {result.points_total} points of {result.timestamps} timestamps canonicalized, "
-             f"median distance to the tracked surface {result.distance_mm_median:.2f} mm, "
-             f"{result.points_far} far (> {cfg.canonicalize.max_distance_mm} mm, {result.far_policy})")
-    _emit(dataclasses.asdict(result), as_json, human)
-
-
-@app.command("render")
-def render_cmd(root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectOpt, work: Optional[Path] = WorkOpt,
-               pipeline: Optional[Path] = PipelineOpt, as_json: bool = JsonOpt) -> None:
-    """Per-view depth, canonical and validity maps, with label-quality figures."""
-    _setup_logging()
-    cfg = _load(pipeline)
-    source, subject = _open(cfg, root, subject)
-    from .stages.render import run_render
-
-    result = _guarded(run_render, source, subject, cfg, work or cfg.work)
-    human = (f"subject {subject}: {result.timestamps} timestamps x {result.views} views rendered "
-             f"({result.ms_per_view:.0f} ms per view), valid fraction {result.valid_fraction:.2%} of the head, "
-             f"cross-view canonical disagreement {result.cross_view_canonical_mm:.2f} mm "
-             f"({result.cross_view_pairs} pairs), {result.canonical_dtype} storage error "
-             f"{result.canonical_storage_error_mm:.3f} mm")
-    if result.gt_canonical_error_mm is not None:
-        human += (f"\nground truth: canonical error median {result.gt_canonical_error_mm:.2f} mm "
-                  f"(p90 {result.gt_canonical_error_mm_p90:.2f}), depth AbsRel median {result.gt_depth_absrel:.5f}")
-    _emit(result.figures(), as_json, human)
-
-
-@app.command("write")
-def write_cmd(store: Path = typer.Option(..., "--out", help="Store folder (created when missing)."),
-              subject: Optional[str] = SubjectOpt, work: Optional[Path] = WorkOpt, root: Optional[Path] = RootOpt,
-              index: bool = typer.Option(True, "--index/--no-index", help="Rebuild index.parquet afterwards."),
-              pipeline: Optional[Path] = PipelineOpt, as_json: bool = JsonOpt) -> None:
-    """Commit a subject's stage outputs to the store (atomically, one writer per subject)."""
-    _setup_logging()
-    cfg = _load(pipeline)
-    _, subject = _open(cfg, root, subject)
-    from .stages.write import run_write
-    from .store import StoreError, build_index
-
-    try:
-        result = run_write(subject, cfg, work or cfg.work, store)
+        with Progress(transient=True, console=_stderr_console()) as bar:
+            task = bar.add_task(f"{stage.name} {subject}", total=None)
+            ctx = StageContext(open_source=lambda: source, subject=subject, cfg=cfg, work=Path(work or cfg.work),
+                               store=store, options=options,
+                               progress=lambda d, t: bar.update(task, completed=d, total=t))
+            run = _guarded(run_stage, stage, ctx, force)
         if index:
-            build_index(store)
-    except (FileNotFoundError, ValueError, StoreError) as exc:
-        _fail(str(exc))
-    _emit(result, as_json, f"subject {subject}: {result['timestamps']} timestamps x {result['views']} views "
-                            f"committed to {result['path']}")
+            from .store import build_index
+
+            _guarded(build_index, store)
+        figures = {**run.figures, "stage": stage.name, "status": run.status}
+        human = stage.describe(subject, run.figures)
+        _emit(figures, as_json, human + ("" if run.status == "ran" else
+                                         "\n(outputs current: reused; --force reruns the stage)"))
+
+    params = [inspect.Parameter("root", inspect.Parameter.KEYWORD_ONLY, default=RootOpt, annotation=Optional[Path]),
+              inspect.Parameter("subject", inspect.Parameter.KEYWORD_ONLY, default=SubjectOpt, annotation=Optional[str]),
+              inspect.Parameter("work", inspect.Parameter.KEYWORD_ONLY, default=WorkOpt, annotation=Optional[Path])]
+    if stage.needs_store:
+        params += [inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Path,
+                                     default=typer.Option(..., "--out", help="Store folder (created when missing).")),
+                   inspect.Parameter("index", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                                     default=typer.Option(True, "--index/--no-index",
+                                                          help="Rebuild index.parquet afterwards."))]
+    params += [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                                 default=typer.Option(None, o.flag, help=o.help)) for o in stage.options]
+    params += [inspect.Parameter("pipeline", inspect.Parameter.KEYWORD_ONLY, default=PipelineOpt,
+                                 annotation=Optional[Path]),
+               inspect.Parameter("force", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                                 default=typer.Option(False, "--force", help="Rerun even if the outputs are current.")),
+               inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, default=JsonOpt, annotation=bool)]
+
+    def entry(**kwargs) -> None:
+        command(**kwargs)
+
+    entry.__signature__ = inspect.Signature(params)
+    entry.__annotations__ = {p.name: p.annotation for p in params}
+    entry.__doc__ = stage.help
+    entry.__name__ = f"{stage.name}_cmd"
+    return entry
+
+
+def _register_stage_commands() -> None:
+    from .stages.chain import CHAIN
+
+    for stage in CHAIN:
+        app.command(stage.name, help=stage.help)(_stage_command(stage))
+
+
+_register_stage_commands()
 
 
 @app.command("index")
 def index_cmd(store: Path = typer.Argument(..., help="Store folder."), as_json: bool = JsonOpt) -> None:
     """Rebuild STORE/index.parquet (one row per view-sample) from the committed subjects."""
     _setup_logging()
-    from .store import StoreError, build_index, read_index, subjects
+    from .store import build_index, read_index, subjects
 
     if not (store / "zarr.json").is_file():
         _fail(f"{store}: not a facecanon-data store (no zarr.json)")
-    try:
-        path = build_index(store)
-    except StoreError as exc:
-        _fail(str(exc))
+    path = _guarded(build_index, store)
     n = read_index(store).num_rows
     _emit({"index": str(path), "rows": n, "subjects": subjects(store)}, as_json,
           f"{path}: {n} view-samples of {len(subjects(store))} subject(s)")
@@ -324,8 +243,8 @@ def build_cmd(subjects_file: Path = typer.Option(..., "--subjects", help="Manife
                                           "the pipeline's [slurm] table)"),
               subject: Optional[str] = typer.Option(None, "--subject", help="Run only this subject, in this process "
                                                     "(one subject per batch job)."),
-              force: list[str] = typer.Option([], "--force", help="Redo a stage even if it completed: select, "
-                                              "reconstruct, track, canonicalize, render, write (repeatable)."),
+              force: list[str] = typer.Option([], "--force", help="Redo a stage even if its outputs are current, and "
+                                              "with it every stage downstream (repeatable; names as in `--help`)."),
               workers: int = typer.Option(0, "--workers", min=0, help="Local cluster worker processes (0 = one per core)."),
               threads: Optional[int] = typer.Option(None, "--threads", min=0, help="Threads per stage (COLMAP, torch); "
                                                     "1 makes runs bit-reproducible. Default: the pipeline's."),
@@ -334,14 +253,12 @@ def build_cmd(subjects_file: Path = typer.Option(..., "--subjects", help="Manife
     import os
 
     _setup_logging()
-    from .manifest import ManifestError, read_manifest
-    from .orchestration.build import STAGES, SourceSpec
+    from .manifest import read_manifest
+    from .orchestration.build import SourceSpec
     from .paths import PROJECT_ROOT, expand
+    from .stages.chain import STAGES
 
-    try:
-        entries = read_manifest(subjects_file)  # refuses bad ids before any work
-    except ManifestError as exc:
-        _fail(str(exc))
+    entries = _guarded(read_manifest, subjects_file)  # refuses bad ids before any work
     bad = [f for f in force if f not in STAGES]
     if bad:
         _fail(f"--force takes stage names {', '.join(STAGES)}; got {bad}")
@@ -358,6 +275,7 @@ def build_cmd(subjects_file: Path = typer.Option(..., "--subjects", help="Manife
     from rich.console import Console
     from rich.table import Table
 
+    from .errors import InputError
     from .orchestration.run import build, ensure_synthetic_capture
 
     names = [e.subject for e in entries]
@@ -374,14 +292,14 @@ def build_cmd(subjects_file: Path = typer.Option(..., "--subjects", help="Manife
         with RichBuildProgress(_stderr_console()) as progress:
             outcomes = build(entries, cfg, spec, work_dir, store, cluster, subject, tuple(force),
                              progress=progress, workers=workers)
-    except (ValueError, OSError) as exc:
+    except InputError as exc:
         _fail(str(exc))
     table = Table(title=f"build: {sum(o.ok for o in outcomes)} ok, {sum(not o.ok for o in outcomes)} failed -> {store}")
-    for col in ("subject", "status", "timestamps kept/selected", "dropped", "seconds per stage"):
+    for col in ("subject", "status", "timestamps kept/selected", "dropped", "seconds per stage (* reused)"):
         table.add_column(col)
     for o in outcomes:
         status = "ok" if o.ok else f"FAILED in {o.failed_stage}: {o.reason}"
-        secs = " ".join(f"{k} {v:.0f}" for k, v in o.seconds.items())
+        secs = " ".join(f"{k}{'*' if o.stages.get(k) == 'reused' else ''} {v:.0f}" for k, v in o.seconds.items())
         table.add_row(o.subject, status, f"{o.timestamps_kept}/{o.timestamps_selected}",
                       "; ".join(f"{k}: {v}" for k, v in o.dropped.items()) or "-", secs)
     (_stderr_console() if as_json else Console()).print(table)  # stdout stays one JSON line with --json
@@ -430,15 +348,11 @@ def manifest_cmd(root: Optional[Path] = typer.Option(None, "--root", help="NeRSe
                                                          "(the participant list, no download needed)."),
                  out: Path = typer.Option(Path("manifests/nersemble.txt"), "--out", help="Manifest to write.")) -> None:
     """Regenerate the training manifest (the paper's test subjects left out)."""
-    from .manifest import ManifestError, write_training_manifest
-    from .sources import CaptureFileError
+    from .manifest import write_training_manifest
 
     if (root is None) == (metadata is None):
         _fail("give exactly one of --root DIR and --metadata CSV")
-    try:
-        subjects = write_training_manifest(root, out, metadata)
-    except (CaptureFileError, ManifestError) as exc:
-        _fail(str(exc))
+    subjects = _guarded(write_training_manifest, root, out, metadata)
     typer.echo(f"{out}: {len(subjects)} training subjects")
 
 
@@ -447,13 +361,9 @@ TrainConfigOpt = typer.Option(None, "--config", help="Trainer TOML (default: pip
 
 def _load_config(loader, path: Optional[Path], default: str, *args):
     """``loader(path or pipelines/DEFAULT, *args)``; a configuration error becomes a clean exit."""
-    from .config import ConfigError
     from .paths import PROJECT_ROOT
 
-    try:
-        return loader(path or PROJECT_ROOT / "pipelines" / default, *args)
-    except ConfigError as exc:
-        _fail(str(exc))
+    return _guarded(loader, path or PROJECT_ROOT / "pipelines" / default, *args)
 
 
 def _require_store(store: Path) -> None:
@@ -541,27 +451,20 @@ def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, re
     """Run a benchmark: the target and its named baseline measured in the same run, and their ratio."""
     _setup_logging()
     cfg = _load(pipeline)
-    benches = {"select": "bench_select", "reconstruct": "bench_reconstruct", "track": "bench_track",
-               "transfer": "bench_transfer", "loader": "bench_loader", "build": "bench_build", "train": "bench_train"}
-    if name not in benches:
-        _fail(f"unknown benchmark {name!r} (available: {', '.join(benches)})")
     from . import bench
 
-    if name == "track":  # generates its observations from the head model: no capture needed
-        result = bench.bench_track(None, subject or "SYN", cfg)
-    elif name == "transfer":
-        result = bench.bench_transfer(cfg)
-    elif name == "build":
-        result = bench.bench_build(cfg)
-    elif name == "train":
-        result = _guarded(bench.bench_train, cfg)
-    elif name == "loader":
-        if store is None:
-            _fail("bench loader needs --store STORE (e.g. one written by `facecanon-data write`)")
-        result = bench.bench_loader(store)
-    else:
+    if name not in bench.BENCHES:
+        _fail(f"unknown benchmark {name!r} (available: {', '.join(bench.BENCHES)})")
+    fn, needs = bench.BENCHES[name]
+    if needs == "capture":
         source, subject = _open(cfg, root, subject)
-        result = getattr(bench, benches[name])(source, subject, cfg)
+        result = _guarded(fn, source, subject, cfg)
+    elif needs == "store":
+        if store is None:
+            _fail(f"bench {name} needs --store STORE (e.g. one written by `facecanon-data build`)")
+        result = _guarded(fn, store)
+    else:
+        result = _guarded(fn, cfg)
     human = "\n".join(f"{k}: {v}" for k, v in result.items())
     _emit(result, as_json, human)
 

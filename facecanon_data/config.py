@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from .cameras import FRONTAL_SERIAL
+from .errors import InputError
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A pipeline file is unreadable or has an unknown / mistyped key; names the file and key."""
 
 
@@ -161,7 +162,6 @@ class RenderConfig:
     splat_radius_px: int = 0  # sparse points cover (2r+1)^2 pixels; 0 = the pixel they project to
     canonical_dtype: str = "float16"  # storage dtype of canonical maps (error reported per run)
     consistency_depth_mm: float = 3.0  # depth agreement for "two views see the same surface point"
-    region_map: bool = True  # also ray-cast the tracked mesh for a per-view FLAME region map
 
 
 @dataclass

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from .errors import InputError
 
 POSE_DIM = 6
 TRANSLATION_WEIGHT = 0.5
@@ -29,7 +30,7 @@ FACE_LANDMARKER_ENV = "FACECANON_FACE_LANDMARKER"
 NOMINAL_HEAD_WIDTH_CM = 15.0  # MediaPipe's canonical face model is in centimetres
 
 
-class ModelFileError(FileNotFoundError):
+class ModelFileError(InputError, FileNotFoundError):
     """A configured model file does not exist; names the path and where it was configured."""
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from .errors import InputError
 
 _ID = re.compile(r"^\d{3}$")
 _SEQUENCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+\-]{0,127}$")  # NeRSemble's longest name is ~35 characters
@@ -21,7 +22,7 @@ MAX_BYTES = 16 << 20  # a manifest of every NeRSemble subject is a few kilobytes
 TEST_SUBJECTS = ("043", "128", "236", "306", "474")
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError, ValueError):
     """A manifest line is not ``ID [SEQUENCE ...]`` with a 3-digit id; names the file and line."""
 
 

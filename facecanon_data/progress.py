@@ -1,16 +1,14 @@
-"""Progress display of ``build``: one rich bar per stage (reconstruct and render count timestamps, the
-others subjects), failures printed as they happen. The orchestration only calls the methods of
-:class:`BuildProgress`; this module is the terminal side of it."""
+"""Progress display of ``build``: one rich bar per stage of the chain (fan-out stages count their
+units, the others subjects), failures printed as they happen. The orchestration only calls the methods
+of :class:`BuildProgress`; this module is the terminal side of it."""
 from __future__ import annotations
 
 from typing import Protocol
 
-STAGE_BARS = ("select", "reconstruct", "track", "render", "write")
-
 
 class BuildProgress(Protocol):
-    def start(self, subjects: list[str]) -> None: ...
-    def timestamps(self, subject: str, count: int) -> None: ...
+    def start(self, subjects: list[str], stages: dict[str, bool]) -> None: ...
+    def units(self, subject: str, stage: str, count: int) -> None: ...
     def done(self, subject: str, stage: str) -> None: ...
     def failed(self, subject: str, stage: str, reason: str) -> None: ...
 
@@ -26,6 +24,7 @@ class RichBuildProgress:
         self.progress = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), console=self.console, transient=False)
         self.bars: dict[str, int] = {}
+        self.fans_out: dict[str, bool] = {}
         self.failures = 0
 
     def __enter__(self) -> "RichBuildProgress":
@@ -35,17 +34,21 @@ class RichBuildProgress:
     def __exit__(self, *exc) -> None:
         self.progress.stop()
 
-    def start(self, subjects: list[str]) -> None:
-        for stage in STAGE_BARS:
+    def start(self, subjects: list[str], stages: dict[str, bool]) -> None:
+        """``stages``: stage name -> whether it fans out (its bar then counts units, added by ``units``)."""
+        for stage, fans_out in stages.items():
             if stage not in self.bars:
                 self.bars[stage] = self.progress.add_task(stage, total=0)
-            # the reconstruct total counts timestamps: it grows as select reports each subject's picks
-            if stage != "reconstruct":
-                self.progress.update(self.bars[stage], total=self.progress.tasks[self.bars[stage]].total + len(subjects))
+                self.fans_out[stage] = fans_out
+            if not fans_out:
+                self._grow(stage, len(subjects))
 
-    def timestamps(self, subject: str, count: int) -> None:
-        bar = self.bars["reconstruct"]
-        self.progress.update(bar, total=self.progress.tasks[bar].total + count)
+    def _grow(self, stage: str, count: int) -> None:
+        bar = self.bars[stage]
+        self.progress.update(bar, total=max(0, self.progress.tasks[bar].total + count))
+
+    def units(self, subject: str, stage: str, count: int) -> None:
+        self._grow(stage, count)
 
     def done(self, subject: str, stage: str) -> None:
         if stage in self.bars:
@@ -53,9 +56,8 @@ class RichBuildProgress:
 
     def failed(self, subject: str, stage: str, reason: str) -> None:
         self.failures += 1
-        stage = "reconstruct" if stage.startswith("reconstruct") else stage
         self.progress.console.print(f"[red]subject {subject} failed in {stage}[/red]: {reason}")
-        for later in STAGE_BARS[STAGE_BARS.index(stage) + 1 if stage in STAGE_BARS else 0:]:
-            if later != "reconstruct":  # the subject's remaining stages will not run
-                bar = self.bars[later]
-                self.progress.update(bar, total=max(0, self.progress.tasks[bar].total - 1))
+        names = list(self.bars)
+        for later in names[names.index(stage) + 1 if stage in names else 0:]:
+            if not self.fans_out[later]:  # the subject's remaining stages will not run
+                self._grow(later, -1)

@@ -43,13 +43,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from .errors import InputError
 
 SCHEMA_VERSION = 2  # 2: crc32c per chunk, every chunk written, integrity manifest
 IMAGE_ARRAYS = {"rgb": "uint8", "depth": "float32", "canonical": "float16", "mask": "bool"}
 CAMERA_ARRAYS = {"K": (3, 3), "world_2_cam": (4, 4)}
 
 
-class StoreError(ValueError):
+class StoreError(InputError, ValueError):
     """The store or a subject in it is malformed; names the path and the problem."""
 
 

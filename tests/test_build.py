@@ -177,16 +177,17 @@ def test_progress_bars_count_stages_and_failures():
     from rich.console import Console
 
     from facecanon_data.progress import RichBuildProgress
+    from facecanon_data.stages.chain import CHAIN
 
     console = Console(file=StringIO(), width=100)
     with RichBuildProgress(console) as p:
-        p.start(["900", "901"])
-        p.timestamps("900", 3)
-        p.timestamps("901", 2)
+        p.start(["900", "901"], {s.name: s.fans_out for s in CHAIN})
+        p.units("900", "reconstruct", 3)
+        p.units("901", "reconstruct", 2)
         for _ in range(3):
             p.done("900", "reconstruct")
-        p.failed("901", "reconstruct-summary", "calibration.json: malformed")
-        for stage in ("select", "track", "render", "write"):
+        p.failed("901", "reconstruct", "calibration.json: malformed")
+        for stage in ("select", "track", "canonicalize", "render", "write"):
             p.done("900", stage)
     tasks = {t.description: (t.completed, t.total) for t in p.progress.tasks}
     assert tasks["reconstruct"] == (3, 5) and tasks["track"] == (1, 1) and tasks["write"] == (1, 1)

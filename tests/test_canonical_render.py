@@ -10,7 +10,7 @@ from facecanon_data.config import load_pipeline
 from facecanon_data.paths import default_pipeline
 from facecanon_data.stages.canonicalize import transfer_to_canonical
 from facecanon_data.stages.render import cross_view_canonical_mm, render_timestamp, splat
-from facecanon_data.stages.track import synthetic_observations
+from facecanon_data.synthetic.observations import synthetic_observations
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +59,9 @@ def test_rigid_motion_of_the_head_leaves_canonical_maps_unchanged(scene):
     moved_cams = {s: Camera(s, c.K, c.world_2_cam @ inv, c.width, c.height) for s, c in o.cameras.items()}
     seen = np.ones((len(o.points), len(serials)), bool)
     keep = np.ones(len(o.points), bool)
-    a = render_timestamp(o.points, base, seen, keep, o.cameras, serials, posed, f, None)
+    a = render_timestamp(o.points, base, seen, keep, o.cameras, serials, posed, f)
     b = render_timestamp(_rigid(o.points, rot, trans), moved, seen, keep, moved_cams, serials,
-                         _rigid(posed, rot, trans), f, None)
+                         _rigid(posed, rot, trans), f)
     assert a.mask.sum() > 1000
     assert (a.mask == b.mask).mean() > 0.999
     both = a.mask & b.mask
@@ -87,7 +87,7 @@ def test_canonical_maps_of_two_views_agree_on_shared_points(scene):
     can = transfer_to_canonical(o.points, posed, canon, f).canonical
     serials = ["222200037", "222200038"]
     seen = np.ones((len(o.points), 2), bool)
-    maps = render_timestamp(o.points, can, seen, np.ones(len(o.points), bool), o.cameras, serials, posed, f, None)
+    maps = render_timestamp(o.points, can, seen, np.ones(len(o.points), bool), o.cameras, serials, posed, f)
     shared = np.intersect1d(maps.index[0][maps.mask[0]], maps.index[1][maps.mask[1]])
     assert len(shared) > 100
     for pid in shared[:200]:

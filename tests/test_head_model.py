@@ -5,7 +5,7 @@ import numpy as np
 
 from facecanon_data import facemesh_topology as fmt
 from facecanon_data.flame.lbs import FlameLayer, FlameParams
-from facecanon_data.synthetic.head_model import EXPRESSION_NAMES, IDENTITY_NAMES
+from facecanon_data.flame.synthetic_head import EXPRESSION_NAMES, IDENTITY_NAMES
 
 
 def _expr(model, name, amount=1.0):

@@ -10,7 +10,13 @@ from facecanon_data.config import load_pipeline
 from facecanon_data.devices import colmap_cuda_available
 from facecanon_data.paths import default_pipeline
 from facecanon_data.sources import NeRSembleSource
-from facecanon_data.stages.reconstruct import read_points, run_reconstruct, timestamp_dir
+from facecanon_data.orchestration.runner import run_stage
+from facecanon_data.stages.chain import STAGES
+from facecanon_data.stages.contract import StageContext
+from facecanon_data.stages.reconstruct import (read_points, result_from_dict, run_reconstruct, summarize_reconstruct,
+                                               timestamp_dir)
+
+PICKS = [("EXP-1-head", 2), ("EXP-2-eyes", 5)]
 
 
 class _NoisyCamera(NeRSembleSource):
@@ -33,8 +39,19 @@ def reconstructed(synth_capture, tmp_path_factory):
     source = _NoisyCamera(out / "capture", out / "ground_truth")
     cfg = load_pipeline(default_pipeline(), {"reconstruct": {"dense": "never"}})
     work = tmp_path_factory.mktemp("work")
-    result = run_reconstruct(source, "900", cfg, work, timestamps=[("EXP-1-head", 2), ("EXP-2-eyes", 5)])
-    return result, work, source, cfg
+    run = run_stage(STAGES["reconstruct"], _context(source, cfg, work))
+    assert run.status == "ran" and run.units_ran == 2
+    return summarize_reconstruct("900", _unit_results(work)), work, source, cfg
+
+
+def _context(source, cfg, work) -> StageContext:
+    return StageContext(open_source=lambda: source, subject="900", cfg=cfg, work=work,
+                        options={"timestamps": ",".join(f"{s}:{f}" for s, f in PICKS)})
+
+
+def _unit_results(work):
+    return [result_from_dict(json.loads((timestamp_dir(work, "900", s, f) / "_DONE.json").read_text())["result"])
+            for s, f in PICKS]
 
 
 def test_clean_timestamp_kept_with_all_views_and_accurate(reconstructed):
@@ -92,12 +109,15 @@ def test_sparse_depth_maps_agree_with_ground_truth(reconstructed):
     assert np.median(err) < 0.002  # metres, at pixel-centre sampling
 
 
-def test_completion_markers_and_resume(reconstructed):
+def test_the_runner_resumes_per_timestamp(reconstructed):
     result, work, source, cfg = reconstructed
-    for t in result.timestamps:
-        assert (timestamp_dir(work, "900", t.sequence, t.frame) / "_DONE.json").is_file()
-    again = run_reconstruct(source, "900", cfg, work, timestamps=[("EXP-1-head", 2), ("EXP-2-eyes", 5)])
-    assert [t.total_seconds for t in again.timestamps] == [t.total_seconds for t in result.timestamps]  # reused
+    assert STAGES["reconstruct"].describe("900", run_stage(STAGES["reconstruct"], _context(source, cfg, work)).figures)
+    assert run_stage(STAGES["reconstruct"], _context(source, cfg, work)).status == "reused"  # current: nothing runs
+    (work / "900" / "reconstruct" / "_DONE.json").unlink()  # a crash after the timestamps, before the summary
+    again = run_stage(STAGES["reconstruct"], _context(source, cfg, work))
+    assert (again.status, again.units_ran, again.units_reused) == ("ran", 0, 2)
+    assert again.figures["kept"] == [t.key for t in result.timestamps if t.kept]
+    assert [t.total_seconds for t in _unit_results(work)] == [t.total_seconds for t in result.timestamps]
 
 
 @pytest.mark.skipif(not colmap_cuda_available(),

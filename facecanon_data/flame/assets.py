@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from ..artifacts import atomic_write
+from ..errors import InputError, InputFileNotFound
 
 FLAME_NUM_SHAPE = 300  # FLAME's shapedirs: 300 identity columns followed by 100 expression columns.
 FLAME_NUM_JOINTS = 5  # global, neck, jaw, left eye, right eye
@@ -19,7 +21,7 @@ MASK_NAMES = ("face", "neck", "scalp", "boundary", "eyeballs", "left_eyeball", "
 _REQUIRED_KEYS = ("v_template", "f", "shapedirs", "posedirs", "J_regressor", "weights", "kintree_table")
 
 
-class AssetError(ValueError):
+class AssetError(InputError, ValueError):
     """A model, mask or embedding file is missing a key or has a wrong shape; names the file."""
 
 
@@ -163,7 +165,7 @@ def load_flame_model(path: str | Path, cache: bool = True) -> FlameModel:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: FLAME model file not found (see flame_assets/README.md)")
+        raise InputFileNotFound(f"{path}: FLAME model file not found (see flame_assets/README.md)")
     digest = _file_digest(path)
     if path.suffix == ".npz":
         return _model_from_npz(path, digest)
@@ -190,12 +192,10 @@ def load_flame_model(path: str | Path, cache: bool = True) -> FlameModel:
 
 
 def _save_npz(model: FlameModel, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, v_template=model.v_template, faces=model.faces, shapedirs=model.shapedirs,
-             exprdirs=model.exprdirs, posedirs=model.posedirs, J_regressor=model.J_regressor,
-             lbs_weights=model.lbs_weights, parents=model.parents,
-             source_digest=np.array(model.digest), cache_version=np.array(_CACHE_VERSION))
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: np.savez(
+        tmp, v_template=model.v_template, faces=model.faces, shapedirs=model.shapedirs, exprdirs=model.exprdirs,
+        posedirs=model.posedirs, J_regressor=model.J_regressor, lbs_weights=model.lbs_weights, parents=model.parents,
+        source_digest=np.array(model.digest), cache_version=np.array(_CACHE_VERSION)))
 
 
 def _model_from_npz(path: Path, digest: str, source: str | None = None) -> FlameModel:
@@ -238,7 +238,7 @@ def load_landmark_embedding(path: str | Path, num_faces: int) -> LandmarkEmbeddi
     """Read a MediaPipe landmark embedding (``lmk_face_idx``, ``lmk_b_coords``, ``landmark_indices``)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: landmark embedding not found")
+        raise InputFileNotFound(f"{path}: landmark embedding not found")
     with np.load(path, allow_pickle=False) as z:
         missing = [k for k in ("lmk_face_idx", "lmk_b_coords", "landmark_indices") if k not in z.files]
         if missing:
@@ -258,7 +258,7 @@ def load_assets(flame_cfg) -> FlameAssets:
     from ..paths import expand
 
     if flame_cfg.kind == "synthetic":
-        from ..synthetic.head_model import ensure_head_model
+        from .synthetic_head import ensure_head_model
 
         files = ensure_head_model(expand(flame_cfg.synthetic_dir))
         model_path, masks_path, emb_path = files.model, files.masks, files.embedding

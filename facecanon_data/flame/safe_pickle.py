@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ..errors import InputError, InputFileNotFound
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(InputError, pickle.UnpicklingError):
     """Raised when a pickle names a global outside the allow-list, or asks for more memory than it can hold."""
 
 
@@ -157,7 +158,7 @@ def safe_load_pickle(path: str | Path) -> Any:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise InputFileNotFound(f"{path}: no such file")
     data = path.read_bytes()
     try:
         obj = RestrictedUnpickler(io.BytesIO(data), encoding="latin1",

@@ -10,6 +10,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from ..config import PipelineConfig
 from ..manifest import ManifestEntry
 from .build import SourceSpec, SubjectOutcome, run_build_dask, run_subject_inline
+from ..errors import InputValueError
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def make_client(cluster: str, workers: int = 0, threads: int = 0, slurm=None):
         log.info("SLURM: %d CPU job(s) and %d GPU job(s) queued; tasks start as workers join", slurm.cpu_jobs,
                  slurm.gpu_jobs)
         return Client(sc), slurm.gpu_jobs > 0
-    raise ValueError(f"--cluster must be 'local', 'slurm' or tcp://host:port, got {cluster!r}")
+    raise InputValueError(f"--cluster must be 'local', 'slurm' or tcp://host:port, got {cluster!r}")
 
 
 def ensure_synthetic_capture(cfg: PipelineConfig, root: str, subjects: list[str]) -> str:
@@ -95,7 +96,7 @@ def ensure_synthetic_capture(cfg: PipelineConfig, root: str, subjects: list[str]
     missing = [s for s in subjects if s not in present]
     not_synthetic = [s for s in missing if int(s) < FIRST_SYNTHETIC_ID]
     if not_synthetic:
-        raise ValueError(f"{root_dir}: subjects {', '.join(not_synthetic)} are missing and are not synthetic ids "
+        raise InputValueError(f"{root_dir}: subjects {', '.join(not_synthetic)} are missing and are not synthetic ids "
                          f"({FIRST_SYNTHETIC_ID}+), so they cannot be rendered")
     if missing:
         log.info("rendering %d missing synthetic subject(s) %s into %s", len(missing), ", ".join(missing),
@@ -113,7 +114,7 @@ def build(entries: list[ManifestEntry], cfg: PipelineConfig, spec: SourceSpec, w
     subjects = [e.subject for e in entries]
     if subject is not None:
         if subject not in subjects:
-            raise ValueError(f"subject {subject} is not in the manifest")
+            raise InputValueError(f"subject {subject} is not in the manifest")
         outcomes = [run_subject_inline(spec, subject, _with_sequences(cfg, entries, subject), work, store, force)]
     else:
         client, gpu = make_client(cluster, workers, cfg.threads, cfg.slurm)

@@ -41,6 +41,12 @@ class CaptureSource(ABC):
     def cameras(self, subject: str, sequence: str | None = None, downscale: float = 1) -> dict[str, Camera]:
         """Calibrated cameras, intrinsics scaled to images downscaled by ``downscale``."""
 
+    def check_subject(self, subject: str) -> None:
+        """Fail early, naming the file, when a subject's calibration or videos are unusable."""
+        for sequence in self.sequences(subject):
+            self.cameras(subject, sequence)
+            self.num_frames(subject, sequence)
+
     @abstractmethod
     def num_frames(self, subject: str, sequence: str) -> int:
         """Number of synchronized timestamps in a sequence."""

@@ -6,6 +6,7 @@ vector of every pixel; images are sRGB-encoded before and after.
 from __future__ import annotations
 
 import numpy as np
+from ..errors import InputValueError
 
 
 def srgb_to_linear(x: np.ndarray) -> np.ndarray:
@@ -32,7 +33,7 @@ def augment_cheung2004(rgb: np.ndarray, terms: int) -> np.ndarray:
         14: [r, g, b, r * g, r * b, g * b, r * r, g * g, b * b, r * g * b, r ** 3, g ** 3, b ** 3, one],
     }
     if terms not in table:
-        raise ValueError(f"unsupported colour-correction term count {terms} (supported: {sorted(table)})")
+        raise InputValueError(f"unsupported colour-correction term count {terms} (supported: {sorted(table)})")
     return np.stack(table[terms], 1)
 
 

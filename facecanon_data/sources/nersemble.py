@@ -20,6 +20,7 @@ from ..cameras import NERSEMBLE_SERIALS, Camera
 from ..threads import pool_size
 from .base import CaptureSource, GroundTruthAccess
 from .video import CaptureFileError, VideoReader
+from ..errors import InputValueError
 
 NON_PERFORMANCE_SEQUENCES = ("BACKGROUND",)
 PRINCIPAL_POINT_TOLERANCE = 0.2  # fraction of the frame size the principal point may lie off its centre
@@ -75,7 +76,7 @@ class NeRSembleSource(CaptureSource):
     # -- layout --------------------------------------------------------------------------------
     def subject_dir(self, subject: str) -> Path:
         if not _SUBJECT_RE.match(subject):
-            raise ValueError(f"subject id {subject!r} is not a 3-digit NeRSemble id")
+            raise InputValueError(f"subject id {subject!r} is not a 3-digit NeRSemble id")
         path = self.root / subject
         if not path.is_dir():
             raise CaptureFileError(f"{path}: subject folder not found")
@@ -175,6 +176,13 @@ class NeRSembleSource(CaptureSource):
                                        "(every camera of a sequence must have one frame count)")
         return ref
 
+    def check_subject(self, subject: str) -> None:
+        """Parse the calibration and every performance sequence's video headers: a malformed calibration,
+        a missing, truncated or disagreeing video is a :class:`CaptureFileError` naming the file."""
+        self._calibration(subject)
+        for sequence in self.sequences(subject):
+            self._videos(subject, sequence)
+
     def image_size(self, subject: str, sequence: str | None = None) -> tuple[int, int]:
         """(width, height) at full resolution, from the video headers (calibration has no size)."""
         width, height, _ = self._videos(subject, sequence or self.sequences(subject)[0])
@@ -253,7 +261,7 @@ class NeRSembleSource(CaptureSource):
     def ground_truth(self, subject: str) -> GroundTruthAccess | None:
         if self.ground_truth_root is None or not (self.ground_truth_root / subject).is_dir():
             return None
-        from ..synthetic.ground_truth import SyntheticGroundTruth
+        from .ground_truth import SyntheticGroundTruth
 
         return SyntheticGroundTruth(self.ground_truth_root / subject, self.cameras(subject),
                                     self.subject_dir(subject) / "calibration" / "camera_params.json")

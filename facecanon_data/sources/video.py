@@ -5,9 +5,10 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+from ..errors import InputError, InputValueError
 
 
-class CaptureFileError(OSError):
+class CaptureFileError(InputError, OSError):
     """A capture file is missing or unreadable; the message names the file."""
 
 
@@ -98,7 +99,7 @@ class VideoWriter:
         import cv2
 
         if (rgb.shape[1], rgb.shape[0]) != self.size:
-            raise ValueError(f"{self.path}: frame size {rgb.shape[1]}x{rgb.shape[0]} != {self.size}")
+            raise InputValueError(f"{self.path}: frame size {rgb.shape[1]}x{rgb.shape[0]} != {self.size}")
         self._w.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
 
     def close(self) -> None:

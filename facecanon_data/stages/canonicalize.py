@@ -4,24 +4,25 @@ Each point takes the deformation of its nearest point on the tracked FLAME surfa
 point (open3d, triangle + barycentrics) on the posed mesh, where the per-vertex deformation
 ``canonical - posed`` is interpolated barycentrically and added to the point. A point on the surface
 thus lands exactly on the canonical surface; a point off it keeps its offset (unrotated, as in the
-paper's recipe). Per point we keep its distance to the surface and a region label from the vertex
-masks. Points farther than ``max_distance_mm`` are flagged ``far`` and kept or dropped by config.
+paper's recipe). Points farther than ``max_distance_mm`` from the surface are flagged ``far`` and
+kept or dropped by config; the figures count the kept points per FLAME region (vertex masks).
 
 Outputs in ``{work}/{subject}/canonicalize/{sequence}/{frame:06d}/points.npz``: ``canonical`` (N, 3)
-float32 m, ``distance_mm`` (N,), ``region`` (N,) uint8 (see ``REGIONS``), ``triangle`` (N,),
-``bary`` (N, 3), ``keep`` (N,) bool; and the subject's ``_DONE.json``.
+float32 m and ``keep`` (N,) bool, the two arrays ``render`` and ``write`` read (the per-point
+distances, triangles and regions are figures here, not outputs: nothing downstream reads them).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..artifacts import StageDir, atomic_write
 from ..config import PipelineConfig
-from ..threads import apply_thread_cap, open3d_threads
+from ..meshes import barycentric_interpolate, closest_points
+from ..threads import apply_thread_cap
 from .reconstruct import read_points, timestamp_dir
 
 STAGE = "canonicalize"
@@ -55,19 +56,9 @@ def transfer_to_canonical(points: np.ndarray, posed: np.ndarray, canonical: np.n
 
     posed, canonical: (V, 3) vertices of the same mesh in the tracked pose and in canonical space.
     """
-    import open3d as o3d
-
-    scene = o3d.t.geometry.RaycastingScene()
-    scene.add_triangles(o3d.core.Tensor(np.ascontiguousarray(posed, np.float32)),
-                        o3d.core.Tensor(np.ascontiguousarray(faces, np.uint32)))
-    q = o3d.core.Tensor(np.ascontiguousarray(points, np.float32))
-    res = scene.compute_closest_points(q, nthreads=open3d_threads())
-    tri = res["primitive_ids"].numpy().astype(np.int64)
-    uv = res["primitive_uvs"].numpy()
-    bary = np.stack([1.0 - uv[:, 0] - uv[:, 1], uv[:, 0], uv[:, 1]], 1).astype(np.float32)
-    closest = res["points"].numpy()
+    closest, tri, bary = closest_points(posed, faces, points)
     deform = (canonical - posed).astype(np.float32)  # (V, 3) per-vertex deformation
-    moved = points.astype(np.float32) + np.einsum("nkc,nk->nc", deform[faces[tri]], bary)
+    moved = points.astype(np.float32) + barycentric_interpolate(deform, faces, tri, bary)
     dist = np.linalg.norm(closest - points, axis=1) * 1000.0
     return Transfer(canonical=moved, distance_mm=dist.astype(np.float32), triangle=tri, bary=bary)
 
@@ -95,12 +86,8 @@ def run_canonicalize(source, subject: str, cfg: PipelineConfig, work) -> Canonic
     ccfg = cfg.canonicalize
     apply_thread_cap(cfg.threads)
     track = StageDir(work, subject, "track")
-    if track.done() is None:
-        raise FileNotFoundError(f"{track.path}: stage track has not completed for subject {subject}")
     assets = load_assets(cfg.flame)
     region_of_vertex = vertex_regions(assets.masks, assets.model.num_vertices)
-    out = StageDir(work, subject, STAGE)
-    out.begin()
     t0 = time.perf_counter()
     with np.load(track.file("vertices.npz")) as z:
         keys, tracked, canonical, faces = list(z["keys"]), z["tracked"], z["canonical"], z["faces"]
@@ -116,9 +103,7 @@ def run_canonicalize(source, subject: str, cfg: PipelineConfig, work) -> Canonic
         keep = ~is_far if ccfg.far_points == "drop" else np.ones(len(pts), bool)
         folder = canonical_dir(work, subject, seq, int(frame))
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / "points.npz", lambda p: np.savez(
-            p, canonical=tr.canonical, distance_mm=tr.distance_mm, region=region, triangle=tr.triangle,
-            bary=tr.bary, keep=keep, far=is_far))
+        atomic_write(folder / "points.npz", lambda p: np.savez(p, canonical=tr.canonical, keep=keep))
         total += len(pts)
         far += int(is_far.sum())
         dists.append(tr.distance_mm)
@@ -128,5 +113,4 @@ def run_canonicalize(source, subject: str, cfg: PipelineConfig, work) -> Canonic
         distance_mm_median=round(float(np.median(np.concatenate(dists))), 4) if dists else 0.0,
         seconds=round(time.perf_counter() - t0, 2),
         regions={REGIONS[r]: int(c) for r, c in enumerate(counts) if c})
-    out.finish(cfg.section_hash("capture", "reconstruct", "flame", "track", "canonicalize"), asdict(result))
     return result

@@ -27,15 +27,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
-from ..artifacts import StageDir, atomic_write
-from ..cameras import Camera
+from ..artifacts import atomic_write
+from ..cameras import Camera, write_cameras_json
 from ..config import PipelineConfig, ReconstructConfig
 from ..prefetch import prefetch
 from ..threads import apply_thread_cap, pool_size
+from ..errors import InputFileNotFound, InputValueError
 
 log = logging.getLogger(__name__)
 STAGE = "reconstruct"
@@ -184,9 +185,7 @@ def reconstruct_timestamp(images: dict[str, np.ndarray], cameras: dict[str, Came
         _write_points(out / "points.ply", pts, colors, normals, visibility)
     atomic_write(out / "depth.npz", lambda p: np.savez_compressed(
         p, depth=depth.astype(np.float32), serials=np.array(serials), kind=np.array("dense" if is_dense else "sparse")))
-    cams_json = {s: {"K": c.K.tolist(), "world_2_cam": c.world_2_cam.tolist(), "width": c.width,
-                     "height": c.height} for s, c in cameras.items()}
-    (out / "cameras.json").write_text(json.dumps(cams_json))
+    write_cameras_json(out / "cameras.json", cameras)
     (out / "views.json").write_text(json.dumps([asdict(v) for v in views], indent=1))
     if not rcfg.keep_database:
         db_path.unlink(missing_ok=True)
@@ -334,7 +333,7 @@ def read_points(path: Path) -> dict[str, np.ndarray]:
     import open3d as o3d
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: point cloud not found")
+        raise InputFileNotFound(f"{path}: point cloud not found")
     pc = o3d.t.io.read_point_cloud(str(path))
     return {k: pc.point[k].numpy() for k in pc.point}
 
@@ -413,6 +412,7 @@ class ReconstructResult:
     seconds_per_timestamp: float
     gt_point_error_median_mm: float | None = None
     dropped: dict[str, str] = field(default_factory=dict)
+    kept: list[str] = field(default_factory=list)  # "SEQ/FRAME" keys, in order
     timestamps: list[TimestampResult] = field(default_factory=list)
 
     def figures(self) -> dict:
@@ -425,7 +425,7 @@ def parse_timestamps(spec: str) -> list[tuple[str, int]]:
     for item in filter(None, (x.strip() for x in spec.split(","))):
         seq, _, frame = item.rpartition(":")
         if not seq or not frame.isdigit():
-            raise ValueError(f"timestamp {item!r} is not SEQUENCE:FRAME")
+            raise InputValueError(f"timestamp {item!r} is not SEQUENCE:FRAME")
         out.append((seq, int(frame)))
     return out
 
@@ -435,11 +435,11 @@ def _check_timestamps(source, subject: str, timestamps: list[tuple[str, int]]) -
     known = source.sequences(subject)
     for seq, frame in timestamps:
         if seq not in known:
-            raise ValueError(f"{source.subject_dir(subject) / 'sequences'}: subject {subject} has no sequence "
+            raise InputValueError(f"{source.subject_dir(subject) / 'sequences'}: subject {subject} has no sequence "
                              f"{seq!r} (sequences: {', '.join(known)})")
         n = source.num_frames(subject, seq)
         if not 0 <= frame < n:
-            raise ValueError(f"{source.subject_dir(subject) / 'sequences' / seq}: frame {frame} out of range "
+            raise InputValueError(f"{source.subject_dir(subject) / 'sequences' / seq}: frame {frame} out of range "
                              f"(0..{n - 1})")
 
 
@@ -450,24 +450,20 @@ def _dense_flag(rcfg: ReconstructConfig) -> bool:
     if dense is None:
         return colmap_cuda_available()
     if dense and not colmap_cuda_available():
-        raise RuntimeError("reconstruct.dense = 'always' but no CUDA device with pycolmap-cuda12 is available")
+        raise InputValueError("reconstruct.dense = 'always' but no CUDA device with pycolmap-cuda12 is available")
     return dense
 
 
 def reconstruct_one(source, subject: str, cfg: PipelineConfig, work, sequence: str, frame: int,
-                    images: dict | None = None, masks: dict | None = None, force: bool = False) -> TimestampResult:
-    """One timestamp, resumable: reuses a finished timestamp with the same config hash unless ``force``.
+                    images: dict | None = None, masks: dict | None = None) -> TimestampResult:
+    """One timestamp into ``timestamp_dir``: COLMAP with the calibrated cameras, then its figures.
 
     ``images`` / ``masks`` may be given (already decoded); otherwise they are read from ``source``.
+    Whether a timestamp needs computing is the runner's decision (its unit marker), not this function's.
     """
     rcfg = cfg.reconstruct
     apply_thread_cap(cfg.threads)
-    config_hash = cfg.section_hash("capture", "reconstruct")
     out = timestamp_dir(work, subject, sequence, frame)
-    if not force:
-        previous = _read_marker(out, config_hash)
-        if previous is not None:
-            return previous
     downscale = rcfg.downscale or cfg.capture.downscale
     if images is None:
         images = source.timestamp(subject, sequence, frame, downscale=downscale)
@@ -480,97 +476,79 @@ def reconstruct_one(source, subject: str, cfg: PipelineConfig, work, sequence: s
     gt = source.ground_truth(subject)
     if gt is not None:
         _ground_truth_error(res, out, gt, sequence, frame)
-    _write_marker(out, res, config_hash)
     return res
 
 
-def summarize_reconstruct(subject: str, cfg: PipelineConfig, work, results: list[TimestampResult]) -> ReconstructResult:
-    """The subject-level figures and marker, from the timestamps' results."""
+def summarize_reconstruct(subject: str, results: list[TimestampResult]) -> ReconstructResult:
+    """The subject-level figures from the timestamps' results; ``kept`` lists the timestamps every
+    later stage works on (the one list of a subject's kept timestamps)."""
     kept = [r for r in results if r.kept]
     errs = [r.gt_point_error_median_mm for r in kept if r.gt_point_error_median_mm is not None]
-    summary = ReconstructResult(
+    return ReconstructResult(
         subject=subject, timestamps_total=len(results), timestamps_kept=len(kept),
         views_registered_min=min((sum(v.registered for v in r.views) for r in results), default=0),
         points_median=float(np.median([r.num_points for r in kept])) if kept else 0.0,
         dense=any(r.dense for r in results),
         seconds_per_timestamp=round(float(np.mean([r.total_seconds for r in results])), 2) if results else 0.0,
         gt_point_error_median_mm=round(float(np.median(errs)), 4) if errs else None,
-        dropped={r.key: r.reason for r in results if not r.kept}, timestamps=results)
-    StageDir(work, subject, STAGE).finish(cfg.section_hash("capture", "reconstruct"), summary.figures())
-    return summary
+        dropped={r.key: r.reason for r in results if not r.kept}, kept=[r.key for r in kept], timestamps=results)
 
 
-def run_reconstruct(source, subject: str, cfg: PipelineConfig, work, timestamps: list[tuple[str, int]] | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> ReconstructResult:
-    """Reconstruct a subject's selected timestamps (from ``select``, or ``timestamps``), in order,
-    decoding each sequence's videos sequentially one timestamp ahead of COLMAP."""
-    from .select import read_selection
+def check_reconstruct(source, subject: str, cfg: PipelineConfig, timestamps: list[tuple[str, int]]) -> None:
+    """Fail fast, before any output is touched: unknown timestamps, dense = "always" without a device."""
+    _check_timestamps(source, subject, timestamps)
+    _dense_flag(cfg.reconstruct)
 
+
+def reconstruct_timestamps(source, subject: str, cfg: PipelineConfig, work, timestamps: list[tuple[str, int]],
+                           progress: Callable[[int, int], None] | None = None) -> Iterator[TimestampResult]:
+    """Reconstruct ``timestamps`` in order, decoding each sequence's videos sequentially one timestamp
+    ahead of COLMAP; yields each timestamp's result as it finishes."""
     rcfg = cfg.reconstruct
-    if timestamps is None:
-        timestamps = [(s, f) for s, f, _, _ in read_selection(work, subject)]
-    timestamps = sorted(set(timestamps))
-    _check_timestamps(source, subject, timestamps)  # before the finished stage's marker is touched
-    _dense_flag(rcfg)  # fail fast on dense = "always" without a device
     downscale = rcfg.downscale or cfg.capture.downscale
-    StageDir(work, subject, STAGE).begin()
-    config_hash = cfg.section_hash("capture", "reconstruct")
     by_seq: dict[str, list[int]] = {}
     for seq, f in timestamps:
         by_seq.setdefault(seq, []).append(f)
 
     def inputs():
-        """(sequence, frame, images, masks) in order; decoded one timestamp ahead of COLMAP."""
         for seq, frames in by_seq.items():
-            todo = [f for f in frames if _read_marker(timestamp_dir(work, subject, seq, f), config_hash) is None]
-            mask_iter = source.timestamp_masks(subject, seq, todo, downscale=downscale) if rcfg.use_masks else None
-            decoded = source.timestamps(subject, seq, todo, downscale=downscale)
-            for frame in frames:
-                if frame in todo:
-                    _, images = next(decoded)
-                    masks = next(mask_iter)[1] if mask_iter is not None else None
-                    yield seq, frame, images, masks
-                else:
-                    yield seq, frame, None, None
+            mask_iter = source.timestamp_masks(subject, seq, frames, downscale=downscale) if rcfg.use_masks else None
+            for frame, images in source.timestamps(subject, seq, frames, downscale=downscale):
+                masks = next(mask_iter)[1] if mask_iter is not None else None
+                yield seq, frame, images, masks
 
-    results: list[TimestampResult] = []
-    for seq, frame, images, masks in prefetch(inputs(), depth=1, name="reconstruct-decode"):
-        res = reconstruct_one(source, subject, cfg, work, seq, frame, images, masks, force=images is not None)
-        results.append(res)
-        if progress:
-            progress(len(results), len(timestamps))
+    for done, (seq, frame, images, masks) in enumerate(prefetch(inputs(), depth=1, name="reconstruct-decode"), 1):
+        res = reconstruct_one(source, subject, cfg, work, seq, frame, images, masks)
         log.info("%s %s/%06d: %s, %d points, %.1f s", subject, seq, frame,
                  "kept" if res.kept else f"dropped ({res.reason})", res.num_points, res.total_seconds)
-    return summarize_reconstruct(subject, cfg, work, results)
+        if progress:
+            progress(done, len(timestamps))
+        yield res
+
+
+def run_reconstruct(source, subject: str, cfg: PipelineConfig, work, timestamps: list[tuple[str, int]],
+                    progress: Callable[[int, int], None] | None = None) -> ReconstructResult:
+    """Reconstruct the given timestamps now (no resume: that is the runner's) and summarize them."""
+    timestamps = sorted(set(timestamps))
+    check_reconstruct(source, subject, cfg, timestamps)
+    return summarize_reconstruct(subject, list(reconstruct_timestamps(source, subject, cfg, work, timestamps,
+                                                                      progress)))
+
+
+def result_from_dict(d: dict) -> TimestampResult:
+    """A :class:`TimestampResult` back from its JSON form (a unit marker's ``result``)."""
+    d = dict(d)
+    d["views"] = [ViewStats(**v) for v in d["views"]]
+    return TimestampResult(**d)
 
 
 def _ground_truth_error(res: TimestampResult, out: Path, gt, seq: str, frame: int) -> None:
     """Distance from each kept point to the ground-truth mesh of the timestamp (median, p90, mm)."""
-    import open3d as o3d
+    from ..meshes import point_to_mesh_distance
 
     if res.num_points == 0:
         return
     pts = read_points(out / "points.ply")["positions"]
-    scene = o3d.t.geometry.RaycastingScene()
-    scene.add_triangles(o3d.core.Tensor(gt.frame(seq, frame)["vertices"].astype(np.float32)),
-                        o3d.core.Tensor(gt.faces.astype(np.uint32)))
-    d = scene.compute_distance(o3d.core.Tensor(pts.astype(np.float32))).numpy() * 1000
+    d = point_to_mesh_distance(gt.frame(seq, frame)["vertices"], gt.faces, pts) * 1000
     res.gt_point_error_median_mm = round(float(np.median(d)), 4)
     res.gt_point_error_p90_mm = round(float(np.percentile(d, 90)), 4)
-
-
-def _write_marker(out: Path, res: TimestampResult, config_hash: str) -> None:
-    record = {"config_hash": config_hash, "result": asdict(res)}
-    atomic_write(out / "_DONE.json", lambda p: p.write_text(json.dumps(record, indent=1)))
-
-
-def _read_marker(out: Path, config_hash: str) -> TimestampResult | None:
-    try:
-        record = json.loads((out / "_DONE.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if record.get("config_hash") != config_hash:
-        return None
-    r = record["result"]
-    r["views"] = [ViewStats(**v) for v in r["views"]]
-    return TimestampResult(**r)

@@ -4,12 +4,11 @@ Per timestamp and view: the canonicalized points that the view observed (``recon
 table) are splatted with a z-buffer in torch (``scatter_reduce(..., "amin")`` on CPU or GPU); the depth
 of the nearest point and its canonical coordinate fill the pixel. On a dense (CUDA) reconstruction the
 depth is PatchMatch's geometric depth and the canonical map is kept where the splatted point agrees
-with it. Optionally the tracked FLAME mesh is ray-cast for a per-view region map.
+with it. The tracked FLAME mesh is ray-cast per view for its foreground (the ``valid_fraction`` base).
 
 Storage: depth float32 metres (0 = no data); canonical maps in ``render.canonical_dtype`` (default
 float16: |x| < 0.25 m in FLAME space, so the spacing is at most 2^-13 m and the rounding error at most
-0.06 mm; the measured maximum is reported per run as ``canonical_storage_error_mm``); mask bool; region
-uint8 (``canonicalize.REGIONS``, 255 = background).
+0.06 mm; the measured maximum is reported per run as ``canonical_storage_error_mm``); mask bool.
 
 Label quality per timestamp: ``valid_fraction`` (valid pixels / foreground pixels of the tracked mesh),
 ``cross_view_canonical_mm`` (median distance between canonical coordinates of pixels of two views that
@@ -27,14 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from ..artifacts import StageDir, atomic_write
-from ..cameras import Camera
+from ..cameras import Camera, read_cameras_json
 from ..config import PipelineConfig
-from ..threads import apply_thread_cap, open3d_threads
-from .canonicalize import canonical_dir, vertex_regions
+from ..meshes import cast_camera_rays, raycasting_scene
+from ..threads import apply_thread_cap
+from .canonicalize import canonical_dir
 from .reconstruct import read_points, timestamp_dir
 
 STAGE = "render"
-BACKGROUND_REGION = 255
 
 
 def splat(points_cam, values, K, height: int, width: int, radius: int = 0):
@@ -82,23 +81,21 @@ def splat(points_cam, values, K, height: int, width: int, radius: int = 0):
 @dataclass
 class ViewMaps:
     """Maps of all views of one timestamp, serial order: depth (V, H, W) float32 m, canonical
-    (V, H, W, 3), mask (V, H, W) bool, index (V, H, W) int64 point ids, region (V, H, W) uint8."""
+    (V, H, W, 3), mask (V, H, W) bool, index (V, H, W) int64 point ids."""
 
     serials: list[str]
     depth: np.ndarray
     canonical: np.ndarray
     mask: np.ndarray
     index: np.ndarray
-    region: np.ndarray | None
     foreground: np.ndarray  # (V, H, W) bool: the tracked mesh covers the pixel
 
 
 def render_timestamp(points: np.ndarray, canonical: np.ndarray, observed: np.ndarray, keep: np.ndarray,
                      cameras: dict[str, Camera], serials: list[str], tracked: np.ndarray, faces: np.ndarray,
-                     region_of_vertex: np.ndarray | None, radius: int = 0, device: str = "cpu",
+                     radius: int = 0, device: str = "cpu",
                      dense_depth: np.ndarray | None = None, dense_tol_m: float = 0.005) -> ViewMaps:
     """Render one timestamp's maps (see module docstring). points/canonical: (N, 3); observed (N, V)."""
-    import open3d as o3d
     import torch
 
     first = cameras[serials[0]]
@@ -106,10 +103,8 @@ def render_timestamp(points: np.ndarray, canonical: np.ndarray, observed: np.nda
     depth = np.zeros((n_v, h, w), np.float32)
     canon = np.zeros((n_v, h, w, 3), np.float32)
     index = np.full((n_v, h, w), -1, np.int64)
-    region = np.full((n_v, h, w), BACKGROUND_REGION, np.uint8) if region_of_vertex is not None else None
     fg = np.zeros((n_v, h, w), bool)
-    scene = o3d.t.geometry.RaycastingScene()
-    scene.add_triangles(o3d.core.Tensor(tracked.astype(np.float32)), o3d.core.Tensor(faces.astype(np.uint32)))
+    scene = raycasting_scene(tracked, faces)
     pts_t = torch.as_tensor(points, dtype=torch.float32, device=device)
     can_t = torch.as_tensor(canonical, dtype=torch.float32, device=device)
     for v, s in enumerate(serials):
@@ -127,18 +122,9 @@ def render_timestamp(points: np.ndarray, canonical: np.ndarray, observed: np.nda
             i = np.where(agree, i, -1)
             c = np.where(agree[..., None], c, 0)
         depth[v], canon[v], index[v] = d, c, i
-        origin, dirs = cam.pixel_rays()
-        rays = np.concatenate([np.broadcast_to(origin, dirs.shape), dirs], -1).astype(np.float32)
-        hit = scene.cast_rays(o3d.core.Tensor(rays), nthreads=open3d_threads())
-        tri = hit["primitive_ids"].numpy().astype(np.int64)
-        fg[v] = np.isfinite(hit["t_hit"].numpy())
-        if region is not None:
-            uv = hit["primitive_uvs"].numpy()
-            bary = np.stack([1 - uv[..., 0] - uv[..., 1], uv[..., 0], uv[..., 1]], -1)
-            vid = faces[np.where(fg[v], tri, 0), np.argmax(bary, -1)]
-            region[v] = np.where(fg[v], region_of_vertex[vid], BACKGROUND_REGION)
+        fg[v] = cast_camera_rays(scene, cam)[1] >= 0
     mask = (index >= 0) & (depth > 0)
-    return ViewMaps(serials, depth, canon, mask, index, region, fg)
+    return ViewMaps(serials, depth, canon, mask, index, fg)
 
 
 def cross_view_canonical_mm(maps: ViewMaps, cameras: dict[str, Camera], tol_m: float) -> tuple[float, int]:
@@ -204,19 +190,13 @@ def render_dir(work, subject: str, sequence: str, frame: int) -> Path:
 
 def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "cpu") -> RenderResult:
     """Render every canonicalized timestamp of a subject and measure label quality."""
-    from ..flame.assets import load_assets
-
     rc = cfg.render
     apply_thread_cap(cfg.threads)
-    if StageDir(work, subject, "canonicalize").done() is None:
-        raise FileNotFoundError(f"{Path(work) / subject / 'canonicalize'}: stage canonicalize has not completed")
-    assets = load_assets(cfg.flame)
-    region_of_vertex = vertex_regions(assets.masks, assets.model.num_vertices) if rc.region_map else None
     track = StageDir(work, subject, "track")
     with np.load(track.file("vertices.npz")) as z:
         keys, tracked, faces = [str(k) for k in z["keys"]], z["tracked"], z["faces"]
     out = StageDir(work, subject, STAGE)
-    out.begin()
+    out.path.mkdir(parents=True, exist_ok=True)
     gt = source.ground_truth(subject) if source is not None else None
     per_ts, gt_can, gt_rel, store_err = [], [], [], 0.0
     render_s, n_views, cross, pairs, dense_any = 0.0, 0, [], 0, False
@@ -224,8 +204,7 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
         seq, frame = key.rsplit("/", 1)
         frame = int(frame)
         rdir = timestamp_dir(work, subject, seq, frame)
-        cams = {s: Camera(s, np.array(c["K"]), np.array(c["world_2_cam"]), c["width"], c["height"])
-                for s, c in json.loads((rdir / "cameras.json").read_text()).items()}
+        cams = read_cameras_json(rdir / "cameras.json")
         with np.load(rdir / "observers.npz") as z:
             observed, serials = z["observed"], [str(s) for s in z["serials"]]
         with np.load(rdir / "depth.npz") as z:
@@ -236,7 +215,7 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
             canonical, keep = z["canonical"], z["keep"]
         pts = read_points(rdir / "points.ply")["positions"]
         t0 = time.perf_counter()
-        maps = render_timestamp(pts, canonical, observed, keep, cams, serials, tracked[i], faces, region_of_vertex,
+        maps = render_timestamp(pts, canonical, observed, keep, cams, serials, tracked[i], faces,
                                 rc.splat_radius_px, device, dense_depth)
         render_s += time.perf_counter() - t0
         n_views += len(serials)
@@ -266,8 +245,6 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
         folder.mkdir(parents=True, exist_ok=True)
         arrays = dict(depth=maps.depth, canonical=stored, mask=maps.mask, serials=np.array(serials),
                       foreground=maps.foreground)
-        if maps.region is not None:
-            arrays["region"] = maps.region
         atomic_write(folder / "maps.npz", lambda p: np.savez_compressed(p, **arrays))
         atomic_write(folder / "quality.json", lambda p: p.write_text(json.dumps(row)))
         if i == 0:
@@ -283,8 +260,6 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
         result.gt_canonical_error_mm = round(float(np.median(all_ce)), 4)
         result.gt_canonical_error_mm_p90 = round(float(np.percentile(all_ce, 90)), 4)
         result.gt_depth_absrel = round(float(np.median(all_rel)), 6)
-    out.finish(cfg.section_hash("capture", "reconstruct", "flame", "track", "canonicalize", "render"),
-               result.figures())
     return result
 
 

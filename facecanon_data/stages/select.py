@@ -28,6 +28,7 @@ from ..prefetch import prefetch
 from ..sampling import farthest_point_sampling
 from ..sources.base import CaptureSource
 from ..threads import apply_thread_cap
+from ..errors import InputFileNotFound, InputValueError
 
 log = logging.getLogger(__name__)
 STAGE = "select"
@@ -60,7 +61,7 @@ def sequences_to_process(source: CaptureSource, subject: str, cfg: PipelineConfi
     if sel.include_sequences:
         missing = sorted(set(sel.include_sequences) - set(seqs))
         if missing:
-            raise ValueError(f"select.include_sequences names sequences subject {subject} lacks: {missing}")
+            raise InputValueError(f"select.include_sequences names sequences subject {subject} lacks: {missing}")
         seqs = [s for s in seqs if s in sel.include_sequences]
     return [s for s in seqs if s not in sel.exclude_sequences]
 
@@ -96,8 +97,8 @@ def run_select(source: CaptureSource, subject: str, cfg: PipelineConfig, work,
     plan = frame_plan(source, subject, cfg)
     total = sum(len(f) for _, f in plan)
     if total == 0:
-        raise ValueError(f"subject {subject}: no frames to process (sequences: {[s for s, _ in plan]})")
-    out.begin()
+        raise InputValueError(f"subject {subject}: no frames to process (sequences: {[s for s, _ in plan]})")
+    out.path.mkdir(parents=True, exist_ok=True)
     downscale = sel.downscale or cfg.capture.downscale
     t0 = time.perf_counter()
     keys: list[tuple[str, int]] = []
@@ -119,7 +120,7 @@ def run_select(source: CaptureSource, subject: str, cfg: PipelineConfig, work,
     expr, pose, score = backend.features(obs, sel.expression_dim)
     detected = np.array([o.landmarks is not None for o in obs])
     if not detected.any():
-        raise ValueError(f"subject {subject}: MediaPipe found no face in any frontal-camera frame "
+        raise InputValueError(f"subject {subject}: MediaPipe found no face in any frontal-camera frame "
                          f"(camera {cfg.capture.frontal_serial})")
     pick_e = farthest_point_sampling(expr, sel.num_expression, eligible=detected)
     pick_p = farthest_point_sampling(pose, sel.num_pose, eligible=detected, already=pick_e)
@@ -149,17 +150,16 @@ def run_select(source: CaptureSource, subject: str, cfg: PipelineConfig, work,
         result.gt_coverage_gain, result.gt_coverage_gain_mean = coverage_gain(gt_space, pick_e)
         result.gt_coverage_gain_all, result.gt_coverage_gain_all_mean = coverage_gain(
             gt_space, np.concatenate([pick_e, pick_p]))
-    out.finish(cfg.section_hash("capture", "select"), result.figures())
     return result
 
 
 def read_selection(work, subject: str) -> list[tuple[str, int, str, int]]:
-    """The selection a finished ``select`` stage wrote: (sequence, frame, reason, rank) rows."""
+    """The selection ``select`` wrote: (sequence, frame, reason, rank) rows."""
     import pyarrow.parquet as pq
 
     out = StageDir(work, subject, STAGE)
-    if out.done() is None:
-        raise FileNotFoundError(f"{out.path}: stage select has not completed for subject {subject}")
+    if not out.file("selection.parquet").is_file():
+        raise InputFileNotFound(f"{out.file('selection.parquet')}: stage select has not run for subject {subject}")
     t = pq.read_table(out.file("selection.parquet")).to_pydict()
     return list(zip(t["sequence"], t["frame"], t["reason"], t["rank"]))
 

@@ -25,7 +25,6 @@ the subject is fitted again without them, once.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,10 +34,12 @@ from typing import Callable
 import numpy as np
 
 from ..artifacts import StageDir, atomic_write
-from ..cameras import Camera
+from ..cameras import Camera, read_cameras_json
 from ..config import PipelineConfig, TrackConfig
-from ..threads import apply_thread_cap, open3d_threads
+from ..meshes import closest_points, point_to_mesh_distance
+from ..threads import apply_thread_cap
 from .reconstruct import read_points, timestamp_dir
+from ..errors import InputValueError
 
 log = logging.getLogger(__name__)
 STAGE = "track"
@@ -83,22 +84,19 @@ class TrackResult:
 # observations
 
 
-def load_observations(work, subject: str, landmark_indices: np.ndarray) -> list[TimestampObservation]:
-    """Kept timestamps of ``reconstruct`` with their points, cameras and per-view landmarks."""
+def load_observations(work, subject: str, keys: list[str], landmark_indices: np.ndarray) -> list[TimestampObservation]:
+    """The given kept timestamps (``"SEQ/FRAME"`` keys, from reconstruct's figures) with their points,
+    cameras and per-view landmarks."""
     import cv2
 
     from ..facemesh import FaceMeshDetector
 
-    marker = StageDir(work, subject, "reconstruct").done()
-    if marker is None:
-        raise FileNotFoundError(f"{Path(work) / subject / 'reconstruct'}: stage reconstruct has not completed")
     obs = []
     with FaceMeshDetector(static_image_mode=True) as det:
-        for key in _kept_keys(work, subject):
+        for key in keys:
             seq, frame = key.rsplit("/", 1)
             folder = timestamp_dir(work, subject, seq, int(frame))
-            cams = {s: Camera(s, np.array(c["K"]), np.array(c["world_2_cam"]), c["width"], c["height"])
-                    for s, c in json.loads((folder / "cameras.json").read_text()).items()}
+            cams = read_cameras_json(folder / "cameras.json")
             lms = {}
             for s in cams:
                 img = cv2.cvtColor(cv2.imread(str(folder / "images" / f"cam_{s}.png")), cv2.COLOR_BGR2RGB)
@@ -108,16 +106,6 @@ def load_observations(work, subject: str, landmark_indices: np.ndarray) -> list[
             obs.append(TimestampObservation(seq, int(frame), read_points(folder / "points.ply")["positions"]
                                             .astype(np.float64), cams, lms, folder / "images"))
     return obs
-
-
-def _kept_keys(work, subject: str) -> list[str]:
-    root = Path(work) / subject / "reconstruct"
-    keys = []
-    for done in sorted(root.glob("*/*/_DONE.json")):
-        rec = json.loads(done.read_text())["result"]
-        if rec["kept"]:
-            keys.append(f"{rec['sequence']}/{rec['frame']:06d}")
-    return keys
 
 
 def triangulate(points2d: dict[str, np.ndarray], cameras: dict[str, Camera]) -> np.ndarray:
@@ -155,7 +143,7 @@ class _Fitter:
         self.faces_t = torch.as_tensor(model.faces, device=device)
         emb = assets.embedding
         if emb is None:
-            raise ValueError("tracking needs a MediaPipe landmark embedding (flame.embedding)")
+            raise InputValueError("tracking needs a MediaPipe landmark embedding (flame.embedding)")
         self.lmk_faces = torch.as_tensor(model.faces[emb.face_idx], device=device)  # (L, 3)
         self.lmk_bary = torch.as_tensor(emb.bary, dtype=torch.float32, device=device)
         t = len(obs)
@@ -222,21 +210,12 @@ class _Fitter:
 
     def refresh_correspondences(self, verts) -> None:
         """Exact closest surface points (triangle + barycentrics) of every point, per timestamp."""
-        import open3d as o3d
-
         self.corr = []
         v_np = verts.detach().cpu().numpy()
         limit = self.tcfg.point_max_distance_mm / 1000.0
         for i, pts in enumerate(self.points):
-            scene = o3d.t.geometry.RaycastingScene()
-            scene.add_triangles(o3d.core.Tensor(v_np[i].astype(np.float32)),
-                                o3d.core.Tensor(self.faces.astype(np.uint32)))
-            res = scene.compute_closest_points(o3d.core.Tensor(pts.cpu().numpy()), nthreads=open3d_threads())
-            tri = res["primitive_ids"].numpy().astype(np.int64)
-            uv = res["primitive_uvs"].numpy()
-            d = np.linalg.norm(res["points"].numpy() - pts.cpu().numpy(), axis=1)
-            near = d < limit
-            bary = np.stack([1 - uv[:, 0] - uv[:, 1], uv[:, 0], uv[:, 1]], 1)
+            closest, tri, bary = closest_points(v_np[i], self.faces, pts.cpu().numpy())
+            near = np.linalg.norm(closest - pts.cpu().numpy(), axis=1) < limit
             t = self.torch
             self.corr.append((t.as_tensor(np.where(near)[0], device=self.device),
                               t.as_tensor(tri[near], device=self.device),
@@ -315,8 +294,6 @@ class _Fitter:
     def errors(self) -> tuple[np.ndarray, np.ndarray]:
         """(T,) CD-L1: mean distance of *all* reconstructed points to the tracked mesh, mm (the
         paper's unidirectional L1 chamfer); (T,) median landmark reprojection error, px."""
-        import open3d as o3d
-
         torch = self.torch
         with torch.no_grad():
             verts = self.vertices()
@@ -324,9 +301,7 @@ class _Fitter:
             cd = np.full(len(self.obs), np.nan)
             for i, pts in enumerate(self.points):
                 if len(pts):
-                    scene = o3d.t.geometry.RaycastingScene()
-                    scene.add_triangles(o3d.core.Tensor(v_np[i]), o3d.core.Tensor(self.faces.astype(np.uint32)))
-                    cd[i] = scene.compute_distance(o3d.core.Tensor(pts.cpu().numpy())).numpy().mean() * 1000
+                    cd[i] = point_to_mesh_distance(v_np[i], self.faces, pts.cpu().numpy()).mean() * 1000
             lmk = self.landmark_residual_px(verts)
             lm = np.array([float(lmk[i][self.valid[i]].median()) if self.valid[i].any() else np.nan
                            for i in range(len(self.obs))])
@@ -369,32 +344,43 @@ def pick_device(requested: str) -> str:
     import torch
 
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("track.device = cuda but torch sees no CUDA device")
+        raise InputValueError("track.device = cuda but torch sees no CUDA device")
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return requested
 
 
-def run_track(source, subject: str, cfg: PipelineConfig, work, device: str | None = None,
-              observations: list[TimestampObservation] | None = None,
-              progress: Callable[[str], None] | None = None) -> TrackResult:
-    """Fit a subject (see module docstring) and write ``{work}/{subject}/track/``."""
-    import torch
-
+def tracking_assets(cfg: PipelineConfig):
+    """The pipeline's head model, which tracking needs with its MediaPipe landmark embedding."""
     from ..flame.assets import AssetError, load_assets
 
-    tcfg = cfg.track
-    dev = pick_device(device or tcfg.device)
     assets = load_assets(cfg.flame)
     if assets.embedding is None:
         raise AssetError(f"{cfg.source_file or 'the pipeline'}: flame.embedding is not set; tracking needs the "
                          "MediaPipe landmark embedding (mediapipe_landmark_embedding.npz, see flame_assets/README.md)")
+    return assets
+
+
+def run_track(source, subject: str, cfg: PipelineConfig, work, device: str | None = None,
+              observations: list[TimestampObservation] | None = None, timestamps: list[str] | None = None,
+              progress: Callable[[str], None] | None = None) -> TrackResult:
+    """Fit a subject (see module docstring) and write ``{work}/{subject}/track/``.
+
+    The observations are ``observations`` when given, else loaded for ``timestamps`` (reconstruct's
+    kept ``"SEQ/FRAME"`` keys)."""
+    import torch
+
+    tcfg = cfg.track
+    dev = pick_device(device or tcfg.device)
+    assets = tracking_assets(cfg)
     t0 = time.perf_counter()
-    obs = observations if observations is not None else load_observations(work, subject, assets.embedding.mediapipe_idx)
+    if observations is None:
+        observations = load_observations(work, subject, timestamps or [], assets.embedding.mediapipe_idx)
+    obs = observations
     if not obs:
-        raise ValueError(f"subject {subject}: no kept timestamps to track")
+        raise InputValueError(f"subject {subject}: no kept timestamps to track")
     out = StageDir(work, subject, STAGE)
-    out.begin()
+    out.path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     apply_thread_cap(cfg.threads)
     fitter = _Fitter(assets, obs, tcfg, dev)
@@ -442,7 +428,6 @@ def run_track(source, subject: str, cfg: PipelineConfig, work, device: str | Non
             "landmark_px": float(lm_k[j]) if j is not None else float(first_errors[1][i]),
             "views_with_landmarks": len(o.landmarks), "reason": reasons.get(o.key, "")})
     _write_outputs(out, fitter, kept_obs, verts, canonical, result, cfg)
-    out.finish(cfg.section_hash("capture", "reconstruct", "flame", "track"), result.figures())
     return result
 
 
@@ -513,65 +498,3 @@ def _overlay(kept_obs, verts, faces, path, views=("222200037", "222200042", "221
             cv2.polylines(img, [pts], True, (60, 220, 60), 1, cv2.LINE_AA)
         tiles.append(img)
     cv2.imwrite(str(path), np.concatenate(tiles, 1), [cv2.IMWRITE_PNG_COMPRESSION, 3])
-
-
-# ---------------------------------------------------------------------------------------------
-# observations generated from the synthetic head (tests and benchmark; no rendering, no COLMAP)
-
-
-def synthetic_observations(cfg: PipelineConfig, num_timestamps: int = 8, seed: int = 0,
-                           points_per_timestamp: int = 3000, point_noise_mm: float = 0.2,
-                           landmark_noise_px: float = 1.0, max_view_angle_deg: float = 60.0):
-    """Observations of random synthetic timestamps as ``reconstruct`` + MediaPipe would give them.
-
-    Points: surface points visible from the 16 cameras (ray cast on a pixel grid), with Gaussian
-    noise. Landmarks: the embedded landmarks projected into every view that sees the face within
-    ``max_view_angle_deg`` (FaceMesh fails beyond), with Gaussian noise in px.
-    Returns (observations, ground truth {"vertices": (T, V, 3), "params": dict, "shape", "offsets"}).
-    """
-    import torch
-
-    from ..flame.assets import load_assets
-    from ..flame.lbs import FlameLayer, FlameParams
-    from ..synthetic.performance import random_identity, random_performance
-    from ..synthetic.render import HeadRenderer
-    from ..synthetic.rig import nersemble_like_rig
-
-    assets = load_assets(cfg.flame)
-    model, emb = assets.model, assets.embedding
-    rng = np.random.default_rng(seed)
-    ident = random_identity(rng, model.v_template, model.num_shape)
-    perf = random_performance(rng, num_timestamps * 6, model.num_expression, head_sequence=True,
-                              max_yaw_deg=cfg.synth.max_yaw_deg)
-    pick = np.sort(rng.choice(num_timestamps * 6, num_timestamps, replace=False))
-    arrays = {k: v[pick] for k, v in perf.as_dict().items()}
-    params = FlameParams.from_numpy({**arrays, "shape": ident.shape, "offsets": ident.offsets})
-    with torch.no_grad():
-        verts = FlameLayer(model)(params).numpy().astype(np.float64)
-    s = cfg.synth
-    down = cfg.capture.downscale
-    cams = {c.serial: c.scaled(down) for c in nersemble_like_rig(s.width, s.height, s.focal, s.camera_distance)}
-    renderer = HeadRenderer(model.faces, None, None, None)
-    obs = []
-    for i in range(num_timestamps):
-        pts = []
-        for cam in cams.values():
-            depth, tri, bary = renderer.cast(verts[i], cam)
-            hit = tri[::6, ::6] >= 0
-            t, b = tri[::6, ::6][hit], bary[::6, ::6][hit]
-            pts.append(np.einsum("nkc,nk->nc", verts[i][model.faces[t]], b))
-        pts = np.concatenate(pts)
-        pts = pts[rng.choice(len(pts), min(points_per_timestamp, len(pts)), replace=False)]
-        pts = pts + rng.normal(0, point_noise_mm / 1000, size=pts.shape)
-        lmk3d = emb.points(verts[i], model.faces)
-        head_dir = verts[i][1] - verts[i].mean(0)  # nose tip direction from the head centre
-        head_dir /= np.linalg.norm(head_dir)
-        lms = {}
-        for serial, cam in cams.items():
-            to_cam = cam.center - verts[i][1]
-            if np.degrees(np.arccos(np.clip(head_dir @ to_cam / np.linalg.norm(to_cam), -1, 1))) > max_view_angle_deg:
-                continue
-            uv, _ = cam.project(lmk3d)
-            lms[serial] = uv + rng.normal(0, landmark_noise_px, size=uv.shape)
-        obs.append(TimestampObservation("SYN", int(pick[i]), pts, cams, lms))
-    return obs, {"vertices": verts, "params": arrays, "shape": ident.shape, "offsets": ident.offsets}

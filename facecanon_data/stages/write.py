@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from ..artifacts import StageDir, code_version
+from ..cameras import read_cameras_json
 from ..config import PipelineConfig
 from ..store import SubjectData, write_subject
 from .canonicalize import canonical_dir
 from .reconstruct import read_points, timestamp_dir
 from .render import render_dir
+from ..errors import InputValueError
 
 STAGE = "write"
 
@@ -25,9 +27,6 @@ def subject_data_from_work(work, subject: str, cfg: PipelineConfig) -> SubjectDa
     import cv2
     import pyarrow.parquet as pq
 
-    for stage in ("select", "reconstruct", "track", "canonicalize", "render"):
-        if StageDir(work, subject, stage).done() is None:
-            raise FileNotFoundError(f"{Path(work) / subject / stage}: stage {stage} has not completed")
     sel = pq.read_table(StageDir(work, subject, "select").file("selection.parquet")).to_pydict()
     reasons = {(s, int(f)): r for s, f, r in zip(sel["sequence"], sel["frame"], sel["reason"])}
     track = StageDir(work, subject, "track")
@@ -51,10 +50,10 @@ def subject_data_from_work(work, subject: str, cfg: PipelineConfig) -> SubjectDa
             mask.append(z["mask"])
         serials = serials or ser
         if ser != serials:
-            raise ValueError(f"{rdir}: camera serials differ between timestamps")
-        cams = json.loads((rdir / "cameras.json").read_text())
-        ks.append(np.stack([cams[s]["K"] for s in ser]))
-        w2cs.append(np.stack([cams[s]["world_2_cam"] for s in ser]))
+            raise InputValueError(f"{rdir}: camera serials differ between timestamps")
+        cams = read_cameras_json(rdir / "cameras.json")
+        ks.append(np.stack([cams[s].K for s in ser]))
+        w2cs.append(np.stack([cams[s].world_2_cam for s in ser]))
         rgb.append(np.stack([cv2.cvtColor(cv2.imread(str(rdir / "images" / f"cam_{s}.png")), cv2.COLOR_BGR2RGB)
                              for s in ser]))
         quality = json.loads((render_dir(work, subject, seq, frame) / "quality.json").read_text())
@@ -77,8 +76,11 @@ def subject_data_from_work(work, subject: str, cfg: PipelineConfig) -> SubjectDa
                     "config_hash": cfg.hash(), "config": cfg.to_dict(), "code_version": code_version()})
 
 
-def run_write(subject: str, cfg: PipelineConfig, work, store) -> dict:
+def run_write(subject: str, cfg: PipelineConfig, work, store, stage_key: str = "") -> dict:
+    """Commit the subject; ``stage_key`` (the runner's marker key) is recorded in its provenance, so a
+    later run can tell whether the store still holds this very commit."""
     data = subject_data_from_work(work, subject, cfg)
+    data.provenance["stage_key"] = stage_key
     path = write_subject(store, data)
     return {"subject": subject, "store": str(store), "path": str(path), "timestamps": len(data.timestamps),
             "views": len(data.serials), "resolution": list(data.depth.shape[2:4])}

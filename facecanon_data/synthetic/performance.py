@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .head_model import EXPRESSION_NAMES, IDENTITY_NAMES
+from ..flame.synthetic_head import EXPRESSION_NAMES, IDENTITY_NAMES
 
 # NeRSemble v2's performance sequences in recording order (BACKGROUND is not a performance).
 SEQUENCE_NAMES = ("EXP-1-head", "EXP-2-eyes", "EXP-3-cheeks+nose", "EXP-4-lips", "EXP-5-mouth",

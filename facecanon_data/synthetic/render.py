@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..cameras import Camera
-from ..threads import open3d_threads
+from ..meshes import barycentric_interpolate, cast_camera_rays, raycasting_scene
 
 BACKGROUND_RGB = np.array([0.62, 0.63, 0.65])
 HAIR_RGB = np.array([0.23, 0.16, 0.10], np.float32)
@@ -88,25 +88,11 @@ class HeadRenderer:
     # -- geometry ------------------------------------------------------------------------------
     def cast(self, vertices: np.ndarray, camera: Camera):
         """Ray-cast ``vertices`` (V, 3) world meters into ``camera``: (t, tri, bary) per pixel."""
-        import open3d as o3d
-
-        scene = o3d.t.geometry.RaycastingScene()
-        scene.add_triangles(o3d.core.Tensor(np.ascontiguousarray(vertices, np.float32)),
-                            o3d.core.Tensor(self.faces.astype(np.uint32)))
-        origin, dirs = camera.pixel_rays()
-        rays = np.concatenate([np.broadcast_to(origin, dirs.shape), dirs], -1).astype(np.float32)
-        hit = scene.cast_rays(o3d.core.Tensor(rays), nthreads=open3d_threads())
-        t = hit["t_hit"].numpy()
-        tri = hit["primitive_ids"].numpy().astype(np.int64)
-        uv = hit["primitive_uvs"].numpy()
-        valid = np.isfinite(t)
-        tri = np.where(valid, tri, -1)
-        bary = np.stack([1 - uv[..., 0] - uv[..., 1], uv[..., 0], uv[..., 1]], -1)
-        return np.where(valid, t, 0.0).astype(np.float32), tri, bary.astype(np.float32)
+        return cast_camera_rays(raycasting_scene(vertices, self.faces), camera)
 
     def _interp(self, attr: np.ndarray, tri: np.ndarray, bary: np.ndarray) -> np.ndarray:
         """(V, C) per-vertex attribute at hit points: tri (N,), bary (N, 3) -> (N, C)."""
-        return np.einsum("nkc,nk->nc", attr[self.faces[tri]], bary)
+        return barycentric_interpolate(attr, self.faces, tri, bary)
 
     def render(self, vertices: np.ndarray, camera: Camera, canonical_vertices: np.ndarray | None = None,
                color: bool = True) -> RenderOutput:

@@ -29,12 +29,13 @@ from ..cameras import Camera
 from ..config import PipelineConfig, SynthConfig
 from .performance import SEQUENCE_NAMES, random_identity, random_performance
 from .rig import nersemble_like_rig
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 FIRST_SYNTHETIC_ID = 900
 
 
-class SynthError(ValueError):
+class SynthError(InputError, ValueError):
     """A synthetic subject cannot be rendered where asked (bad id, or its folder already exists)."""
 
 
@@ -74,7 +75,7 @@ def _init_worker(asset_dir: str) -> None:
     from skimage import data
 
     from ..flame.assets import load_flame_model
-    from .head_model import model_files
+    from ..flame.synthetic_head import model_files
     from .render import HeadRenderer
 
     files = model_files(asset_dir)
@@ -226,7 +227,7 @@ def _check_new_subjects(subjects: list[str], capture_root: Path, gt_root: Path) 
 
 def _write_calibration(folder: Path, cameras: list[Camera]) -> str:
     """Write camera_params.json; returns its content digest (ground truth records it)."""
-    from .ground_truth import file_digest
+    from ..sources.ground_truth import file_digest
 
     folder.mkdir(parents=True, exist_ok=True)
     params = {"world_2_cam": {c.serial: c.world_2_cam.tolist() for c in cameras},

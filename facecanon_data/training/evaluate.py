@@ -24,6 +24,7 @@ import torch
 
 from .config import EvalConfig
 from .dataset import FaceCanonDataset, IndexFilter
+from ..errors import InputValueError
 
 log = logging.getLogger(__name__)
 THRESHOLDS_PX = (3, 5, 10)
@@ -57,7 +58,7 @@ def evaluate_model(model, store: str, cfg: EvalConfig, device: str = "cpu") -> d
     present = sorted(set(map(str, rows["subject"])))
     missing = sorted(set(subjects) - set(present))
     if not present:
-        raise ValueError(f"{store}: none of the evaluation subjects {subjects} is in the store")
+        raise InputValueError(f"{store}: none of the evaluation subjects {subjects} is in the store")
     h, w = cfg.resolution
     model.eval()
     depth_abs, depth_rmse = [], []

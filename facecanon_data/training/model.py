@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from ..errors import InputFileNotFound, InputValueError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -250,11 +251,11 @@ def load_pretrained_backbone(model: FaceAnythingModel, path: str | Path) -> list
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: pretrained backbone weights not found")
+        raise InputFileNotFound(f"{path}: pretrained backbone weights not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - the unpickler's errors are many; name the file
-        raise ValueError(f"{path}: not a loadable weights-only state dict ({exc})") from None
+        raise InputValueError(f"{path}: not a loadable weights-only state dict ({exc})") from None
     for key in ("model", "state_dict", "teacher"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -262,11 +263,11 @@ def load_pretrained_backbone(model: FaceAnythingModel, path: str | Path) -> list
     own = model.backbone.state_dict()
     bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if bad:
-        raise ValueError(f"{path}: shapes differ from the configured backbone for {bad[:4]} "
+        raise InputValueError(f"{path}: shapes differ from the configured backbone for {bad[:4]} "
                          f"(e.g. {tuple(state[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})")
     usable = {k: v for k, v in state.items() if k in own}
     if not usable:
-        raise ValueError(f"{path}: no DINOv2 backbone keys found")
+        raise InputValueError(f"{path}: no DINOv2 backbone keys found")
     missing = sorted(set(own) - set(usable))
     model.backbone.load_state_dict(usable, strict=False)
     return missing

@@ -26,6 +26,7 @@ from .config import TrainConfig
 from .dataset import FaceCanonDataset, IndexFilter, ShardedSampler, collate_samples
 from .losses import sample_targets, total_loss
 from .model import FaceAnythingModel, load_pretrained_backbone
+from ..errors import InputFileNotFound, InputValueError
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "last.pt"
@@ -36,7 +37,7 @@ def select_device(preference: str) -> torch.device:
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("optim.device = 'cuda' but torch sees no CUDA device")
+        raise InputValueError("optim.device = 'cuda' but torch sees no CUDA device")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
@@ -53,7 +54,7 @@ def dataset_for(cfg: TrainConfig, store: str, mode: str) -> FaceCanonDataset:
                           resolution=tuple(d.resolutions[0]), filter=flt, color_jitter=d.color_jitter,
                           seed=cfg.optim.seed)
     if len(ds) == 0:
-        raise ValueError(f"{store}: no '{mode}' samples of {d.images_per_sample[0]}+ images for subjects "
+        raise InputValueError(f"{store}: no '{mode}' samples of {d.images_per_sample[0]}+ images for subjects "
                          f"{subjects or 'all'}")
     return ds
 
@@ -128,7 +129,7 @@ def init_from_checkpoint(model: FaceAnythingModel, path: str | Path) -> list[str
     own = model.state_dict()
     bad = [k for k in state if k in own and own[k].shape != state[k].shape]
     if bad:
-        raise ValueError(f"{path}: checkpoint shapes differ from the configured model for {bad[:4]}")
+        raise InputValueError(f"{path}: checkpoint shapes differ from the configured model for {bad[:4]}")
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return sorted(h for h in model.heads if not any(k.startswith(f"heads.{h}.") for k in state))
 
@@ -137,13 +138,13 @@ def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint dict; ``weights_only`` loading never executes code from the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
+        raise InputFileNotFound(f"{path}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - name the file whatever the unpickler says
-        raise ValueError(f"{path}: not a readable checkpoint ({exc})") from None
+        raise InputValueError(f"{path}: not a readable checkpoint ({exc})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path}: not a facecanon-data checkpoint (no model / config)")
+        raise InputValueError(f"{path}: not a facecanon-data checkpoint (no model / config)")
     return ckpt
 
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from .dataset import FaceCanonDataset, IndexFilter
 from .evaluate import forward_sample, face_region
+from ..errors import InputValueError
 
 
 def _canonical_rgb(c: np.ndarray, valid: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -43,10 +44,10 @@ def visualize(model, store: str, out: str | Path, subject: str, canonical_scale:
     ds = FaceCanonDataset(store, mode="views", images_per_sample=1, filter=IndexFilter(subjects=[subject]))
     rows = ds.rows
     if len(rows["t"]) == 0:
-        raise ValueError(f"{store}: subject {subject} is not in the store")
+        raise InputValueError(f"{store}: subject {subject} is not in the store")
     ts = sorted(set(rows["t"].tolist()))
     if t not in ts:
-        raise ValueError(f"{store}: subject {subject} has no timestamp index {t} (has {ts[0]}..{ts[-1]})")
+        raise InputValueError(f"{store}: subject {subject} has no timestamp index {t} (has {ts[0]}..{ts[-1]})")
     sel = np.nonzero(rows["t"] == t)[0]
     sel = sel[np.argsort(rows["v"][sel])][:views].tolist()
     h, w = resolution

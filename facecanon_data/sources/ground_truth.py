@@ -6,8 +6,8 @@ On disk, ``{gt_root}/{pid}/``:
                    (T, 3), vertices (T, V, 3) float32 posed mesh in world meters
 
 Per-view maps are not stored (16 views x frames x 4 float channels would be gigabytes); they are
-ray-cast on request from the stored posed mesh with the same renderer and cameras that made the
-images, so they are exactly the ground truth of what the video shows.
+ray-cast on request from the stored posed mesh with the ray caster (``meshes.cast_camera_rays``) and
+cameras that made the images, so they are exactly the ground truth of what the video shows.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cameras import Camera
+from ..errors import InputError
 
 
 def file_digest(path: str | Path) -> str:
@@ -25,7 +26,7 @@ def file_digest(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-class GroundTruthMismatch(ValueError):
+class GroundTruthMismatch(InputError, ValueError):
     """The ground truth belongs to another capture than the one being read."""
 
 
@@ -69,10 +70,13 @@ class SyntheticGroundTruth:
     def view_maps(self, sequence: str, frame: int, serial: str, downscale: float = 1) -> dict[str, np.ndarray]:
         """Ground-truth maps of one view: depth (H, W) m (0 = empty), mask (H, W) bool,
         canonical (H, W, 3) m, triangle (H, W) int64 (-1 = empty)."""
-        from .render import HeadRenderer
+        from ..meshes import barycentric_interpolate, cast_camera_rays, raycasting_scene
 
         cam = self.cameras[serial].scaled(downscale)
-        renderer = HeadRenderer(self.faces, None, None, None)
-        out = renderer.render(self.frame(sequence, frame)["vertices"], cam,
-                              canonical_vertices=self.canonical_vertices(), color=False)
-        return {"depth": out.depth, "mask": out.mask, "canonical": out.canonical, "triangle": out.triangle}
+        depth, triangle, bary = cast_camera_rays(raycasting_scene(self.frame(sequence, frame)["vertices"], self.faces),
+                                                 cam)  # unit camera-z rays: the ray parameter is the depth
+        mask = triangle >= 0
+        canonical = np.zeros((*mask.shape, 3), np.float32)
+        canonical[mask] = barycentric_interpolate(self.canonical_vertices().astype(np.float32), self.faces,
+                                                  triangle[mask], bary[mask])
+        return {"depth": depth, "mask": mask, "canonical": canonical, "triangle": triangle}

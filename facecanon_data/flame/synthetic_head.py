@@ -22,7 +22,6 @@ Construction (all in FLAME's frame: meters, x to the subject's left, y up, z out
 """
 from __future__ import annotations
 
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import facemesh_topology as fmt
-from ..flame.assets import FLAME_NUM_SHAPE
+from ..artifacts import atomic_write
+from ..meshes import raycasting_scene
+from .assets import FLAME_NUM_SHAPE
 
 FACE_WIDTH_M = 0.145
 SHELL_DIRECTIONS = 4200
@@ -233,9 +234,8 @@ def build_shell(mask: dict) -> dict:
         r += 0.014 * np.exp(-(ang / 0.16) ** 2)
 
     # Face footprint: cast from the centre along each direction against the face mask.
-    scene = o3d.t.geometry.RaycastingScene()
     mf_filled = mask["faces_filled"]
-    scene.add_triangles(o3d.core.Tensor(mv.astype(np.float32)), o3d.core.Tensor(mf_filled.astype(np.uint32)))
+    scene = raycasting_scene(mv, mf_filled)
     rays = np.concatenate([np.repeat(centre[None], len(d), 0), d], 1).astype(np.float32)
     hit = scene.cast_rays(o3d.core.Tensor(rays))
     t_hit = hit["t_hit"].numpy()
@@ -585,11 +585,12 @@ def write_head_model(folder: str | Path, image: np.ndarray | None = None) -> Hea
     built = build_head_model(image)
     files = model_files(folder)
 
-    def atomic(path: Path, write) -> None:
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent builders never collide
-        with open(tmp, "wb") as fh:
-            write(fh)
-        tmp.replace(path)
+    def atomic(path: Path, write) -> None:  # per-process temporary names: concurrent builders never collide
+        def dump(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                write(fh)
+
+        atomic_write(path, dump)
 
     atomic(files.masks, lambda fh: pickle.dump(built["masks"], fh, protocol=2))
     atomic(files.embedding, lambda fh: np.savez(fh, **built["embedding"]))
