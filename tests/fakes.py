@@ -28,7 +28,8 @@ def fake_subject(pid: str, t: int = 3, views: int = 6, h: int = 60, w: int = 40,
         points_canonical=[rng.normal(size=(5 + i, 3)) for i in range(t)], provenance={"source": "test"})
 
 
-def small_pipeline(path: Path, capture_root, top: str = "", capture: str = "", extra: str = "") -> Path:
+def small_pipeline(path: Path, capture_root, top: str = "", capture: str = "", extra: str = "",
+                   num_expression: int = 2) -> Path:
     """A pipeline TOML for fast CLI tests: the synthetic head, 2 + 1 timestamps, short tracking.
     ``top`` goes before the first table, ``capture`` into ``[capture]``, ``extra`` after everything."""
     path.write_text(f"""{top}
@@ -39,7 +40,7 @@ downscale = 2
 [flame]
 kind = "synthetic"
 [select]
-num_expression = 2
+num_expression = {num_expression}
 num_pose = 1
 [track]
 iterations = [40, 40, 60, 60]

@@ -63,12 +63,38 @@ def test_failing_subjects_fail_alone_naming_the_file(synth_capture, tmp_path):
     assert not by["903"]["ok"] and "cam_222200044.mp4" in by["903"]["reason"]
     v = subprocess.run([str(EXE), "validate", str(tmp_path / "store"), "--json"], capture_output=True, text=True)
     assert v.returncode == 0 and json.loads(v.stdout.strip().splitlines()[-1])["subjects"] == ["900"]
-    # Resumable: a second run skips the finished subject's stages (only the failures are retried).
-    again = subprocess.run([str(EXE), "build", "--subjects", str(manifest), "--pipeline", str(pipeline), "--root",
+    assert all(status == "ran" for status in by["900"]["stages"].values()) and len(by["900"]["stages"]) == 6
+
+    # A new selection reruns every stage, reconstructs only the timestamps not reconstructed before,
+    # and the store holds exactly the new selection; an identical run then reuses everything.
+    def build_900(pipeline_file):
+        r = subprocess.run([str(EXE), "build", "--subjects", str(manifest), "--pipeline", str(pipeline_file), "--root",
                             str(cap), "--out", str(tmp_path / "store"), "--work", str(tmp_path / "work"), "--json",
-                            "--subject", "900"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    secs = json.loads(again.stdout.strip().splitlines()[-1])["subjects"][0]["seconds"]
-    assert again.returncode == 0 and sum(secs.values()) < 5.0
+                            "--subject", "900"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])["subjects"][0]
+
+    def store_timestamps():
+        import zarr
+
+        attrs = zarr.open_group(str(tmp_path / "store" / "subjects" / "900"), mode="r").attrs.asdict()
+        return sorted((t["sequence"], t["frame"]) for t in attrs["timestamps"])
+
+    before = store_timestamps()
+    more = _pipeline(tmp_path, cap, threads=0, name="more.toml", num_expression=3)
+    changed = build_900(more)
+    assert changed["stages"] == dict.fromkeys(("select", "reconstruct", "track", "canonicalize", "render", "write"),
+                                              "ran")
+    units = changed["units"]["reconstruct"]
+    assert units["ran"] + units["reused"] == 4 and units["ran"] == len(set(_selection(tmp_path)) - set(before))
+    import numpy as np
+
+    with np.load(tmp_path / "work" / "900" / "track" / "vertices.npz") as z:
+        tracked = sorted((str(k).rsplit("/", 1)[0], int(str(k).rsplit("/", 1)[1])) for k in z["keys"])
+    now = store_timestamps()
+    assert now == tracked and set(now) <= set(_selection(tmp_path)) and len(now) >= 3 and now != before
+    again = build_900(more)
+    assert set(again["stages"].values()) == {"reused"} and sum(again["seconds"].values()) < 5.0
 
 
 def test_sbatch_array_template_runs_the_array_index_subject(tmp_path):
@@ -94,10 +120,18 @@ def test_sbatch_array_template_runs_the_array_index_subject(tmp_path):
     assert r.returncode == 2 and "no subject for array index 9" in r.stderr
 
 
-def _pipeline(tmp_path, cap, threads=1) -> Path:
+def _pipeline(tmp_path, cap, threads=1, name="p.toml", num_expression=2) -> Path:
     from fakes import small_pipeline
 
-    return small_pipeline(tmp_path / "p.toml", cap, top=f'name = "test"\nthreads = {threads}')
+    return small_pipeline(tmp_path / name, cap, top=f'name = "test"\nthreads = {threads}',
+                          num_expression=num_expression)
+
+
+def _selection(tmp_path) -> list[tuple[str, int]]:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(tmp_path / "work" / "900" / "select" / "selection.parquet").to_pydict()
+    return [(s, int(f)) for s, f in zip(t["sequence"], t["frame"])]
 
 
 def _build_cmd(manifest, pipeline, cap, out):

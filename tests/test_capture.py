@@ -211,6 +211,43 @@ def test_cameras_disagreeing_in_size_or_frame_count_are_named(synth_capture, tmp
         next(src.timestamps("900", "EXP-2-eyes", [6]))
 
 
+def _truncate_frontal(root):
+    video = root / "900" / "sequences" / "EXP-2-eyes" / "images" / f"cam_{FRONTAL_SERIAL}.mp4"
+    video.write_bytes(video.read_bytes()[:2000])
+    return f"EXP-2-eyes/images/cam_{FRONTAL_SERIAL}.mp4: "
+
+
+def _remove_video(root):
+    (root / "900" / "sequences" / "EXP-2-eyes" / "images" / "cam_222200042.mp4").unlink()
+    return "EXP-2-eyes/images/cam_222200042.mp4: video file not found"
+
+
+def _malformed_calibration(root):
+    (root / "900" / "calibration" / "camera_params.json").write_text('{"world_2_cam": ')
+    return "900/calibration/camera_params.json: not valid JSON"
+
+
+@pytest.mark.parametrize("damage", [_truncate_frontal, _remove_video, _malformed_calibration])
+def test_every_stage_command_exits_2_naming_the_damaged_file(synth_capture, tmp_path, damage):
+    """The path a user takes: each stage subcommand of the chain on a damaged capture."""
+    from typer.testing import CliRunner
+
+    from facecanon_data.cli import app
+    from facecanon_data.stages.chain import CHAIN
+
+    root, _ = _subject_copy(synth_capture, tmp_path)
+    message = damage(root)
+    runner = CliRunner()
+    for stage in CHAIN:
+        args = [stage.name, "--root", str(root), "--work", str(tmp_path / "w")]
+        args += ["--out", str(tmp_path / "store")] if stage.needs_store else []
+        r = runner.invoke(app, args)
+        output = r.output + (r.stderr if r.stderr_bytes is not None else "")
+        assert r.exit_code == 2, (stage.name, output[-1500:], r.exception)
+        assert message in output and "Traceback" not in output, (stage.name, output[-1500:])
+    assert not (tmp_path / "w").exists() and not (tmp_path / "store").exists()
+
+
 def test_stage_commands_exit_2_naming_the_calibration(synth_capture, tmp_path):
     import subprocess
     import sys
@@ -219,34 +256,11 @@ def test_stage_commands_exit_2_naming_the_calibration(synth_capture, tmp_path):
     exe = Path(sys.executable).parent / "facecanon-data"
     root, calib = _subject_copy(synth_capture, tmp_path)
     _edit_calibration(calib, _reflection)
-    for args in (["select"], ["reconstruct", "--timestamps", "EXP-1-head:0"]):  # the first readers of a capture
-        r = subprocess.run([str(exe), *args, "--root", str(root), "--work", str(tmp_path / "w")],
-                           capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2, (args, r.stderr[-1500:])
-        assert "camera_params.json: world_2_cam of camera 222200044 is a reflection" in r.stderr
-        assert "Traceback" not in r.stderr
-
-
-def test_select_exits_2_naming_a_missing_or_truncated_video(synth_capture, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    exe = Path(sys.executable).parent / "facecanon-data"
-    root, _ = _subject_copy(synth_capture, tmp_path)
-    images = root / "900" / "sequences" / "EXP-2-eyes" / "images"
-    (images / "cam_222200042.mp4").unlink()
-    frontal = images / f"cam_{FRONTAL_SERIAL}.mp4"
-    frontal.write_bytes(frontal.read_bytes()[:2000])
-    def select():
-        r = subprocess.run([str(exe), "select", "--root", str(root), "--work", str(tmp_path / "w")],
-                           capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
-        return r.stderr
-
-    assert "EXP-2-eyes/images/cam_222200042.mp4: video file not found" in select()
-    _rewrite_video(images / "cam_222200042.mp4", 8, (832, 1216))  # now only the truncated frontal one is wrong
-    assert f"EXP-2-eyes/images/cam_{FRONTAL_SERIAL}.mp4: " in select()
+    r = subprocess.run([str(exe), "reconstruct", "--timestamps", "EXP-1-head:0", "--root", str(root), "--work",
+                        str(tmp_path / "w")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-1500:]
+    assert "camera_params.json: world_2_cam of camera 222200044 is a reflection" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_a_downscaled_release_with_full_size_intrinsics_is_refused(synth_capture, tmp_path):

@@ -55,10 +55,13 @@ class SubjectOutcome:
     dropped: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     stages: dict[str, str] = field(default_factory=dict)
+    units: dict[str, dict[str, int]] = field(default_factory=dict)  # fan-out stage -> {"ran": n, "reused": n}
 
     def record(self, run: dict) -> None:
         """Take one finished stage's report (see :func:`_report`)."""
         self.stages[run["stage"]] = run["status"]
+        if run["units"] is not None:
+            self.units[run["stage"]] = run["units"]
         self.seconds[run["stage"]] = round(self.seconds.get(run["stage"], 0.0) + run["seconds"], 3)
         for name, value in run["outcome"].items():
             setattr(self, name, value)
@@ -78,7 +81,9 @@ def _outcome_fields(figures: dict) -> dict:
 
 
 def _report(run: runner.StageRun) -> dict:
-    return {"stage": run.stage, "status": run.status, "seconds": run.seconds, "outcome": _outcome_fields(run.figures)}
+    units = {"ran": run.units_ran, "reused": run.units_reused} if STAGES[run.stage].fans_out else None
+    return {"stage": run.stage, "status": run.status, "seconds": run.seconds, "units": units,
+            "outcome": _outcome_fields(run.figures)}
 
 
 def _context(spec: "SourceSpec", subject: str, cfg: PipelineConfig, work: str, store: str) -> StageContext:
