@@ -166,7 +166,9 @@ def test_cuda_only_paths_are_guarded():
         assert select_device("auto").type == "cuda"
     else:
         assert select_device("auto").type == "cpu"
-        with pytest.raises(RuntimeError, match="no CUDA device"):
+        from facecanon_data.errors import InputError
+
+        with pytest.raises(InputError, match="no CUDA device"):
             select_device("cuda")
     model = FaceAnythingModel(ModelConfig(**TINY)).train()  # checkpointing is requested but CPU runs plainly
     out = model(torch.rand(1, 2, 3, 28, 28))

@@ -15,7 +15,12 @@ from .contract import Figures, Stage, StageContext, StageOption, check_chain, do
 def _select(ctx: StageContext) -> Figures:
     from .select import run_select
 
+    from ..errors import InputValueError
+
     result = run_select(ctx.source, ctx.subject, ctx.cfg, ctx.work, progress=ctx.progress)
+    if not result.selection:
+        raise InputValueError(f"{ctx.work / ctx.subject / 'select'}: select kept no timestamp for subject "
+                              f"{ctx.subject} (select.num_expression + num_pose = 0, or no frontal frame with a face)")
     figures = result.figures()
     figures["selection"] = [list(row) for row in result.selection]  # (sequence, frame, reason, rank)
     return figures
@@ -36,18 +41,12 @@ def _describe_select(subject: str, f: Figures) -> str:
 
 
 def _reconstruct_units(ctx: StageContext) -> list[tuple[str, int]]:
-    from ..errors import InputValueError
     from .reconstruct import parse_timestamps
 
     given = ctx.options.get("timestamps")
     if given is not None:
-        picks = parse_timestamps(given)
-    else:
-        picks = [(str(s), int(f)) for s, f, _, _ in ctx.upstream_figures("select")["selection"]]
-    if not picks:
-        raise InputValueError(f"{ctx.work / ctx.subject / 'select'}: select kept no timestamp for subject "
-                              f"{ctx.subject} (no frame of the frontal camera with a face?)")
-    return sorted(set(picks))
+        return sorted(set(parse_timestamps(given)))
+    return sorted({(str(s), int(f)) for s, f, _, _ in ctx.upstream_figures("select")["selection"]})
 
 
 def _reconstruct_check(ctx: StageContext) -> None:
@@ -65,13 +64,9 @@ def _reconstruct_run_units(ctx: StageContext, units):
 
 
 def _reconstruct_finish(ctx: StageContext, results: list[dict]) -> Figures:
-    from ..errors import InputValueError
     from .reconstruct import result_from_dict, summarize_reconstruct
 
-    summary = summarize_reconstruct(ctx.subject, [result_from_dict(r) for r in results])
-    if summary.timestamps_kept == 0:
-        raise InputValueError(f"{ctx.work / ctx.subject / 'reconstruct'}: no timestamp kept ({summary.dropped})")
-    return summary.figures()
+    return summarize_reconstruct(ctx.subject, [result_from_dict(r) for r in results]).figures()
 
 
 def _describe_reconstruct(subject: str, f: Figures) -> str:
@@ -100,6 +95,12 @@ def _track(ctx: StageContext) -> Figures:
 
     from .track import run_track
 
+    from ..errors import InputValueError
+
+    reconstructed = ctx.upstream_figures("reconstruct")
+    if not reconstructed["kept"]:
+        raise InputValueError(f"{ctx.work / ctx.subject / 'reconstruct'}: reconstruct kept no timestamp of subject "
+                              f"{ctx.subject}, nothing to track ({reconstructed['dropped']})")
     log = logging.getLogger("facecanon_data.track")
     result = run_track(ctx.source, ctx.subject, ctx.cfg, ctx.work, device=ctx.options.get("device"),
                        timestamps=ctx.upstream_figures("reconstruct")["kept"], progress=log.info)
