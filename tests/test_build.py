@@ -92,7 +92,10 @@ def test_failing_subjects_fail_alone_naming_the_file(synth_capture, tmp_path):
     with np.load(tmp_path / "work" / "900" / "track" / "vertices.npz") as z:
         tracked = sorted((str(k).rsplit("/", 1)[0], int(str(k).rsplit("/", 1)[1])) for k in z["keys"])
     now = store_timestamps()
-    assert now == tracked and set(now) <= set(_selection(tmp_path)) and len(now) >= 3 and now != before
+    assert now == tracked and set(now) <= set(_selection(tmp_path)) and len(now) >= 3
+    reconstructed = json.loads((tmp_path / "work" / "900" / "reconstruct" / "_DONE.json").read_text())["figures"]
+    assert sorted(reconstructed["kept"] + list(reconstructed["dropped"])) == \
+        sorted(f"{s}/{f:06d}" for s, f in _selection(tmp_path))  # exactly the new selection, nothing older
     again = build_900(more)
     assert set(again["stages"].values()) == {"reused"} and sum(again["seconds"].values()) < 5.0
 
