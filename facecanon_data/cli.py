@@ -132,7 +132,7 @@ def _stage_command(stage):
     (reused when its outputs are current, unless ``--force``), print its summary or figures."""
     import inspect
 
-    def command(root: Optional[Path], subject: Optional[str], work: Optional[Path], pipeline: Optional[Path],
+    def command(*, root: Optional[Path], subject: Optional[str], work: Optional[Path], pipeline: Optional[Path],
                 force: bool, as_json: bool, **options) -> None:
         _setup_logging()
         cfg = _load(pipeline)
@@ -176,14 +176,12 @@ def _stage_command(stage):
                                  default=typer.Option(False, "--force", help="Rerun even if the outputs are current.")),
                inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, default=JsonOpt, annotation=bool)]
 
-    def entry(**kwargs) -> None:
-        command(**kwargs)
-
-    entry.__signature__ = inspect.Signature(params)
-    entry.__annotations__ = {p.name: p.annotation for p in params}
-    entry.__doc__ = stage.help
-    entry.__name__ = f"{stage.name}_cmd"
-    return entry
+    # typer reads the parameters from the signature: the stage's own options join the common ones
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = stage.help
+    command.__name__ = f"{stage.name}_cmd"
+    return command
 
 
 def _register_stage_commands() -> None:

@@ -1,7 +1,6 @@
 """Stage select on the synthetic capture: outputs, no-face frames, the .task backends."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 

@@ -38,7 +38,6 @@ class StageRun:
     seconds: float
     units_ran: int = 0
     units_reused: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _hash(parts: dict) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from .contract import Figures, Stage, StageContext, StageOption, check_chain, downstream
+from .contract import Figures, Stage, StageContext, StageOption, check_chain
 
 # -- select ------------------------------------------------------------------------------------
 
@@ -202,8 +202,3 @@ CHAIN: tuple[Stage, ...] = check_chain((
           help="Commit a subject's stage outputs to the store (atomically, one writer per subject)."),
 ))
 STAGES: dict[str, Stage] = {s.name: s for s in CHAIN}
-
-
-def stages_to_redo(forced) -> set[str]:
-    """The stages ``--force`` names, and every stage downstream of them."""
-    return downstream(CHAIN, forced)

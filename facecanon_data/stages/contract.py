@@ -120,15 +120,6 @@ class Stage:
         return self.run is None
 
 
-def downstream(chain: tuple[Stage, ...], names) -> set[str]:
-    """The named stages and every stage that reads from them, directly or not."""
-    out = set(names)
-    for stage in chain:  # the chain is in dependency order
-        if out.intersection(stage.reads):
-            out.add(stage.name)
-    return out
-
-
 def check_chain(chain: tuple[Stage, ...]) -> tuple[Stage, ...]:
     """A chain declared in dependency order with unique names (checked once, at import)."""
     seen: set[str] = set()

@@ -7,7 +7,6 @@ folder; writes one subject group atomically (see :mod:`facecanon_data.store`).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 
