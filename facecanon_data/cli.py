@@ -445,6 +445,8 @@ def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, re
                                           "build, train."),
               root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectOpt,
               store: Optional[Path] = typer.Option(None, "--store", help="Store folder (bench loader)."),
+              real_size: bool = typer.Option(False, "--real-size", help="bench select: on the frontal camera "
+                                             "upscaled to NeRSemble's 2200x3208 with a colour calibration."),
               pipeline: Optional[Path] = PipelineOpt, as_json: bool = JsonOpt) -> None:
     """Run a benchmark: the target and its named baseline measured in the same run, and their ratio."""
     _setup_logging()
@@ -454,9 +456,11 @@ def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, re
     if name not in bench.BENCHES:
         _fail(f"unknown benchmark {name!r} (available: {', '.join(bench.BENCHES)})")
     fn, needs = bench.BENCHES[name]
+    if real_size and name != "select":
+        _fail("--real-size applies to bench select only")
     if needs == "capture":
         source, subject = _open(cfg, root, subject)
-        result = _guarded(fn, source, subject, cfg)
+        result = _guarded(fn, source, subject, cfg, **({"real_size": True} if real_size else {}))
     elif needs == "store":
         if store is None:
             _fail(f"bench {name} needs --store STORE (e.g. one written by `facecanon-data build`)")

@@ -271,3 +271,39 @@ def test_a_downscaled_release_with_full_size_intrinsics_is_refused(synth_capture
     with pytest.raises(CaptureFileError, match=r"camera_params.json: principal point \(416, 608\) is far from the "
                                                r"centre of the 416x608 frames .* were the videos resized\?"):
         NeRSembleSource(root).cameras("900", "EXP-1-head")
+
+
+def test_real_size_capture_is_colour_corrected_after_the_resize(synth_capture, tmp_path, monkeypatch):
+    """A capture shaped like the real release (2200x3208 frames, a colour calibration): every reader
+    corrects the frames at the size asked for, never the full-size frame, and the table path (a camera
+    read over many frames) and the arithmetic path (a few timestamps) give the same pixels."""
+    import cv2
+
+    from facecanon_data.sources import color
+    from facecanon_data.synthetic.real_size import REAL_SIZE, write_real_size_frontal_capture
+
+    synthetic = NeRSembleSource(synth_capture["out"] / "capture")
+    root = write_real_size_frontal_capture(synthetic, "900", FRONTAL_SERIAL, tmp_path / "real", frames_per_sequence=12)
+    real = NeRSembleSource(root)
+    assert real.image_size("900") == REAL_SIZE and real.num_frames("900", "EXP-1-head") == 12
+    assert real.serials("900") == [FRONTAL_SERIAL]
+    ccm = np.asarray(json.loads((root / "900" / "calibration" / "color_calibration.json").read_text())[FRONTAL_SERIAL])
+    arithmetic = color.apply_color_correction
+    seen = []
+    monkeypatch.setattr(color, "apply_color_correction",
+                        lambda image, ccm: seen.append(image.shape) or arithmetic(image, ccm))
+    [(_, few)] = real.frames("900", "EXP-1-head", FRONTAL_SERIAL, [3], downscale=4)
+    assert seen == [(802, 550, 3)] and few.shape == (802, 550, 3)  # corrected at quarter size, arithmetically
+    seen.clear()
+    monkeypatch.setattr(color.ColorTable, "BUILD_EQUIVALENT_FRAMES", 1)  # 12 frames now take the table
+    many = dict(real.frames("900", "EXP-1-head", FRONTAL_SERIAL, None, downscale=4))
+    assert len(seen) == 256  # the table's build (one call per blue level), no per-frame correction
+    assert np.array_equal(many[3], few)
+    [(_, plain)] = NeRSembleSource(root, color_correction=False).frames("900", "EXP-1-head", FRONTAL_SERIAL, [3],
+                                                                        downscale=4)
+    assert np.array_equal(few, arithmetic(plain, ccm)) and np.abs(few.astype(int) - plain).mean() > 2
+    # Correcting after the resize is within rounding of correcting the full-size frame first.
+    [(_, full)] = NeRSembleSource(root, color_correction=False).frames("900", "EXP-1-head", FRONTAL_SERIAL, [3])
+    before = cv2.resize(arithmetic(full, ccm), (550, 802), interpolation=cv2.INTER_AREA)
+    diff = np.abs(before.astype(int) - few)
+    assert diff.mean() < 0.6 and np.percentile(diff, 99) <= 2

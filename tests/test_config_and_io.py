@@ -48,6 +48,20 @@ def test_identity_and_scaling_colour_correction():
     assert out[1] == 200 and out[2] == 200 and 140 < out[0] < 150  # 200 -> lin 0.578 -> 0.289 -> 146
 
 
+@pytest.mark.parametrize("terms", [3, 4, 5, 7, 8, 10, 11, 14])
+def test_fast_colour_correction_matches_the_float_definition(terms):
+    from facecanon_data.sources.color import ColorTable, apply_color_correction_reference
+    from facecanon_data.synthetic.real_size import example_ccm
+
+    rng = np.random.default_rng(terms)
+    img = rng.integers(0, 256, size=(61, 47, 3), dtype=np.uint8)
+    ccm = example_ccm(terms, seed=terms)
+    fast, reference = apply_color_correction(img, ccm), apply_color_correction_reference(img, ccm)
+    assert np.abs(fast.astype(int) - reference).max() <= 1 and (fast != reference).mean() < 0.02
+    if terms in (4, 11):  # the exact table gives the arithmetic path's pixels
+        assert np.array_equal(ColorTable(ccm)(img), fast)
+
+
 def test_video_round_trip_and_sequential_reads(tmp_path):
     path = tmp_path / "cam_1.mp4"
     w = VideoWriter(path, 64, 48, fps=25)
