@@ -141,7 +141,8 @@ class TrackConfig:
     eye_prior: float = 1.0
     offset_l2: float = 20.0  # per mm^2 (mean over vertices): static offsets stay small ...
     offset_laplacian: float = 2000.0  # ... and smooth (uniform graph Laplacian, sparse)
-    offset_free_masks: list[str] = field(default_factory=lambda: ["eyeballs"])  # no offsets here
+    # FLAME_masks.pkl keys (or a union: eyeballs, ears) held at zero offset: the eyeballs keep their shape
+    offset_free_masks: list[str] = field(default_factory=lambda: ["left_eyeball", "right_eyeball"])
     outlier_mad_k: float = 3.5  # drop timestamps beyond median + k * MAD of CD-L1 or landmark error
     outlier_mad_floor: float = 0.2  # MAD at least this fraction of the median: good fits cluster tightly
     canonical: str = "subject"  # "subject": shape + offsets; "template": mean shape (shared by all subjects)

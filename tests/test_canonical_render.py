@@ -97,3 +97,19 @@ def test_canonical_maps_of_two_views_agree_on_shared_points(scene):
     cams = {s: o.cameras[s] for s in serials}
     disagreement, pairs = cross_view_canonical_mm(maps, cams, tol_m=0.003)
     assert pairs > 50 and disagreement < 1.5  # different neighbouring points, < ~2 px apart
+
+
+def test_every_region_is_labelled_from_flames_mask_names(head_assets):
+    """The masks file has FLAME's keys only (left_eyeball, right_ear, ...): every canonicalize region,
+    unions included, gets vertices; a file lacking a region reports it instead of dropping it silently."""
+    import dataclasses
+
+    from facecanon_data.stages.canonicalize import REGIONS, vertex_regions
+
+    regions, unlabelled = vertex_regions(head_assets)
+    assert unlabelled == [] and set(np.unique(regions)) == set(range(len(REGIONS)))
+    eyeballs = REGIONS.index("eyeballs")
+    assert set(np.flatnonzero(regions == eyeballs)) == set(head_assets.mask("eyeballs"))  # highest priority
+    fewer = {k: v for k, v in head_assets.masks.items() if k not in ("left_ear", "forehead")}
+    regions, unlabelled = vertex_regions(dataclasses.replace(head_assets, masks=fewer))
+    assert unlabelled == ["ears", "forehead"] and REGIONS.index("ears") not in regions

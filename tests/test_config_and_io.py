@@ -192,3 +192,35 @@ def test_track_with_flame_and_no_embedding_names_the_setting(synth_capture, tmp_
                         "--pipeline", str(pipeline)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr[-1500:]
     assert "flame.toml: flame.embedding is not set" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_mask_name_the_file_lacks_is_an_error_listing_its_names(synth_capture, tmp_path):
+    """A FLAME-layout masks pickle with FLAME's real keys minus the right eyeball: the default
+    offset_free_masks (left_eyeball, right_eyeball) fails in `track` before any work, naming the file
+    and listing the names it has; the union name "eyeballs" resolves against the full file."""
+    import pickle
+    import subprocess
+
+    from facecanon_data.flame.assets import MASK_NAMES, AssetError, load_assets
+    from facecanon_data.flame.synthetic_head import model_files
+
+    synthetic = model_files(PROJECT_ROOT / "flame_assets" / "synthetic")
+    with open(synthetic.masks, "rb") as fh:
+        masks = pickle.load(fh)  # the project's own file (plain dict of int arrays)
+    assert sorted(masks) == sorted(MASK_NAMES)
+    del masks["right_eyeball"]
+    partial_masks = tmp_path / "FLAME_masks.pkl"
+    partial_masks.write_bytes(pickle.dumps({k: np.asarray(v) for k, v in masks.items()}, protocol=2))
+    pipeline = tmp_path / "flame.toml"
+    pipeline.write_text(f"[capture]\ndownscale = 2\n[flame]\nkind = 'flame'\n"
+                        f"model = '{synthetic.model}'\nmasks = '{partial_masks}'\nembedding = '{synthetic.embedding}'\n")
+    r = subprocess.run([_exe(), "track", "--root", str(synth_capture["out"] / "capture"), "--work", str(tmp_path / "w"),
+                        "--pipeline", str(pipeline)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-1500:]
+    assert "FLAME_masks.pkl: no mask 'right_eyeball'; it has: boundary, eye_region, face" in " ".join(r.stderr.split())
+    assert not (tmp_path / "w" / "900" / "track").exists()
+    cfg = load_pipeline(pipeline)
+    assets = load_assets(cfg.flame)
+    with pytest.raises(AssetError, match="no mask 'eyeballs' \\(the union of left_eyeball and right_eyeball\\)"):
+        assets.mask("eyeballs")
+    assert len(assets.mask("ears")) == len(masks["left_ear"]) + len(masks["right_ear"])

@@ -34,8 +34,16 @@ def test_flame_layout_and_rig(head_assets):
 
 def test_masks_and_embedding(head_assets):
     m, masks, emb = head_assets.model, head_assets.masks, head_assets.embedding
-    for name in ("face", "scalp", "neck", "boundary", "eyeballs", "lips", "nose", "forehead", "ears", "eye_region"):
+    from facecanon_data.flame.assets import MASK_NAMES
+
+    assert sorted(masks) == sorted(MASK_NAMES)  # FLAME_masks.pkl's key set, no invented names
+    for name in MASK_NAMES:
         assert len(masks[name]) > 0, name
+    v = m.v_template
+    for side, sign in (("left", 1), ("right", -1)):  # FLAME: x to the subject's left
+        assert sign * v[masks[f"{side}_eyeball"], 0].mean() > 0.02 and sign * v[masks[f"{side}_ear"], 0].mean() > 0.05
+    assert np.array_equal(head_assets.mask("eyeballs"), np.union1d(masks["left_eyeball"], masks["right_eyeball"]))
+    assert np.array_equal(head_assets.mask("ears"), np.union1d(masks["left_ear"], masks["right_ear"]))
     # Landmark embedding: each embedded MediaPipe landmark sits on the mesh vertex of that landmark.
     pts = emb.points(m.v_template, m.faces)
     np.testing.assert_allclose(pts, m.v_template[emb.mediapipe_idx], atol=1e-7)

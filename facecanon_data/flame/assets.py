@@ -16,8 +16,11 @@ from ..errors import InputError, InputFileNotFound
 
 FLAME_NUM_SHAPE = 300  # FLAME's shapedirs: 300 identity columns followed by 100 expression columns.
 FLAME_NUM_JOINTS = 5  # global, neck, jaw, left eye, right eye
-MASK_NAMES = ("face", "neck", "scalp", "boundary", "eyeballs", "left_eyeball", "right_eyeball",
-              "ears", "forehead", "eye_region", "nose", "lips")
+# The keys of FLAME 2020's FLAME_masks.pkl (the synthetic head writes exactly these).
+MASK_NAMES = ("boundary", "eye_region", "face", "forehead", "left_ear", "left_eye_region", "left_eyeball", "lips",
+              "neck", "nose", "right_ear", "right_eye_region", "right_eyeball", "scalp")
+# Names the pipeline may use for unions of file masks (the file has no such keys).
+MASK_UNIONS = {"eyeballs": ("left_eyeball", "right_eyeball"), "ears": ("left_ear", "right_ear")}
 _REQUIRED_KEYS = ("v_template", "f", "shapedirs", "posedirs", "J_regressor", "weights", "kintree_table")
 
 
@@ -89,8 +92,23 @@ class LandmarkEmbedding:
 @dataclass(frozen=True)
 class FlameAssets:
     model: FlameModel
-    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # file key -> (K,) int64 vertex ids
     embedding: LandmarkEmbedding | None = None
+    masks_source: str = ""  # the masks file ("" when the pipeline configures none)
+
+    def mask(self, name: str) -> np.ndarray:
+        """(K,) int64 vertex ids of a mask of the file, or of a union in :data:`MASK_UNIONS`.
+
+        A name the file lacks is an :class:`AssetError` listing the names it has (never silently empty).
+        """
+        parts = MASK_UNIONS.get(name, (name,))
+        missing = [p for p in parts if p not in self.masks]
+        if missing:
+            where = self.masks_source or "the pipeline (flame.masks is not set)"
+            have = ", ".join(sorted(self.masks)) or "none"
+            union = f" (the union of {' and '.join(parts)})" if name in MASK_UNIONS else ""
+            raise AssetError(f"{where}: no mask {name!r}{union}; it has: {have}")
+        return np.unique(np.concatenate([self.masks[p] for p in parts]))
 
 
 def _file_digest(path: Path) -> str:
@@ -271,4 +289,4 @@ def load_assets(flame_cfg) -> FlameAssets:
     model = load_flame_model(model_path)
     masks = load_masks(masks_path, model.num_vertices) if masks_path else {}
     emb = load_landmark_embedding(emb_path, len(model.faces)) if emb_path else None
-    return FlameAssets(model=model, masks=masks, embedding=emb)
+    return FlameAssets(model=model, masks=masks, embedding=emb, masks_source=str(masks_path or ""))

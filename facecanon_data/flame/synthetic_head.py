@@ -512,19 +512,23 @@ def build_head_model(image: np.ndarray | None = None) -> dict:
     idx = np.arange(n_v)
     mask_ids = idx[:n_mask]
     shell_ids = idx[n_mask:]
-    ears = []
+    ears = {}
     for s in (-1.0, 1.0):
         ear = np.array([s, 0.02, -0.12]) / np.linalg.norm([s, 0.02, -0.12])
         d = (v[n_mask:] - centre) / np.linalg.norm(v[n_mask:] - centre, axis=1, keepdims=True)
-        ears.append(shell_ids[np.arccos(np.clip(d @ ear, -1, 1)) < 0.2])
+        ears[s] = shell_ids[np.arccos(np.clip(d @ ear, -1, 1)) < 0.2]
     eye_contours = fmt.RIGHT_EYE_UPPER + fmt.RIGHT_EYE_LOWER + fmt.RIGHT_EYE_CORNERS + fmt.LEFT_EYE_UPPER + \
         fmt.LEFT_EYE_LOWER + fmt.LEFT_EYE_CORNERS
+    right_eye = fmt.RIGHT_EYE_UPPER + fmt.RIGHT_EYE_LOWER + fmt.RIGHT_EYE_CORNERS + fmt.RIGHT_IRIS + fmt.RIGHT_EYEBROW
+    left_eye = fmt.LEFT_EYE_UPPER + fmt.LEFT_EYE_LOWER + fmt.LEFT_EYE_CORNERS + fmt.LEFT_IRIS + fmt.LEFT_EYEBROW
+    # Exactly FLAME_masks.pkl's keys (flame.assets.MASK_NAMES); "eyeballs" and "ears" are unions in code.
     masks = {
         "face": mask_ids,
         "boundary": np.asarray(mask["oval"]),
-        "eyeballs": np.array(fmt.RIGHT_IRIS + fmt.LEFT_IRIS),
         "left_eyeball": np.array(fmt.LEFT_IRIS),
         "right_eyeball": np.array(fmt.RIGHT_IRIS),
+        "left_eye_region": np.unique(np.r_[list(left_eye)]),
+        "right_eye_region": np.unique(np.r_[list(right_eye)]),
         "eye_region": np.unique(np.r_[list(eye_contours + fmt.RIGHT_IRIS + fmt.LEFT_IRIS
                                            + fmt.RIGHT_EYEBROW + fmt.LEFT_EYEBROW)]),
         "nose": np.array(fmt.NOSE),
@@ -533,7 +537,8 @@ def build_head_model(image: np.ndarray | None = None) -> dict:
         "forehead": mask_ids[v[:n_mask, 1] > y_brow + 0.008],
         "scalp": shell_ids[shell["hair_w"] > 0.5],
         "neck": shell_ids[v[n_mask:, 1] < y_neck_top],
-        "ears": np.concatenate(ears),
+        "left_ear": ears[1.0],  # FLAME's left is the subject's left: +x
+        "right_ear": ears[-1.0],
     }
     masks = {k: np.asarray(val, dtype=np.int64) for k, val in masks.items()}
 

@@ -13,6 +13,7 @@ distances, triangles and regions are figures here, not outputs: nothing downstre
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,19 +26,26 @@ from ..meshes import barycentric_interpolate, closest_points
 from ..threads import apply_thread_cap
 from .reconstruct import read_points, timestamp_dir
 
+log = logging.getLogger(__name__)
 STAGE = "canonicalize"
-# Region ids, in priority order when masks overlap (the first listed wins); 0 = no mask.
+# Region ids, in priority order when masks overlap (the first listed wins); 0 = no mask. Names are
+# FLAME_masks.pkl keys or unions of them (flame.assets.MASK_UNIONS: eyeballs, ears).
 REGIONS = ("other", "eyeballs", "lips", "nose", "eye_region", "forehead", "face", "ears", "neck", "scalp")
 
 
-def vertex_regions(masks: dict[str, np.ndarray], num_vertices: int) -> np.ndarray:
-    """(V,) uint8 region id per vertex from FLAME-style masks (higher priority overrides)."""
-    out = np.zeros(num_vertices, np.uint8)
+def vertex_regions(assets) -> tuple[np.ndarray, list[str]]:
+    """(V,) uint8 region id per vertex from the model's masks (higher priority overrides), and the
+    regions the masks file cannot label (left as "other"; reported, never silently)."""
+    from ..flame.assets import AssetError
+
+    out = np.zeros(assets.model.num_vertices, np.uint8)
+    unlabelled = []
     for rid in range(len(REGIONS) - 1, 0, -1):  # lowest priority first, so the first listed wins
-        idx = masks.get(REGIONS[rid])
-        if idx is not None:
-            out[idx] = rid
-    return out
+        try:
+            out[assets.mask(REGIONS[rid])] = rid
+        except AssetError:
+            unlabelled.append(REGIONS[rid])
+    return out, sorted(unlabelled)
 
 
 @dataclass
@@ -72,7 +80,8 @@ class CanonicalizeResult:
     far_policy: str
     distance_mm_median: float
     seconds: float
-    regions: dict[str, int] = field(default_factory=dict)
+    regions: dict[str, int] = field(default_factory=dict)  # kept points per region
+    regions_unlabelled: list[str] = field(default_factory=list)  # regions the masks file has no mask for
 
 
 def canonical_dir(work, subject: str, sequence: str, frame: int) -> Path:
@@ -87,7 +96,10 @@ def run_canonicalize(source, subject: str, cfg: PipelineConfig, work) -> Canonic
     apply_thread_cap(cfg.threads)
     track = StageDir(work, subject, "track")
     assets = load_assets(cfg.flame)
-    region_of_vertex = vertex_regions(assets.masks, assets.model.num_vertices)
+    region_of_vertex, unlabelled = vertex_regions(assets)
+    if unlabelled:
+        log.warning("%s: no mask for region(s) %s; their points count as 'other'",
+                    assets.masks_source or "flame.masks (not set)", ", ".join(unlabelled))
     t0 = time.perf_counter()
     with np.load(track.file("vertices.npz")) as z:
         keys, tracked, canonical, faces = list(z["keys"]), z["tracked"], z["canonical"], z["faces"]
@@ -112,5 +124,5 @@ def run_canonicalize(source, subject: str, cfg: PipelineConfig, work) -> Canonic
         subject=subject, timestamps=len(keys), points_total=total, points_far=far, far_policy=ccfg.far_points,
         distance_mm_median=round(float(np.median(np.concatenate(dists))), 4) if dists else 0.0,
         seconds=round(time.perf_counter() - t0, 2),
-        regions={REGIONS[r]: int(c) for r, c in enumerate(counts) if c})
+        regions={REGIONS[r]: int(c) for r, c in enumerate(counts) if c}, regions_unlabelled=unlabelled)
     return result

@@ -168,8 +168,7 @@ class _Fitter:
         self.corr: list[tuple] | None = None
         free = np.ones(model.num_vertices, np.float32)
         for name in tcfg.offset_free_masks:
-            if name in assets.masks:
-                free[assets.masks[name]] = 0.0
+            free[assets.mask(name)] = 0.0
         self.offset_mask = torch.as_tensor(free[:, None], device=device)
         self.laplacian = uniform_laplacian(model.num_vertices, model.faces, device)
         self._init_rigid(assets, emb)
@@ -358,6 +357,8 @@ def tracking_assets(cfg: PipelineConfig):
     if assets.embedding is None:
         raise AssetError(f"{cfg.source_file or 'the pipeline'}: flame.embedding is not set; tracking needs the "
                          "MediaPipe landmark embedding (mediapipe_landmark_embedding.npz, see flame_assets/README.md)")
+    for name in cfg.track.offset_free_masks:  # a name the masks file lacks fails here, before any work
+        assets.mask(name)
     return assets
 
 
