@@ -44,7 +44,8 @@ def test_failing_subjects_fail_alone_naming_the_file(synth_capture, tmp_path):
     shutil.copytree(cap / "900", cap / "902")
     shutil.copytree(cap / "900", cap / "903")
     (cap / "901" / "calibration" / "camera_params.json").write_text('{"world_2_cam": ')  # malformed
-    (cap / "902" / "sequences" / "EXP-2-eyes" / "images" / "cam_222200042.mp4").unlink()  # missing video
+    for seq in ("EXP-1-head", "EXP-2-eyes"):  # a camera missing from every sequence: no usable timestamp
+        (cap / "902" / "sequences" / seq / "images" / "cam_222200042.mp4").unlink()
     for seq in ("EXP-1-head", "EXP-2-eyes"):  # truncated video (a non-frontal camera)
         video = cap / "903" / "sequences" / seq / "images" / "cam_222200044.mp4"
         video.write_bytes(video.read_bytes()[:3000])

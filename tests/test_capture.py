@@ -217,9 +217,10 @@ def _truncate_frontal(root):
     return f"EXP-2-eyes/images/cam_{FRONTAL_SERIAL}.mp4: "
 
 
-def _remove_video(root):
-    (root / "900" / "sequences" / "EXP-2-eyes" / "images" / "cam_222200042.mp4").unlink()
-    return "EXP-2-eyes/images/cam_222200042.mp4: video file not found"
+def _remove_video(root):  # from every sequence: no timestamp has all views (one sequence: see below)
+    for seq in ("EXP-1-head", "EXP-2-eyes"):
+        (root / "900" / "sequences" / seq / "images" / "cam_222200042.mp4").unlink()
+    return "EXP-1-head/images/cam_222200042.mp4: video file not found, and every sequence of subject 900 lacks"
 
 
 def _malformed_calibration(root):
@@ -307,3 +308,35 @@ def test_real_size_capture_is_colour_corrected_after_the_resize(synth_capture, t
     before = cv2.resize(arithmetic(full, ccm), (550, 802), interpolation=cv2.INTER_AREA)
     diff = np.abs(before.astype(int) - few)
     assert diff.mean() < 0.6 and np.percentile(diff, 99) <= 2
+
+
+def test_a_sequence_missing_a_camera_is_skipped_with_its_reason(synth_capture, tmp_path):
+    """Real releases miss a camera in a sequence now and then: `select` lists the cameras present, skips
+    that sequence with the reason recorded, and selects from the others; asking `reconstruct` for one of
+    its timestamps fails naming the missing video."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "facecanon-data"
+    root, _ = _subject_copy(synth_capture, tmp_path)
+    (root / "900" / "sequences" / "EXP-2-eyes" / "images" / "cam_222200042.mp4").unlink()
+    src = NeRSembleSource(root)
+    assert src.missing_cameras("900", "EXP-2-eyes") == ["222200042"] and src.missing_cameras("900", "EXP-1-head") == []
+    src.check_subject("900")  # one complete sequence is enough
+    r = subprocess.run([str(exe), "select", "--root", str(root), "--work", str(tmp_path / "w"), "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-1500:]
+    figures = json.loads(r.stdout.strip().splitlines()[-1])
+    assert figures["skipped_sequences"] == {"EXP-2-eyes": "no video for camera(s) 222200042 "
+                                                          "(cam_222200042.mp4 missing)"}
+    assert figures["frames_processed"] == 8
+    import pyarrow.parquet as pq
+
+    selection = pq.read_table(tmp_path / "w" / "900" / "select" / "selection.parquet").to_pydict()
+    assert set(selection["sequence"]) == {"EXP-1-head"} and len(selection["sequence"]) >= 3
+    marker = json.loads((tmp_path / "w" / "900" / "select" / "_DONE.json").read_text())
+    assert marker["figures"]["skipped_sequences"] == figures["skipped_sequences"]
+    r = subprocess.run([str(exe), "reconstruct", "--timestamps", "EXP-2-eyes:3", "--root", str(root), "--work",
+                        str(tmp_path / "w")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "EXP-2-eyes/images/cam_222200042.mp4: video file not found" in r.stderr, r.stderr

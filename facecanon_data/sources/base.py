@@ -41,6 +41,10 @@ class CaptureSource(ABC):
     def cameras(self, subject: str, sequence: str | None = None, downscale: float = 1) -> dict[str, Camera]:
         """Calibrated cameras, intrinsics scaled to images downscaled by ``downscale``."""
 
+    def missing_cameras(self, subject: str, sequence: str) -> list[str]:
+        """Calibrated cameras without a video in ``sequence`` (real releases miss one now and then)."""
+        return []
+
     def check_subject(self, subject: str) -> None:
         """Fail early, naming the file, when a subject's calibration or videos are unusable."""
         for sequence in self.sequences(subject):

@@ -143,9 +143,9 @@ class NeRSembleSource(CaptureSource):
         order = {s: i for i, s in enumerate(NERSEMBLE_SERIALS)}
         return sorted(w2c, key=lambda s: (order.get(s, len(order)), s))
 
-    def _sequence_videos(self, subject: str, sequence: str) -> tuple[int, int, int]:
-        """(width, height, frames) shared by every camera of a sequence, after checking that the videos
-        present are exactly the calibrated cameras and that all agree in size and frame count."""
+    def _present(self, subject: str, sequence: str) -> list[str]:
+        """Serials with a video in ``sequence`` (like the official kit, cameras are listed from the files),
+        in calibration order; a video of an uncalibrated camera is an error naming the calibration."""
         serials = self.serials(subject)
         folder = self.subject_dir(subject) / "sequences" / sequence / "images"
         present = {p.name[4:-4] for p in folder.glob("cam_*.mp4")}
@@ -153,8 +153,27 @@ class NeRSembleSource(CaptureSource):
         if uncalibrated:
             raise CaptureFileError(f"{self.subject_dir(subject) / 'calibration' / 'camera_params.json'}: no "
                                    f"calibration for camera(s) {', '.join(uncalibrated)} whose videos are in {folder}")
-        ref = None
+        if not present:
+            raise CaptureFileError(f"{folder}: no camera videos (cam_{{serial}}.mp4)")
+        return [s for s in serials if s in present]
+
+    def _require_videos(self, subject: str, sequence: str, serials: list[str]) -> None:
         for serial in serials:
+            path = self.video_path(subject, sequence, serial)
+            if not path.is_file():
+                raise CaptureFileError(f"{path}: video file not found")
+
+    def missing_cameras(self, subject: str, sequence: str) -> list[str]:
+        present = set(self._present(subject, sequence))
+        return [s for s in self.serials(subject) if s not in present]
+
+    def _sequence_videos(self, subject: str, sequence: str) -> tuple[int, int, int]:
+        """(width, height, frames) shared by every camera of a sequence, after checking that the videos
+        present belong to calibrated cameras and that all agree in size and frame count (a calibrated
+        camera without a video is allowed here: :meth:`missing_cameras` names it, readers of that camera
+        fail naming its file, and ``select`` skips the sequence)."""
+        ref = None
+        for serial in self._present(subject, sequence):
             path = self.video_path(subject, sequence, serial)
             with VideoReader(path) as r:  # a missing video: "video file not found" naming it
                 header = (r.width, r.height, r.num_frames)
@@ -182,10 +201,24 @@ class NeRSembleSource(CaptureSource):
 
     def check_subject(self, subject: str) -> None:
         """Parse the calibration and every performance sequence's video headers: a malformed calibration,
-        a missing, truncated or disagreeing video is a :class:`CaptureFileError` naming the file."""
+        a truncated or disagreeing video is a :class:`CaptureFileError` naming the file. A camera missing
+        from some sequences is allowed (``select`` skips those); missing from every sequence, it is an
+        error naming its file, since no timestamp of the subject has all views."""
         self._calibration(subject)
-        for sequence in self.sequences(subject):
+        sequences = self.sequences(subject)
+        if not sequences:
+            raise CaptureFileError(f"{self.subject_dir(subject) / 'sequences'}: no performance sequences")
+        incomplete = {}
+        for sequence in sequences:
             self._videos(subject, sequence)
+            missing = self.missing_cameras(subject, sequence)
+            if missing:
+                incomplete[sequence] = missing
+        if len(incomplete) == len(sequences):
+            first = next(iter(incomplete))
+            lacking = "; ".join(f"{q}: {' '.join(m)}" for q, m in incomplete.items())
+            raise CaptureFileError(f"{self.video_path(subject, first, incomplete[first][0])}: video file not found, "
+                                   f"and every sequence of subject {subject} lacks a camera ({lacking})")
 
     def image_size(self, subject: str, sequence: str | None = None) -> tuple[int, int]:
         """(width, height) at full resolution, from the video headers (calibration has no size)."""
@@ -230,6 +263,7 @@ class NeRSembleSource(CaptureSource):
 
     def frames(self, subject: str, sequence: str, serial: str, indices: Iterable[int] | None = None,
                downscale: float = 1) -> Iterator[tuple[int, np.ndarray]]:
+        self._require_videos(subject, sequence, [serial])
         frames = self._videos(subject, sequence)[2]  # the sequence's cameras agree in size and frame count
         if indices is not None:
             indices = sorted(set(int(i) for i in indices))
@@ -249,8 +283,9 @@ class NeRSembleSource(CaptureSource):
 
     def timestamps(self, subject: str, sequence: str, indices: Iterable[int],
                    downscale: float = 1) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        self._videos(subject, sequence)
         serials = self.serials(subject)
+        self._require_videos(subject, sequence, serials)  # a timestamp needs every calibrated view
+        self._videos(subject, sequence)
         with ExitStack() as stack:
             readers = {s: stack.enter_context(VideoReader(self.video_path(subject, sequence, s))) for s in serials}
             correct = {s: self._corrector(subject, s, 1) for s in serials}  # few timestamps: arithmetic

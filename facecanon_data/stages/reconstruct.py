@@ -441,6 +441,10 @@ def _check_timestamps(source, subject: str, timestamps: list[tuple[str, int]]) -
         if not 0 <= frame < n:
             raise InputValueError(f"{source.subject_dir(subject) / 'sequences' / seq}: frame {frame} out of range "
                              f"(0..{n - 1})")
+        missing = source.missing_cameras(subject, seq)
+        if missing:
+            raise InputFileNotFound(f"{source.video_path(subject, seq, missing[0])}: video file not found (sequence "
+                                    f"{seq} lacks camera(s) {', '.join(missing)}; every timestamp needs all views)")
 
 
 def _dense_flag(rcfg: ReconstructConfig) -> bool:

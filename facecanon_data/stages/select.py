@@ -48,6 +48,7 @@ class SelectResult:
     gt_coverage_gain_mean: float | None = None  # the same with the mean distance
     gt_coverage_gain_all: float | None = None  # all picks (expression + pose) vs as many uniform (p95)
     gt_coverage_gain_all_mean: float | None = None
+    skipped_sequences: dict[str, str] = field(default_factory=dict)  # sequence -> why none of it is used
     selection: list[tuple[str, int, str, int]] = field(default_factory=list)  # (sequence, frame, reason, rank)
 
     def figures(self) -> dict:
@@ -55,7 +56,8 @@ class SelectResult:
         return d
 
 
-def sequences_to_process(source: CaptureSource, subject: str, cfg: PipelineConfig) -> list[str]:
+def configured_sequences(source: CaptureSource, subject: str, cfg: PipelineConfig) -> list[str]:
+    """The subject's sequences after ``select.include_sequences`` / ``exclude_sequences``."""
     seqs = source.sequences(subject)
     sel = cfg.select
     if sel.include_sequences:
@@ -64,6 +66,23 @@ def sequences_to_process(source: CaptureSource, subject: str, cfg: PipelineConfi
             raise InputValueError(f"select.include_sequences names sequences subject {subject} lacks: {missing}")
         seqs = [s for s in seqs if s in sel.include_sequences]
     return [s for s in seqs if s not in sel.exclude_sequences]
+
+
+def skipped_sequences(source: CaptureSource, subject: str, cfg: PipelineConfig) -> dict[str, str]:
+    """Configured sequences that cannot be used, with the reason: a calibrated camera has no video there
+    (every timestamp needs all views), so its timestamps are never selected."""
+    out = {}
+    for seq in configured_sequences(source, subject, cfg):
+        missing = source.missing_cameras(subject, seq)
+        if missing:
+            files = ", ".join(f"cam_{serial}.mp4" for serial in missing)
+            out[seq] = f"no video for camera(s) {', '.join(missing)} ({files} missing)"
+    return out
+
+
+def sequences_to_process(source: CaptureSource, subject: str, cfg: PipelineConfig) -> list[str]:
+    skipped = skipped_sequences(source, subject, cfg)
+    return [s for s in configured_sequences(source, subject, cfg) if s not in skipped]
 
 
 def frame_plan(source: CaptureSource, subject: str, cfg: PipelineConfig) -> list[tuple[str, list[int]]]:
@@ -94,10 +113,14 @@ def run_select(source: CaptureSource, subject: str, cfg: PipelineConfig, work,
     apply_thread_cap(cfg.threads)
     out = StageDir(work, subject, STAGE)
     backend = make_backend(sel, cfg.source_file)  # before any work: a missing .task fails fast
+    skipped = skipped_sequences(source, subject, cfg)
+    for seq, why in skipped.items():
+        log.warning("subject %s: sequence %s skipped: %s", subject, seq, why)
     plan = frame_plan(source, subject, cfg)
     total = sum(len(f) for _, f in plan)
     if total == 0:
-        raise InputValueError(f"subject {subject}: no frames to process (sequences: {[s for s, _ in plan]})")
+        raise InputValueError(f"subject {subject}: no frames to process (sequences: {[s for s, _ in plan]}; "
+                              f"skipped: {skipped or 'none'})")
     out.path.mkdir(parents=True, exist_ok=True)
     downscale = sel.downscale or cfg.capture.downscale
     t0 = time.perf_counter()
@@ -143,7 +166,8 @@ def run_select(source: CaptureSource, subject: str, cfg: PipelineConfig, work,
     result = SelectResult(subject=subject, backend=backend.name, frames_processed=len(obs),
                           frontal_detect_rate=float(detected.mean()), selected_expression=len(pick_e),
                           selected_pose=len(pick_p), seconds=round(seconds, 2),
-                          frames_per_second=round(len(obs) / max(seconds, 1e-9), 2), selection=selection)
+                          frames_per_second=round(len(obs) / max(seconds, 1e-9), 2), skipped_sequences=skipped,
+                          selection=selection)
     gt = source.ground_truth(subject)
     if gt is not None:
         gt_space = ground_truth_expression_space(gt, keys)
