@@ -143,6 +143,11 @@ class TrackConfig:
     offset_laplacian: float = 2000.0  # ... and smooth (uniform graph Laplacian, sparse)
     # FLAME_masks.pkl keys (or a union: eyeballs, ears) held at zero offset: the eyeballs keep their shape
     offset_free_masks: list[str] = field(default_factory=lambda: ["left_eyeball", "right_eyeball"])
+    # Fit statistics (CD-L1, the outlier rule) count only head points: those whose nearest mesh point is
+    # outside these masks (FLAME_masks.pkl keys or unions) and within stats_max_distance_mm. Points that
+    # snap to the neck (torso, collar, clothing) or lie far off (studio) are excluded and counted.
+    stats_exclude_masks: list[str] = field(default_factory=lambda: ["neck"])
+    stats_max_distance_mm: float = 30.0  # far beyond any fit error; a bad fit still scores badly
     outlier_mad_k: float = 3.5  # drop timestamps beyond median + k * MAD of CD-L1 or landmark error
     outlier_mad_floor: float = 0.2  # MAD at least this fraction of the median: good fits cluster tightly
     canonical: str = "subject"  # "subject": shape + offsets; "template": mean shape (shared by all subjects)
@@ -154,6 +159,9 @@ class CanonicalizeConfig:
 
     max_distance_mm: float = 10.0  # points farther from the tracked surface are flagged "far" ...
     far_points: str = "keep"  # ... and kept (flagged) or dropped: "keep" | "drop"
+    # A point's offset from its nearest surface point: carried as is ("translate") or rotated with the
+    # nearest triangle into canonical orientation ("local_frame"); render measures both against ground truth.
+    transfer: str = "local_frame"
 
 
 @dataclass
@@ -313,6 +321,8 @@ def _validate(cfg: PipelineConfig, where: str) -> None:
         raise ConfigError(f"{where}: track.iterations needs 4 non-negative counts (rigid, +shape/expr, +points, +offsets)")
     if cfg.canonicalize.far_points not in ("keep", "drop"):
         raise ConfigError(f"{where}: canonicalize.far_points must be 'keep' or 'drop'")
+    if cfg.canonicalize.transfer not in ("translate", "local_frame"):
+        raise ConfigError(f"{where}: canonicalize.transfer must be 'translate' or 'local_frame'")
     if cfg.render.canonical_dtype not in ("float16", "float32"):
         raise ConfigError(f"{where}: render.canonical_dtype must be float16 or float32")
     if cfg.reconstruct.dense not in ("auto", "never", "always"):

@@ -120,3 +120,9 @@ def test_build_from_an_empty_folder_renders_the_capture_and_ends_in_a_valid_stor
     assert rep.returncode == 0, rep.stderr[-2000:]
     (row,) = json.loads(rep.stdout.strip().splitlines()[-1])["subjects"]
     assert row["gt_canonical_error_mm"] is not None and row["gt_canonical_error_mm"] < 10.0
+    # render measures every transfer mode against the ground truth, near the surface and beyond
+    (marker,) = (tmp_path / "out").glob("**/900/render/_DONE.json")
+    by_transfer = json.loads(marker.read_text())["figures"]["gt_canonical_error_mm_by_transfer"]
+    assert 0 <= by_transfer["far_pixel_fraction"] < 0.2
+    for mode in ("translate", "local_frame"):
+        assert 0 < by_transfer[f"{mode}_near"] < 5.0, by_transfer

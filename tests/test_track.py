@@ -65,12 +65,42 @@ def test_fit_from_perturbed_start_recovers_known_parameters(cfg, observed, head_
         assert (tmp_path / "999" / "track" / name).is_file()
 
 
-def test_corrupted_timestamp_is_removed_as_outlier(cfg, observed, tmp_path):
-    obs, _ = observed
+def _torso_points(vertices: np.ndarray, neck: np.ndarray, count: int, rng) -> np.ndarray:
+    """(count, 3) points on a front-facing torso below the neck (collar to shoulders), meters."""
+    y0, xc, zc = vertices[neck, 1].min(), vertices[neck, 0].mean(), vertices[neck, 2].mean()
+    y = rng.uniform(y0 - 0.12, y0 + 0.01, count)
+    r = np.interp(y, [y0 - 0.12, y0 - 0.04, y0 + 0.01], [0.16, 0.09, 0.06])
+    theta = rng.uniform(-np.pi / 2, np.pi / 2, count)
+    return np.stack([xc + r * np.sin(theta), y, zc + 0.7 * r * np.cos(theta)], 1)
+
+
+def test_corrupted_timestamp_is_removed_as_outlier_and_torso_points_do_not_count(cfg, observed, head_assets,
+                                                                                 tmp_path):
+    """Timestamp 5 is corrupted (6 mm noise): the only outlier. Timestamps 1 and 3 also see a torso
+    (40 % and 20 % more points, as real captures do): those points snap to the neck or lie far off, are
+    excluded from CD-L1 and the outlier rule, and the fraction excluded is reported."""
+    obs, gt = observed
     rng = np.random.default_rng(0)
+    neck = head_assets.mask("neck")
     bad = obs[5]
-    corrupted = [o if o is not bad else type(o)(o.sequence, o.frame, o.points + rng.normal(0, 0.006, o.points.shape),
-                                                 o.cameras, o.landmarks) for o in obs]
-    result = run_track(None, "998", cfg, tmp_path, device="cpu", observations=corrupted)
+    changed = []
+    for i, o in enumerate(obs):
+        points = o.points
+        if o is bad:
+            points = points + rng.normal(0, 0.006, points.shape)
+        elif i in (1, 3):
+            extra = _torso_points(gt["vertices"][i], neck, int(len(points) * (0.4 if i == 1 else 0.2)), rng)
+            points = np.concatenate([points, extra])
+        changed.append(type(o)(o.sequence, o.frame, points, o.cameras, o.landmarks))
+    result = run_track(None, "998", cfg, tmp_path, device="cpu", observations=changed)
     assert list(result.outliers) == [bad.key] and "CD-L1" in result.outliers[bad.key]
+    rows = {(r["sequence"], r["frame"]): r for r in result.per_timestamp}
+    row = [rows[(o.sequence, o.frame)] for o in obs]
+    assert len(rows) == len(obs)
+    base = np.median([row[i]["points_excluded_fraction"] for i in range(len(obs)) if i not in (1, 3, 5)])
+    for i, torso in ((1, 0.4), (3, 0.2)):  # the torso's share of the points, all of it excluded
+        expected = (base + torso) / (1 + torso)
+        assert abs(row[i]["points_excluded_fraction"] - expected) < 0.03, (i, row[i], expected)
+        assert row[i]["cd_l1_mm"] < 0.6
+    assert 0 < result.points_excluded_fraction < 0.5
     assert result.timestamps_kept == 7 and result.outliers_removed == 1

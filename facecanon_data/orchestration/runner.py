@@ -40,6 +40,11 @@ class StageRun:
     units_reused: int = 0
 
 
+# Part of every marker key: bump it when what a stage writes or reports changes shape, so that work
+# folders written by an older version are redone rather than misread.
+MARKER_FORMAT = 2
+
+
 def _hash(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -65,7 +70,7 @@ def gather_inputs(stage: Stage, ctx: StageContext) -> dict[str, str]:
 
 def stage_key(stage: Stage, ctx: StageContext, digests: dict[str, str]) -> str:
     return _hash({"stage": stage.name, "config": ctx.cfg.section_hash(*stage.sections), "upstream": digests,
-                  "extra": stage.key_extra(ctx) if stage.key_extra else ""})
+                  "extra": stage.key_extra(ctx) if stage.key_extra else "", "format": MARKER_FORMAT})
 
 
 def reusable(stage: Stage, ctx: StageContext) -> dict | None:
@@ -116,7 +121,7 @@ def unit_dir(stage: Stage, ctx: StageContext, unit: Unit) -> Path:
 
 
 def _unit_key(stage: Stage, ctx: StageContext) -> str:
-    return ctx.cfg.section_hash(*stage.unit_sections)
+    return _hash({"config": ctx.cfg.section_hash(*stage.unit_sections), "format": MARKER_FORMAT})
 
 
 @dataclass

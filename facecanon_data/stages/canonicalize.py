@@ -48,27 +48,54 @@ def vertex_regions(assets) -> tuple[np.ndarray, list[str]]:
     return out, sorted(unlabelled)
 
 
+TRANSFER_MODES = ("translate", "local_frame")
+
+
 @dataclass
 class Transfer:
-    """Result for N points: canonical (N, 3) m, distance_mm (N,), triangle (N,), bary (N, 3)."""
+    """Result for N points: canonical (N, 3) m under the requested mode, distance_mm (N,) to the posed
+    surface, triangle (N,), bary (N, 3), and ``by_mode``: the canonical points under every mode in
+    :data:`TRANSFER_MODES` (one closest-point query serves all; the measurement compares them)."""
 
     canonical: np.ndarray
     distance_mm: np.ndarray
     triangle: np.ndarray
     bary: np.ndarray
+    by_mode: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def triangle_frames(vertices: np.ndarray, faces: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    """(N, 3, 3) orthonormal frames of ``triangles`` (columns: first edge, in-plane normal to it, face
+    normal) on mesh ``vertices`` (V, 3)."""
+    v = vertices[faces[triangles]].astype(np.float64)  # (N, 3 corners, 3)
+    e1 = v[:, 1] - v[:, 0]
+    n = np.cross(e1, v[:, 2] - v[:, 0])
+    e1 /= np.maximum(np.linalg.norm(e1, axis=1, keepdims=True), 1e-12)
+    n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
+    return np.stack([e1, np.cross(n, e1), n], axis=2)
 
 
 def transfer_to_canonical(points: np.ndarray, posed: np.ndarray, canonical: np.ndarray,
-                          faces: np.ndarray) -> Transfer:
-    """Move (N, 3) points by the deformation of their closest point on the posed mesh.
+                          faces: np.ndarray, mode: str = "translate") -> Transfer:
+    """Move (N, 3) points into canonical space through their closest point on the posed mesh.
 
+    The closest surface point goes to its canonical position (barycentric in the triangle); the point's
+    offset from it (zero on the surface) is carried as is (``translate``) or rotated with the triangle
+    from its posed to its canonical orientation (``local_frame``), so that a point off the surface (hair,
+    a mismatch of the fit) follows the head's rotation.
     posed, canonical: (V, 3) vertices of the same mesh in the tracked pose and in canonical space.
     """
+    if mode not in TRANSFER_MODES:
+        raise ValueError(f"transfer mode {mode!r} (expected one of {', '.join(TRANSFER_MODES)})")
     closest, tri, bary = closest_points(posed, faces, points)
-    deform = (canonical - posed).astype(np.float32)  # (V, 3) per-vertex deformation
-    moved = points.astype(np.float32) + barycentric_interpolate(deform, faces, tri, bary)
-    dist = np.linalg.norm(closest - points, axis=1) * 1000.0
-    return Transfer(canonical=moved, distance_mm=dist.astype(np.float32), triangle=tri, bary=bary)
+    on_canonical = barycentric_interpolate(canonical.astype(np.float32), faces, tri, bary)
+    offset = points.astype(np.float64) - closest
+    rotation = triangle_frames(canonical, faces, tri) @ triangle_frames(posed, faces, tri).transpose(0, 2, 1)
+    by_mode = {"translate": (on_canonical + offset).astype(np.float32),
+               "local_frame": (on_canonical + np.einsum("nij,nj->ni", rotation, offset)).astype(np.float32)}
+    dist = np.linalg.norm(offset, axis=1) * 1000.0
+    return Transfer(canonical=by_mode[mode], distance_mm=dist.astype(np.float32), triangle=tri, bary=bary,
+                    by_mode=by_mode)
 
 
 @dataclass
@@ -108,14 +135,17 @@ def run_canonicalize(source, subject: str, cfg: PipelineConfig, work) -> Canonic
     for i, key in enumerate(keys):
         seq, frame = str(key).rsplit("/", 1)
         pts = read_points(timestamp_dir(work, subject, seq, int(frame)) / "points.ply")["positions"]
-        tr = transfer_to_canonical(pts, tracked[i], canonical, faces)
+        tr = transfer_to_canonical(pts, tracked[i], canonical, faces, ccfg.transfer)
         nearest_vertex = faces[tr.triangle, np.argmax(tr.bary, 1)]
         region = region_of_vertex[nearest_vertex]
         is_far = tr.distance_mm > ccfg.max_distance_mm
         keep = ~is_far if ccfg.far_points == "drop" else np.ones(len(pts), bool)
         folder = canonical_dir(work, subject, seq, int(frame))
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / "points.npz", lambda p: np.savez(p, canonical=tr.canonical, keep=keep))
+        # canonical: the configured transfer; the others and the distances let render measure them all
+        atomic_write(folder / "points.npz", lambda p: np.savez(
+            p, canonical=tr.canonical, keep=keep, distance_mm=tr.distance_mm,
+            **{f"canonical_{m}": c for m, c in tr.by_mode.items()}))
         total += len(pts)
         far += int(is_far.sum())
         dists.append(tr.distance_mm)

@@ -109,7 +109,8 @@ def _track(ctx: StageContext) -> Figures:
 
 def _describe_track(subject: str, f: Figures) -> str:
     line = (f"subject {subject}: tracked {f['timestamps_kept']}/{f['timestamps_in']} timestamps on {f['device']} "
-            f"in {f['seconds']:.0f} s; CD-L1 median {f['cd_l1_mm_median']:.2f} mm, landmarks "
+            f"in {f['seconds']:.0f} s; CD-L1 median {f['cd_l1_mm_median']:.2f} mm over head points "
+            f"({f['points_excluded_fraction']:.0%} excluded: neck, torso, far), landmarks "
             f"{f['landmark_px_median']:.2f} px; {f['outliers_removed']} outlier(s) removed")
     for key, why in f["outliers"].items():
         line += f"\n  removed {key}: {why}"

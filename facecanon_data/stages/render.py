@@ -14,7 +14,9 @@ Label quality per timestamp: ``valid_fraction`` (valid pixels / foreground pixel
 ``cross_view_canonical_mm`` (median distance between canonical coordinates of pixels of two views that
 see the same surface point: depth-consistent reprojection into the other view's 3x3 neighbourhood,
 pairs of *different* reconstructed points only, since a point shared by both views agrees trivially),
-and with ground truth ``gt_canonical_error_mm`` (median, p90) and ``gt_depth_absrel`` (median).
+and with ground truth ``gt_canonical_error_mm`` (median, p90), ``gt_depth_absrel`` (median) and
+``gt_canonical_error_mm_by_transfer``: the median error of each ``canonicalize.transfer`` mode over pixels
+whose point lies within ``NEAR_MM`` of the tracked surface and beyond (same pixels, same z-buffer).
 """
 from __future__ import annotations
 
@@ -30,10 +32,11 @@ from ..cameras import Camera, read_cameras_json
 from ..config import PipelineConfig
 from ..meshes import cast_camera_rays, raycasting_scene
 from ..threads import apply_thread_cap
-from .canonicalize import canonical_dir
+from .canonicalize import TRANSFER_MODES, canonical_dir
 from .reconstruct import read_points, timestamp_dir
 
 STAGE = "render"
+NEAR_MM = 2.0  # a point within this distance of the tracked surface is "near" in the transfer figures
 
 
 def splat(points_cam, values, K, height: int, width: int, radius: int = 0):
@@ -177,6 +180,8 @@ class RenderResult:
     dense: bool
     gt_canonical_error_mm: float | None = None  # median over valid pixels of all timestamps
     gt_canonical_error_mm_p90: float | None = None
+    # per transfer mode (canonicalize.transfer), near (<= NEAR_MM from the tracked surface) and far points
+    gt_canonical_error_mm_by_transfer: dict | None = None
     gt_depth_absrel: float | None = None  # median
     per_timestamp: list[dict] = field(default_factory=list)
 
@@ -198,7 +203,7 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
     out = StageDir(work, subject, STAGE)
     out.path.mkdir(parents=True, exist_ok=True)
     gt = source.ground_truth(subject) if source is not None else None
-    per_ts, gt_can, gt_rel, store_err = [], [], [], 0.0
+    per_ts, gt_can, gt_rel, store_err, by_transfer_gt = [], [], [], 0.0, []
     render_s, n_views, cross, pairs, dense_any = 0.0, 0, [], 0, False
     for i, key in enumerate(keys):
         seq, frame = key.rsplit("/", 1)
@@ -212,7 +217,8 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
             dense_depth = z["depth"] if dense else None
         dense_any |= dense
         with np.load(canonical_dir(work, subject, seq, frame) / "points.npz") as z:
-            canonical, keep = z["canonical"], z["keep"]
+            canonical, keep, distance_mm = z["canonical"], z["keep"], z["distance_mm"]
+            by_mode = {m: z[f"canonical_{m}"] for m in TRANSFER_MODES}
         pts = read_points(rdir / "points.ply")["positions"]
         t0 = time.perf_counter()
         maps = render_timestamp(pts, canonical, observed, keep, cams, serials, tracked[i], faces,
@@ -234,6 +240,9 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
                 m = maps.mask[v] & g["mask"]
                 ce.append(np.linalg.norm(stored[v][m].astype(np.float32) - g["canonical"][m], axis=1) * 1000)
                 rel.append(np.abs(maps.depth[v][m] - g["depth"][m]) / g["depth"][m])
+                point = maps.index[v][m]  # the point each valid pixel shows: its transfers and its distance
+                by_transfer_gt.append({mode: np.linalg.norm(c[point] - g["canonical"][m], axis=1) * 1000
+                                       for mode, c in by_mode.items()} | {"far": distance_mm[point] > NEAR_MM})
             ce, rel = np.concatenate(ce), np.concatenate(rel)
             gt_can.append(ce)
             gt_rel.append(rel)
@@ -260,7 +269,20 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
         result.gt_canonical_error_mm = round(float(np.median(all_ce)), 4)
         result.gt_canonical_error_mm_p90 = round(float(np.percentile(all_ce, 90)), 4)
         result.gt_depth_absrel = round(float(np.median(all_rel)), 6)
+        result.gt_canonical_error_mm_by_transfer = transfer_errors(by_transfer_gt)
     return result
+
+
+def transfer_errors(per_view: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Median canonical error (mm) against ground truth of every transfer mode, over the valid pixels
+    whose point is within :data:`NEAR_MM` of the tracked surface ("near") and beyond it ("far")."""
+    far = np.concatenate([d["far"] for d in per_view])
+    out: dict[str, float] = {"far_pixel_fraction": round(float(far.mean()), 5) if len(far) else 0.0}
+    for mode in TRANSFER_MODES:
+        err = np.concatenate([d[mode] for d in per_view])
+        for name, sel in (("near", ~far), ("far", far)):
+            out[f"{mode}_{name}"] = round(float(np.median(err[sel])), 4) if sel.any() else None
+    return out
 
 
 def write_preview(image_dir: Path, maps: ViewMaps, path, views: int = 4) -> None:

@@ -19,8 +19,9 @@ Stages (all timestamps in one batched tensor program, Adam, early stop on relati
 rigid from landmarks -> + shape and expression -> + point-to-surface -> + static offsets. The rigid
 pose starts from a Procrustes fit of the template's landmarks to landmarks triangulated from all views.
 
-Outliers: per timestamp the unidirectional L1 chamfer (mean point-to-mesh distance, the paper's CD-L1,
-mm) and the landmark error (median px); timestamps beyond median + k * MAD of either are dropped and
+Outliers: per timestamp the unidirectional L1 chamfer (mean point-to-mesh distance of the head points,
+the paper's CD-L1, mm; a point is head when its nearest surface point is outside ``stats_exclude_masks``
+(the neck) and within ``stats_max_distance_mm``, so torso, clothing and studio never count) and the landmark error (median px); timestamps beyond median + k * MAD of either are dropped and
 the subject is fitted again without them, once.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ import numpy as np
 from ..artifacts import StageDir, atomic_write
 from ..cameras import Camera, read_cameras_json
 from ..config import PipelineConfig, TrackConfig
-from ..meshes import closest_points, point_to_mesh_distance
+from ..meshes import closest_points
 from ..threads import apply_thread_cap
 from .reconstruct import read_points, timestamp_dir
 from ..errors import InputValueError
@@ -70,6 +71,7 @@ class TrackResult:
     outliers_removed: int
     cd_l1_mm_median: float
     landmark_px_median: float
+    points_excluded_fraction: float  # median over kept timestamps: points not counted as head by the stats
     seconds: float
     device: str
     gt_vertex_error_mm_mean: float | None = None
@@ -166,6 +168,9 @@ class _Fitter:
         self.valid = torch.as_tensor(valid, device=device)
         self.points = [torch.as_tensor(o.points, dtype=torch.float32, device=device) for o in obs]
         self.corr: list[tuple] | None = None
+        self.head_vertices = np.ones(model.num_vertices, bool)  # where a point's nearest surface counts
+        for name in tcfg.stats_exclude_masks:
+            self.head_vertices[assets.mask(name)] = False
         free = np.ones(model.num_vertices, np.float32)
         for name in tcfg.offset_free_masks:
             free[assets.mask(name)] = 0.0
@@ -290,21 +295,37 @@ class _Fitter:
                 t.requires_grad_(False)
 
     # -- per-timestamp errors ------------------------------------------------------------------
-    def errors(self) -> tuple[np.ndarray, np.ndarray]:
-        """(T,) CD-L1: mean distance of *all* reconstructed points to the tracked mesh, mm (the
-        paper's unidirectional L1 chamfer); (T,) median landmark reprojection error, px."""
+    def errors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(T,) CD-L1: mean distance of the *head* points to the tracked mesh, mm (the paper's
+        unidirectional L1 chamfer, see :func:`head_point_distances`); (T,) median landmark reprojection
+        error, px; (T,) fraction of points excluded as not head."""
         torch = self.torch
         with torch.no_grad():
             verts = self.vertices()
             v_np = verts.cpu().numpy().astype(np.float32)
             cd = np.full(len(self.obs), np.nan)
+            excluded = np.zeros(len(self.obs))
             for i, pts in enumerate(self.points):
                 if len(pts):
-                    cd[i] = point_to_mesh_distance(v_np[i], self.faces, pts.cpu().numpy()).mean() * 1000
+                    dist_mm, head = head_point_distances(v_np[i], self.faces, pts.cpu().numpy(), self.head_vertices,
+                                                         self.tcfg.stats_max_distance_mm)
+                    cd[i] = dist_mm[head].mean() if head.any() else np.nan
+                    excluded[i] = 1.0 - head.mean()
             lmk = self.landmark_residual_px(verts)
             lm = np.array([float(lmk[i][self.valid[i]].median()) if self.valid[i].any() else np.nan
                            for i in range(len(self.obs))])
-        return cd, lm
+        return cd, lm, excluded
+
+
+def head_point_distances(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray, head_vertices: np.ndarray,
+                         max_distance_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Distance of (N, 3) points to the mesh (V, 3) m, in mm (N,), and which points are head (N,) bool:
+    the mesh vertex nearest to the point's closest surface point is in ``head_vertices`` (V,) bool and
+    the distance is at most ``max_distance_mm``. Torso and clothing snap to the neck; studio lies far."""
+    closest, tri, bary = closest_points(vertices, faces, points)
+    dist_mm = np.linalg.norm(points - closest, axis=1) * 1000
+    nearest_vertex = faces[tri, np.argmax(bary, 1)]
+    return dist_mm, head_vertices[nearest_vertex] & (dist_mm <= max_distance_mm)
 
 
 def _huber(x, delta: float):
@@ -357,7 +378,7 @@ def tracking_assets(cfg: PipelineConfig):
     if assets.embedding is None:
         raise AssetError(f"{cfg.source_file or 'the pipeline'}: flame.embedding is not set; tracking needs the "
                          "MediaPipe landmark embedding (mediapipe_landmark_embedding.npz, see flame_assets/README.md)")
-    for name in cfg.track.offset_free_masks:  # a name the masks file lacks fails here, before any work
+    for name in cfg.track.offset_free_masks + cfg.track.stats_exclude_masks:  # a name the file lacks fails here
         assets.mask(name)
     return assets
 
@@ -386,7 +407,7 @@ def run_track(source, subject: str, cfg: PipelineConfig, work, device: str | Non
     apply_thread_cap(cfg.threads)
     fitter = _Fitter(assets, obs, tcfg, dev)
     fitter.fit(progress)
-    cd, lm = fitter.errors()
+    cd, lm, excluded = fitter.errors()
     bad_cd = _mad_outliers(cd, tcfg.outlier_mad_k, tcfg.outlier_mad_floor)
     bad_lm = _mad_outliers(lm, tcfg.outlier_mad_k, tcfg.outlier_mad_floor)
     bad = bad_cd | bad_lm
@@ -398,21 +419,22 @@ def run_track(source, subject: str, cfg: PipelineConfig, work, device: str | Non
         if bad_lm[i]:
             why.append(f"landmark error {lm[i]:.2f} px > median {np.nanmedian(lm):.2f} + {tcfg.outlier_mad_k} MAD")
         reasons[obs[i].key] = "; ".join(why)
-    first_errors = (cd, lm)
+    first_errors = (cd, lm, excluded)
     if bad.any() and (~bad).sum() >= 1:
         kept_obs = [o for o, b in zip(obs, bad) if not b]
         fitter = _Fitter(assets, kept_obs, tcfg, dev)  # refit the shared parameters without them, once
         fitter.fit(progress)
-        cd_k, lm_k = fitter.errors()
+        cd_k, lm_k, excluded_k = fitter.errors()
     else:
-        kept_obs, cd_k, lm_k = obs, cd, lm
+        kept_obs, cd_k, lm_k, excluded_k = obs, cd, lm, excluded
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         verts = fitter.vertices().cpu().numpy()
         canonical = _canonical(fitter, tcfg).cpu().numpy()
     result = TrackResult(subject=subject, timestamps_in=len(obs), timestamps_kept=len(kept_obs),
                          outliers_removed=int(bad.sum()), cd_l1_mm_median=round(float(np.nanmedian(cd_k)), 4),
-                         landmark_px_median=round(float(np.nanmedian(lm_k)), 4), seconds=round(seconds, 1),
+                         landmark_px_median=round(float(np.nanmedian(lm_k)), 4),
+                         points_excluded_fraction=round(float(np.median(excluded_k)), 4), seconds=round(seconds, 1),
                          device=dev, outliers=reasons)
     gt = source.ground_truth(subject) if source is not None else None
     if gt is not None:
@@ -427,6 +449,7 @@ def run_track(source, subject: str, cfg: PipelineConfig, work, device: str | Non
             "sequence": o.sequence, "frame": o.frame, "kept": j is not None,
             "cd_l1_mm": float(cd_k[j]) if j is not None else float(first_errors[0][i]),
             "landmark_px": float(lm_k[j]) if j is not None else float(first_errors[1][i]),
+            "points_excluded_fraction": float(excluded_k[j]) if j is not None else float(first_errors[2][i]),
             "views_with_landmarks": len(o.landmarks), "reason": reasons.get(o.key, "")})
     _write_outputs(out, fitter, kept_obs, verts, canonical, result, cfg)
     return result
