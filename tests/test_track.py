@@ -58,8 +58,15 @@ def test_fit_from_perturbed_start_recovers_known_parameters(cfg, observed, head_
     err = np.linalg.norm(tracked[:, face] - gt["vertices"][:, face], axis=-1).mean() * 1000
     assert err < 1.0, f"mean face-vertex error {err:.2f} mm"
     with np.load(tmp_path / "999" / "track" / "params.npz") as z:
-        jaw = z["jaw"][:, 0]
+        jaw, shape, expression = z["jaw"][:, 0], z["shape"], z["expression"]
     np.testing.assert_allclose(jaw, gt["params"]["jaw"][:, 0], atol=0.03)  # radians
+    # FLAME's whole basis is fitted (the default); the synthetic head's zero columns stay exactly zero.
+    assert shape.shape == (300,) and expression.shape == (8, 100)
+    m = head_assets.model
+    unused_shape = np.linalg.norm(m.shapedirs, axis=(0, 1)) == 0
+    unused_expression = np.linalg.norm(m.exprdirs, axis=(0, 1)) == 0
+    assert unused_shape.sum() >= 280 and (shape[unused_shape] == 0).all()
+    assert unused_expression.sum() >= 80 and (expression[:, unused_expression] == 0).all()
     assert result.cd_l1_mm_median < 0.6
     for name in ("errors.parquet", "errors.png", "overlay.png", "params.npz"):
         assert (tmp_path / "999" / "track" / name).is_file()
