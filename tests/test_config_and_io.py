@@ -182,14 +182,20 @@ def test_reconstruct_with_a_mistyped_timestamp_keeps_the_finished_stage(synth_ca
         assert marker.is_file()  # the finished stage is untouched
 
 
-def test_track_with_flame_and_no_embedding_names_the_setting(synth_capture, tmp_path):
+def _track_with_flame_files(synth_capture, tmp_path, flame_lines: str):
+    """`track` with a pipeline of kind "flame" whose [flame] section ends with ``flame_lines``."""
     import subprocess
 
     pipeline = tmp_path / "flame.toml"
-    pipeline.write_text(f"[capture]\ndownscale = 2\n[flame]\nkind = 'flame'\n"
-                        f"model = '{PROJECT_ROOT / 'flame_assets' / 'synthetic' / 'synthetic_head.pkl'}'\n")
+    pipeline.write_text(f"[capture]\ndownscale = 2\n[flame]\nkind = 'flame'\n{flame_lines}")
     r = subprocess.run([_exe(), "track", "--root", str(synth_capture["out"] / "capture"), "--work", str(tmp_path / "w"),
                         "--pipeline", str(pipeline)], capture_output=True, text=True, timeout=120)
+    return pipeline, r
+
+
+def test_track_with_flame_and_no_embedding_names_the_setting(synth_capture, tmp_path):
+    _, r = _track_with_flame_files(synth_capture, tmp_path,
+                                   f"model = '{PROJECT_ROOT / 'flame_assets' / 'synthetic' / 'synthetic_head.pkl'}'\n")
     assert r.returncode == 2, r.stderr[-1500:]
     assert "flame.toml: flame.embedding is not set" in r.stderr and "Traceback" not in r.stderr
 
@@ -199,7 +205,6 @@ def test_a_mask_name_the_file_lacks_is_an_error_listing_its_names(synth_capture,
     offset_free_masks (left_eyeball, right_eyeball) fails in `track` before any work, naming the file
     and listing the names it has; the union name "eyeballs" resolves against the full file."""
     import pickle
-    import subprocess
 
     from facecanon_data.flame.assets import MASK_NAMES, AssetError, load_assets
     from facecanon_data.flame.synthetic_head import model_files
@@ -211,11 +216,9 @@ def test_a_mask_name_the_file_lacks_is_an_error_listing_its_names(synth_capture,
     del masks["right_eyeball"]
     partial_masks = tmp_path / "FLAME_masks.pkl"
     partial_masks.write_bytes(pickle.dumps({k: np.asarray(v) for k, v in masks.items()}, protocol=2))
-    pipeline = tmp_path / "flame.toml"
-    pipeline.write_text(f"[capture]\ndownscale = 2\n[flame]\nkind = 'flame'\n"
-                        f"model = '{synthetic.model}'\nmasks = '{partial_masks}'\nembedding = '{synthetic.embedding}'\n")
-    r = subprocess.run([_exe(), "track", "--root", str(synth_capture["out"] / "capture"), "--work", str(tmp_path / "w"),
-                        "--pipeline", str(pipeline)], capture_output=True, text=True, timeout=120)
+    pipeline, r = _track_with_flame_files(
+        synth_capture, tmp_path, f"model = '{synthetic.model}'\nmasks = '{partial_masks}'\n"
+                                 f"embedding = '{synthetic.embedding}'\n")
     assert r.returncode == 2, r.stderr[-1500:]
     assert "FLAME_masks.pkl: no mask 'right_eyeball'; it has: boundary, eye_region, face" in " ".join(r.stderr.split())
     assert not (tmp_path / "w" / "900" / "track").exists()
