@@ -68,11 +68,11 @@ def make_client(cluster: str, workers: int = 0, threads: int = 0, slurm=None):
         gpu = any(w.get("resources", {}).get("GPU") for w in info.get("workers", {}).values())
         return client, gpu
     if cluster == "slurm":
-        from .slurm import job_scripts, slurm_cluster
+        from .slurm import cluster_job_scripts, slurm_cluster
 
-        for kind, script in job_scripts(slurm).items():
-            log.info("SLURM %s job script:\n%s", kind, script)
         sc = slurm_cluster(slurm)
+        for kind, script in cluster_job_scripts(sc, slurm).items():  # exactly what was submitted
+            log.info("SLURM %s job script (submitted):\n%s", kind, script)
         log.info("SLURM: %d CPU job(s) and %d GPU job(s) queued; tasks start as workers join", slurm.cpu_jobs,
                  slurm.gpu_jobs)
         return Client(sc), slurm.gpu_jobs > 0

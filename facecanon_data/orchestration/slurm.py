@@ -45,12 +45,21 @@ def slurm_cluster(cfg: SlurmConfig, submit: bool = True):
     return cluster
 
 
+def cluster_job_scripts(cluster, cfg: SlurmConfig) -> dict[str, str]:
+    """The sbatch scripts of ``cluster``'s CPU jobs and (when ``cfg`` has them) GPU jobs, with its
+    scheduler address: exactly what it submits."""
+    scripts = {"cpu": cluster.job_script()}
+    if cfg.gpu_jobs:
+        gpu_job = cluster.job_cls(scheduler=cluster.scheduler_address, name="gpu-0",
+                                  **_gpu_options(cfg, cluster._job_kwargs))
+        scripts["gpu"] = gpu_job.job_script()
+    return scripts
+
+
 def job_scripts(cfg: SlurmConfig) -> dict[str, str]:
     """The sbatch scripts of a CPU and a GPU job, without submitting anything (for review and tests)."""
     cluster = slurm_cluster(cfg, submit=False)
     try:
-        gpu_job = cluster.job_cls(scheduler=cluster.scheduler_address, name="gpu-0",
-                                  **_gpu_options(cfg, cluster._job_kwargs))
-        return {"cpu": cluster.job_script(), "gpu": gpu_job.job_script()}
+        return cluster_job_scripts(cluster, SlurmConfig(**{**cfg.__dict__, "gpu_jobs": max(cfg.gpu_jobs, 1)}))
     finally:
         cluster.close()
