@@ -156,6 +156,9 @@ class TrackConfig:
     canonical: str = "subject"  # "subject": shape + offsets; "template": mean shape (shared by all subjects)
 
 
+TRANSFER_MODES = ("translate", "local_frame")  # canonicalize.transfer (see stages/canonicalize.py)
+
+
 @dataclass
 class CanonicalizeConfig:
     """Stage ``canonicalize``: nearest-surface deformation transfer into FLAME's canonical space."""
@@ -324,8 +327,8 @@ def _validate(cfg: PipelineConfig, where: str) -> None:
         raise ConfigError(f"{where}: track.iterations needs 4 non-negative counts (rigid, +shape/expr, +points, +offsets)")
     if cfg.canonicalize.far_points not in ("keep", "drop"):
         raise ConfigError(f"{where}: canonicalize.far_points must be 'keep' or 'drop'")
-    if cfg.canonicalize.transfer not in ("translate", "local_frame"):
-        raise ConfigError(f"{where}: canonicalize.transfer must be 'translate' or 'local_frame'")
+    if cfg.canonicalize.transfer not in TRANSFER_MODES:
+        raise ConfigError(f"{where}: canonicalize.transfer must be one of {', '.join(TRANSFER_MODES)}")
     if cfg.render.canonical_dtype not in ("float16", "float32"):
         raise ConfigError(f"{where}: render.canonical_dtype must be float16 or float32")
     if cfg.reconstruct.dense not in ("auto", "never", "always"):

@@ -517,8 +517,6 @@ def build_head_model(image: np.ndarray | None = None) -> dict:
         ear = np.array([s, 0.02, -0.12]) / np.linalg.norm([s, 0.02, -0.12])
         d = (v[n_mask:] - centre) / np.linalg.norm(v[n_mask:] - centre, axis=1, keepdims=True)
         ears[s] = shell_ids[np.arccos(np.clip(d @ ear, -1, 1)) < 0.2]
-    eye_contours = fmt.RIGHT_EYE_UPPER + fmt.RIGHT_EYE_LOWER + fmt.RIGHT_EYE_CORNERS + fmt.LEFT_EYE_UPPER + \
-        fmt.LEFT_EYE_LOWER + fmt.LEFT_EYE_CORNERS
     right_eye = fmt.RIGHT_EYE_UPPER + fmt.RIGHT_EYE_LOWER + fmt.RIGHT_EYE_CORNERS + fmt.RIGHT_IRIS + fmt.RIGHT_EYEBROW
     left_eye = fmt.LEFT_EYE_UPPER + fmt.LEFT_EYE_LOWER + fmt.LEFT_EYE_CORNERS + fmt.LEFT_IRIS + fmt.LEFT_EYEBROW
     # Exactly FLAME_masks.pkl's keys (flame.assets.MASK_NAMES); "eyeballs" and "ears" are unions in code.
@@ -529,8 +527,7 @@ def build_head_model(image: np.ndarray | None = None) -> dict:
         "right_eyeball": np.array(fmt.RIGHT_IRIS),
         "left_eye_region": np.unique(np.r_[list(left_eye)]),
         "right_eye_region": np.unique(np.r_[list(right_eye)]),
-        "eye_region": np.unique(np.r_[list(eye_contours + fmt.RIGHT_IRIS + fmt.LEFT_IRIS
-                                           + fmt.RIGHT_EYEBROW + fmt.LEFT_EYEBROW)]),
+        "eye_region": np.unique(np.r_[list(left_eye + right_eye)]),
         "nose": np.array(fmt.NOSE),
         "lips": np.unique(np.r_[list(fmt.INNER_LIP_UPPER + fmt.INNER_LIP_LOWER + fmt.OUTER_LIP_UPPER
                                      + fmt.OUTER_LIP_LOWER + fmt.MOUTH_CORNERS_INNER + fmt.MOUTH_CORNERS_OUTER)]),

@@ -10,6 +10,7 @@ once, before they are added.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from ..config import SlurmConfig
 
@@ -60,6 +61,6 @@ def job_scripts(cfg: SlurmConfig) -> dict[str, str]:
     """The sbatch scripts of a CPU and a GPU job, without submitting anything (for review and tests)."""
     cluster = slurm_cluster(cfg, submit=False)
     try:
-        return cluster_job_scripts(cluster, SlurmConfig(**{**cfg.__dict__, "gpu_jobs": max(cfg.gpu_jobs, 1)}))
+        return cluster_job_scripts(cluster, replace(cfg, gpu_jobs=max(cfg.gpu_jobs, 1)))
     finally:
         cluster.close()

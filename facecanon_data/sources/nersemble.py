@@ -74,6 +74,7 @@ class NeRSembleSource(CaptureSource):
         self._calibration = lru_cache(maxsize=None)(self._load_calibration)
         self._ccm = lru_cache(maxsize=None)(self._load_ccm)
         self._videos = lru_cache(maxsize=None)(self._sequence_videos)
+        self._present = lru_cache(maxsize=None)(self._list_present)
         # 64 MiB each: the camera read last (select reads the frontal one over every sequence) and one more.
         self._color_table = lru_cache(maxsize=2)(self._build_color_table)
 
@@ -143,7 +144,7 @@ class NeRSembleSource(CaptureSource):
         order = {s: i for i, s in enumerate(NERSEMBLE_SERIALS)}
         return sorted(w2c, key=lambda s: (order.get(s, len(order)), s))
 
-    def _present(self, subject: str, sequence: str) -> list[str]:
+    def _list_present(self, subject: str, sequence: str) -> list[str]:
         """Serials with a video in ``sequence`` (like the official kit, cameras are listed from the files),
         in calibration order; a video of an uncalibrated camera is an error naming the calibration."""
         serials = self.serials(subject)
@@ -156,12 +157,6 @@ class NeRSembleSource(CaptureSource):
         if not present:
             raise CaptureFileError(f"{folder}: no camera videos (cam_{{serial}}.mp4)")
         return [s for s in serials if s in present]
-
-    def _require_videos(self, subject: str, sequence: str, serials: list[str]) -> None:
-        for serial in serials:
-            path = self.video_path(subject, sequence, serial)
-            if not path.is_file():
-                raise CaptureFileError(f"{path}: video file not found")
 
     def missing_cameras(self, subject: str, sequence: str) -> list[str]:
         present = set(self._present(subject, sequence))
@@ -263,14 +258,14 @@ class NeRSembleSource(CaptureSource):
 
     def frames(self, subject: str, sequence: str, serial: str, indices: Iterable[int] | None = None,
                downscale: float = 1) -> Iterator[tuple[int, np.ndarray]]:
-        self._require_videos(subject, sequence, [serial])
-        frames = self._videos(subject, sequence)[2]  # the sequence's cameras agree in size and frame count
-        if indices is not None:
-            indices = sorted(set(int(i) for i in indices))
-        correct = self._corrector(subject, serial, frames if indices is None else len(indices))
-        # Frame i is resized and colour-corrected by the pool while frame i + 1 decodes here (decoding is
-        # sequential per video, the rest is per frame): a few frames in flight, yielded in order.
+        # Opened first: a missing video is named as such before the sequence-wide checks run.
         with VideoReader(self.video_path(subject, sequence, serial)) as reader, _decode_pool() as pool:
+            frames = self._videos(subject, sequence)[2]  # the sequence's cameras agree in size and frame count
+            if indices is not None:
+                indices = sorted(set(int(i) for i in indices))
+            correct = self._corrector(subject, serial, frames if indices is None else len(indices))
+            # Frame i is resized and colour-corrected by the pool while frame i + 1 decodes here (decoding
+            # is sequential per video, the rest is per frame): a few frames in flight, yielded in order.
             in_flight: deque = deque()
             for i, img in reader.frames(indices):
                 in_flight.append((i, pool.submit(self._postprocess, img, downscale, correct)))
@@ -284,10 +279,9 @@ class NeRSembleSource(CaptureSource):
     def timestamps(self, subject: str, sequence: str, indices: Iterable[int],
                    downscale: float = 1) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         serials = self.serials(subject)
-        self._require_videos(subject, sequence, serials)  # a timestamp needs every calibrated view
-        self._videos(subject, sequence)
-        with ExitStack() as stack:
+        with ExitStack() as stack:  # a timestamp needs every calibrated view: a missing video is named here
             readers = {s: stack.enter_context(VideoReader(self.video_path(subject, sequence, s))) for s in serials}
+            self._videos(subject, sequence)
             correct = {s: self._corrector(subject, s, 1) for s in serials}  # few timestamps: arithmetic
             pool = stack.enter_context(_decode_pool())
             for i in sorted(set(int(i) for i in indices)):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifacts import StageDir, atomic_write
-from ..config import PipelineConfig
+from ..config import TRANSFER_MODES, PipelineConfig
 from ..meshes import barycentric_interpolate, closest_points
 from ..threads import apply_thread_cap
 from .reconstruct import read_points, timestamp_dir
@@ -46,9 +46,6 @@ def vertex_regions(assets) -> tuple[np.ndarray, list[str]]:
         except AssetError:
             unlabelled.append(REGIONS[rid])
     return out, sorted(unlabelled)
-
-
-TRANSFER_MODES = ("translate", "local_frame")
 
 
 @dataclass

@@ -21,8 +21,9 @@ pose starts from a Procrustes fit of the template's landmarks to landmarks trian
 
 Outliers: per timestamp the unidirectional L1 chamfer (mean point-to-mesh distance of the head points,
 the paper's CD-L1, mm; a point is head when its nearest surface point is outside ``stats_exclude_masks``
-(the neck) and within ``stats_max_distance_mm``, so torso, clothing and studio never count) and the landmark error (median px); timestamps beyond median + k * MAD of either are dropped and
-the subject is fitted again without them, once.
+(the neck) and within ``stats_max_distance_mm``, so torso, clothing and studio never count) and the
+landmark error (median px); timestamps beyond median + k * MAD of either are dropped and the subject is
+fitted again without them, once.
 """
 from __future__ import annotations
 
