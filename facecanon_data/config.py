@@ -59,7 +59,9 @@ class SynthConfig:
     camera_distance: float = 1.05  # meters
     max_yaw_deg: float = 40.0
     fps: float = 25.0
-    alpha_maps: bool = True  # also write foreground mattes, like some NeRSemble releases
+    alpha_maps: bool = False  # also write foreground mattes (NeRSemble v2 ships BACKGROUND plates instead)
+    detail_mm: float = 0.8  # identity detail off the model: amplitude along the normals, 1-2.5 cm wavelength
+    sensor_noise: float = 0.006  # Gaussian sensor noise, std in [0, 1] units (1.5 of 255)
     workers: int = 0  # render processes; 0 = one per core
 
 
@@ -82,11 +84,32 @@ class SelectConfig:
 
 
 @dataclass
+class ForegroundConfig:
+    """Foreground from the BACKGROUND plates when a capture has no mattes (``foreground.py``)."""
+
+    blur_sigma_px: float = 1.0
+    coarse_sigma_px: float = 3.0  # weak evidence: the difference of images blurred this much
+    noise_quantile: float = 0.3  # pixels below this quantile of the difference are surely studio
+    low_sigmas: float = 1.5  # weak difference (coarse scale), in noise levels: a region of it is kept ...
+    high_sigmas: float = 10.0  # ... where it holds a strong difference (fine scale)
+    low_floor: float = 0.02  # absolute floors (fraction of full scale) for very clean plates
+    high_floor: float = 0.06
+    close_px: int = 5  # closing kernel size
+    min_component_fraction: float = 0.1  # of the largest component's area
+    refine: str = "grabcut"  # "none" | "grabcut": boundaries refined in a band (see foreground.py)
+    grabcut_band_px: int = 6
+    grabcut_iterations: int = 3
+    trim_sigmas: float = 3.0  # refine = "trim": fine-scale difference kept in the boundary band
+
+
+@dataclass
 class ReconstructConfig:
     """Stage ``reconstruct``: COLMAP with the calibrated cameras, per selected timestamp."""
 
     downscale: int = 0  # working resolution = full / downscale; 0 = capture.downscale (the paper: 4)
-    use_masks: bool = True  # pass foreground mattes (alpha maps) to COLMAP when the capture has them
+    use_masks: bool = True  # pass the foreground to COLMAP: mattes (alpha maps) when the capture has them,
+    # else segmented from its BACKGROUND plates (``foreground``), else none
+    foreground: ForegroundConfig = field(default_factory=ForegroundConfig)
     max_num_features: int = 8192
     peak_threshold: float = 0.004  # below COLMAP's 0.0067: skin is low-contrast, we want its features
     guided_matching: bool = True  # re-match under the verified two-view geometry: more correspondences
@@ -165,6 +188,11 @@ class CanonicalizeConfig:
 
     max_distance_mm: float = 10.0  # points farther from the tracked surface are flagged "far" ...
     far_points: str = "keep"  # ... and kept (flagged) or dropped: "keep" | "drop"
+    # Head versus torso: a point whose nearest tracked surface point lies in these regions (where
+    # clothing meets the head model) and that is farther than body_max_distance_mm from it is body
+    # (collar, shoulders, chest), never labelled. Hair stands off the scalp, not the neck, and is kept.
+    body_masks: list[str] = field(default_factory=lambda: ["neck"])
+    body_max_distance_mm: float = 4.0
     # A point's offset from its nearest surface point: carried as is ("translate") or rotated with the
     # nearest triangle into canonical orientation ("local_frame"); render measures both against ground truth.
     transfer: str = "local_frame"

@@ -62,15 +62,21 @@ def point_to_mesh_distance(vertices: np.ndarray, faces: np.ndarray, points: np.n
     return scene.compute_distance(o3d.core.Tensor(np.ascontiguousarray(points, np.float32))).numpy()
 
 
-def cast_camera_rays(scene, camera) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def camera_rays(camera) -> np.ndarray:
+    """(H, W, 6) float32 rays (origin, direction with unit camera-z) through the pixel centres."""
+    origin, dirs = camera.pixel_rays()
+    return np.concatenate([np.broadcast_to(origin, dirs.shape), dirs], -1).astype(np.float32)
+
+
+def cast_camera_rays(scene, camera, rays: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One ray per pixel of ``camera`` into ``scene``: (t (H, W) float32 m along the ray, 0 = miss;
-    triangle (H, W) int64, -1 = miss; bary (H, W, 3) float32)."""
+    triangle (H, W) int64, -1 = miss; bary (H, W, 3) float32). ``rays``: :func:`camera_rays` of the
+    camera, when the caller casts into it many times."""
     import open3d as o3d
 
     from .threads import open3d_threads
 
-    origin, dirs = camera.pixel_rays()
-    rays = np.concatenate([np.broadcast_to(origin, dirs.shape), dirs], -1).astype(np.float32)
+    rays = camera_rays(camera) if rays is None else rays
     hit = scene.cast_rays(o3d.core.Tensor(rays), nthreads=open3d_threads())
     t = hit["t_hit"].numpy()
     valid = np.isfinite(t)

@@ -63,14 +63,15 @@ def test_ground_truth_mesh_projects_into_masks_and_onto_depth(source):
         px = np.floor(uv + 0.5).astype(int)
         inside = (px[:, 0] >= 0) & (px[:, 0] < cam.width) & (px[:, 1] >= 0) & (px[:, 1] < cam.height)
         assert inside.all()
-        in_mask = maps["mask"][px[:, 1], px[:, 0]]
+        in_mask = maps["foreground"][px[:, 1], px[:, 0]]
         assert in_mask.mean() > 0.97
-        # The rest sit on the silhouette: in the 8-neighbourhood of the mask.
+        # The rest sit on the silhouette: in the 8-neighbourhood of the subject.
         import scipy.ndimage as ndi
 
-        near = ndi.binary_dilation(maps["mask"], structure=np.ones((3, 3)))[px[:, 1], px[:, 0]]
+        near = ndi.binary_dilation(maps["foreground"], structure=np.ones((3, 3)))[px[:, 1], px[:, 0]]
         assert near.all()
-        depth = np.where(maps["mask"], maps["depth"], np.inf)
+        # Hair, torso and teeth may hide head-model vertices, never stand behind them.
+        depth = np.where(maps["foreground"], maps["depth"], np.inf)
         d = depth[px[:, 1], px[:, 0]]
         # Away from depth discontinuities (3x3 depth range < 5 mm), no vertex lies in front of the
         # rendered surface, and the visible ones lie on it; the tolerance is the sampling error of a
@@ -88,14 +89,54 @@ def test_ground_truth_mesh_projects_into_masks_and_onto_depth(source):
     assert checked == 3
 
 
-def test_ground_truth_masks_match_alpha_maps_and_canonical_is_neutral(source):
+def test_layout_mirrors_nersemble_v2_plates_not_mattes(source, synth_capture):
+    """No alpha_maps/ by default; one BACKGROUND still per camera, read at the frames' size and not
+    listed as a performance sequence."""
+    subject = synth_capture["out"] / "capture" / "900"
+    assert not list(subject.glob("sequences/*/alpha_maps"))
+    stills = sorted(p.name for p in (subject / "sequences" / "BACKGROUND").iterdir())
+    assert stills == sorted(f"image_{s}.jpg" for s in NERSEMBLE_SERIALS)
+    assert "BACKGROUND" not in source.sequences("900")
+    plates = source.background_plates("900", downscale=2)
+    assert set(plates) == set(NERSEMBLE_SERIALS) and plates[FRONTAL_SERIAL].shape == (608, 416, 3)
+    assert source.timestamp_masks("900", "EXP-1-head", [0]) is None
+
+
+def test_foreground_from_plates_matches_ground_truth(source):
+    """The reconstruct default on a capture without mattes: IoU >= 0.95 against the ground-truth
+    foreground on the frontal camera and on the most oblique ones (both sides, above and below)."""
+    from facecanon_data.config import ForegroundConfig
+    from facecanon_data.foreground import foreground_from_plate, mask_iou
+
     gt = source.ground_truth("900")
+    plates = source.background_plates("900", downscale=2)
+    views = source.timestamp("900", "EXP-1-head", 5, downscale=2)
+    for serial in (FRONTAL_SERIAL, "222200042", "222200048", "222200043", "221501007"):
+        mask = foreground_from_plate(views[serial], plates[serial], ForegroundConfig())
+        truth = gt.view_maps("EXP-1-head", 5, serial, downscale=2)["foreground"]
+        assert mask_iou(mask, truth) >= 0.95, serial
+
+
+def test_ground_truth_parts_hair_torso_and_canonical(source):
+    """The ground truth covers the whole subject: hair 1-4 cm off the scalp and inside the head mask,
+    the torso foreground but not head (no canonical), the canonical map within the canonical scene."""
+    gt = source.ground_truth("900")
+    names = gt.part_names
+    assert names == ("head", "hair", "teeth", "tongue", "torso")
+    vertices, faces, part, canonical = gt.scene("EXP-2-eyes", 4)
+    from facecanon_data.meshes import point_to_mesh_distance
+
+    hair = vertices[part == names.index("hair")]
+    off = point_to_mesh_distance(vertices[: len(gt.canonical_vertices())], gt.faces, hair) * 1000
+    assert 10 <= off.max() <= 40 and np.median(off) > 3
+    lower_view = gt.view_maps("EXP-2-eyes", 4, "222200049", downscale=2)  # a camera of the lower row
+    torso = lower_view["part"] == names.index("torso")
+    assert torso.sum() > 2000 and not (lower_view["mask"] & torso).any() and lower_view["foreground"][torso].all()
+    assert (lower_view["part"] == names.index("hair")).sum() > 500
     maps = gt.view_maps("EXP-2-eyes", 4, FRONTAL_SERIAL, downscale=2)
-    alpha = dict(source.masks("900", "EXP-2-eyes", FRONTAL_SERIAL, [4], downscale=2))[4] > 0.5
-    assert (alpha == maps["mask"]).mean() > 0.99
     canon = maps["canonical"][maps["mask"]]
-    cv = gt.canonical_vertices()
-    lo, hi = cv.min(0) - 1e-4, cv.max(0) + 1e-4
+    head_canonical = canonical[part != names.index("torso")]
+    lo, hi = head_canonical.min(0) - 1e-4, head_canonical.max(0) + 1e-4
     assert ((canon >= lo) & (canon <= hi)).all()
     assert np.abs(maps["canonical"][~maps["mask"]]).max() == 0
 

@@ -64,6 +64,26 @@ def test_clean_timestamp_kept_with_all_views_and_accurate(reconstructed):
     pts = read_points(timestamp_dir(work, "900", "EXP-1-head", 2) / "points.ply")
     assert pts["positions"].shape == (ok.num_points, 3) and (pts["visibility"] >= 2).all()
     assert np.median(pts["visibility"]) >= 3
+    # No mattes in the capture: the masks come from the BACKGROUND plates, measured per view.
+    assert ok.foreground_source == "plates" and len(ok.foreground_iou) == 16 and min(ok.foreground_iou) >= 0.95
+    assert result.foreground_source == "plates" and result.foreground_iou_median >= 0.97
+    masks = sorted(p.name for p in (timestamp_dir(work, "900", "EXP-1-head", 2) / "masks").iterdir())
+    assert len(masks) == 16
+
+
+def test_plate_of_another_size_is_named(synth_capture, tmp_path):
+    import shutil
+
+    import cv2
+
+    from facecanon_data.sources import CaptureFileError
+
+    root = tmp_path / "capture"
+    shutil.copytree(synth_capture["out"] / "capture" / "900", root / "900")
+    still = root / "900" / "sequences" / "BACKGROUND" / "image_222200037.jpg"
+    cv2.imwrite(str(still), np.zeros((100, 80, 3), np.uint8))
+    with pytest.raises(CaptureFileError, match="image_222200037.jpg: 80x100, but the videos are 832x1216"):
+        NeRSembleSource(root).background_plates("900", downscale=2)
 
 
 def test_known_poses_and_intrinsics_unchanged(reconstructed):

@@ -126,3 +126,11 @@ def test_build_from_an_empty_folder_renders_the_capture_and_ends_in_a_valid_stor
     assert 0 <= by_transfer["far_pixel_fraction"] < 0.2
     for mode in ("translate", "local_frame"):
         assert 0 < by_transfer[f"{mode}_near"] < 5.0, by_transfer
+    # The harder capture: the error by region covers the hair, the paper's face + hair figure holds, and
+    # the torso (foreground, not head) is kept out of the labels by canonicalize's body rule.
+    figures = json.loads(marker.read_text())["figures"]
+    assert {"face", "hair"} <= set(figures["gt_canonical_error_mm_by_region"]), figures
+    assert figures["gt_canonical_error_mm_face_hair"] < 4.0, figures
+    assert figures["gt_not_head_fraction"] < 0.05, figures
+    (canon,) = (tmp_path / "out").glob("**/900/canonicalize/_DONE.json")
+    assert json.loads(canon.read_text())["figures"]["points_body"] > 0

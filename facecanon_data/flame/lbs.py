@@ -123,6 +123,18 @@ class FlameLayer(torch.nn.Module):
         (R - I) of the non-root joints; (4) rigid chain along the kinematic tree; (5) skinning;
         (6) global translation.
         """
+        verts, world, _ = self._pose(params)
+        if return_joints:
+            return verts, world[..., :3, 3]
+        return verts
+
+    def posed_with_transforms(self, params: FlameParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posed vertices (T, V, 3) m and each joint's rigid rest-to-world transform (T, J, 4, 4),
+        translation included: what carries a rigid part attached to a joint (teeth on the jaw)."""
+        verts, _, rel = self._pose(params)
+        return verts, rel
+
+    def _pose(self, params: FlameParams):
         v_rest = self.rest_vertices(params)  # (1) (T, V, 3)
         joints = torch.einsum("jv,tvc->tjc", self.J_regressor, v_rest)  # (2) (T, J, 3)
         rot = axis_angle_to_matrix(params.pose())  # (T, J, 3, 3)
@@ -136,9 +148,11 @@ class FlameLayer(torch.nn.Module):
         blend = torch.einsum("vj,tjab->tvab", self.lbs_weights, rel)  # (5) (T, V, 4, 4)
         verts = (blend[..., :3, :3] @ v_posed[..., None])[..., 0] + blend[..., :3, 3]
         verts = verts + params.translation[:, None, :]  # (6)
-        if return_joints:
-            return verts, world[..., :3, 3] + params.translation[:, None, :]
-        return verts
+        world = world.clone()
+        world[..., :3, 3] += params.translation[:, None, :]
+        rel = rel.clone()
+        rel[..., :3, 3] += params.translation[:, None, :]
+        return verts, world, rel
 
     def _chain(self, rot: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
         """Compose local rotations about rest joints along the tree: (T, J, 4, 4) joint-to-world."""

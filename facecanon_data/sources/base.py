@@ -79,6 +79,10 @@ class CaptureSource(ABC):
         """(index, {serial: matte}) for timestamps of all cameras, or None without mattes."""
         return None
 
+    def background_plates(self, subject: str, downscale: float = 1) -> dict[str, np.ndarray] | None:
+        """{serial: (H, W, 3) uint8} stills of the empty rig, processed like the frames; None without."""
+        return None
+
     def ground_truth(self, subject: str) -> GroundTruthAccess | None:
         """Ground truth of a synthetic subject, or None (real captures)."""
         return None

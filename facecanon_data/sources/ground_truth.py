@@ -1,9 +1,14 @@
 """Ground truth of a synthetic subject, kept apart from the capture the pipeline reads.
 
 On disk, ``{gt_root}/{pid}/``:
-  ``subject.npz``  shape (S,), offsets (V, 3), canonical_vertices (V, 3), faces (F, 3), model_digest
+  ``subject.npz``  shape (S,), offsets (V, 3) (smooth bumps + detail), canonical_vertices (V, 3),
+                   faces (F, 3), model_digest; the whole subject (head model + hair, teeth, tongue, torso;
+                   ``synthetic/scene.py``): scene_faces (Fs, 3), scene_part (N,) into part_names,
+                   scene_canonical (N, 3) (0 on the torso)
   ``{SEQ}.npz``    per frame: expression (T, E), global_rot/neck/jaw/left_eye/right_eye/translation
-                   (T, 3), vertices (T, V, 3) float32 posed mesh in world meters
+                   (T, 3), vertices (T, V, 3) float32 posed head model in world meters, scene_vertices
+                   (T, N, 3) the whole subject (its first V rows are ``vertices``), detail_weights (T, K)
+Captures written before the scene existed have no ``scene_*`` arrays: the head model is then the subject.
 
 Per-view maps are not stored (16 views x frames x 4 float channels would be gigabytes); they are
 ray-cast on request from the stored posed mesh with the ray caster (``meshes.cast_camera_rays``) and
@@ -67,16 +72,37 @@ class SyntheticGroundTruth:
             raise IndexError(f"{self.folder}/{sequence}.npz: frame {frame} out of range")
         return {k: v[frame] for k, v in seq.items()}
 
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        return tuple(str(p) for p in self.subject.get("part_names", np.array(["head"])))
+
+    def scene(self, sequence: str, frame: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The whole subject of one frame: vertices (N, 3) m, faces (F, 3), part (N,) int8 into
+        :attr:`part_names`, canonical (N, 3) m (0 where not head)."""
+        f = self.frame(sequence, frame)
+        if "scene_vertices" not in f:
+            v = f["vertices"]
+            return v, self.faces, np.zeros(len(v), np.int8), self.canonical_vertices()
+        return f["scene_vertices"], self.subject["scene_faces"], self.subject["scene_part"], self.subject["scene_canonical"]
+
     def view_maps(self, sequence: str, frame: int, serial: str, downscale: float = 1) -> dict[str, np.ndarray]:
-        """Ground-truth maps of one view: depth (H, W) m (0 = empty), mask (H, W) bool,
-        canonical (H, W, 3) m, triangle (H, W) int64 (-1 = empty)."""
+        """Ground-truth maps of one view, from the whole subject:
+        depth (H, W) m of whatever the subject shows (0 = studio); foreground (H, W) bool the subject;
+        mask (H, W) bool its head (head model, hair, teeth, tongue: everything but the torso);
+        canonical (H, W, 3) m on the head (0 elsewhere); part (H, W) int8 (-1 = studio);
+        triangle (H, W) int64 of the scene (-1 = studio); faces (F, 3) the scene's triangles."""
         from ..meshes import barycentric_interpolate, cast_camera_rays, raycasting_scene
 
+        vertices, faces, part_of_vertex, canonical_vertices = self.scene(sequence, frame)
         cam = self.cameras[serial].scaled(downscale)
-        depth, triangle, bary = cast_camera_rays(raycasting_scene(self.frame(sequence, frame)["vertices"], self.faces),
-                                                 cam)  # unit camera-z rays: the ray parameter is the depth
-        mask = triangle >= 0
+        depth, triangle, bary = cast_camera_rays(raycasting_scene(vertices, faces), cam)  # ray parameter = depth
+        foreground = triangle >= 0
+        part = np.full(foreground.shape, -1, np.int8)
+        part[foreground] = part_of_vertex[faces[triangle[foreground], 0]]
+        names = self.part_names
+        mask = foreground & (part != names.index("torso")) if "torso" in names else foreground
         canonical = np.zeros((*mask.shape, 3), np.float32)
-        canonical[mask] = barycentric_interpolate(self.canonical_vertices().astype(np.float32), self.faces,
+        canonical[mask] = barycentric_interpolate(canonical_vertices.astype(np.float32), faces,
                                                   triangle[mask], bary[mask])
-        return {"depth": depth, "mask": mask, "canonical": canonical, "triangle": triangle}
+        return {"depth": depth, "foreground": foreground, "mask": mask, "canonical": canonical, "part": part,
+                "triangle": triangle, "faces": faces}

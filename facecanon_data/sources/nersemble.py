@@ -4,6 +4,7 @@
 ``{root}/{pid}/calibration/color_calibration.json``  ``{serial: (3, terms) CCM}`` (optional)
 ``{root}/{pid}/sequences/{SEQ}/images/cam_{serial}.mp4``
 ``{root}/{pid}/sequences/{SEQ}/alpha_maps/cam_{serial}.mp4`` (optional foreground mattes)
+``{root}/{pid}/sequences/BACKGROUND/image_{serial}.jpg`` (stills of the empty rig, optional)
 """
 from __future__ import annotations
 
@@ -319,6 +320,29 @@ class NeRSembleSource(CaptureSource):
                     yield i, _resize(img[..., 0], downscale).astype(np.float32) / 255.0
 
         return gen()
+
+    def plate_path(self, subject: str, serial: str) -> Path:
+        return self.subject_dir(subject) / "sequences" / "BACKGROUND" / f"image_{serial}.jpg"
+
+    def background_plates(self, subject: str, downscale: float = 1) -> dict[str, np.ndarray] | None:
+        """The BACKGROUND stills, colour-corrected and resized exactly like the frames; None unless every
+        calibrated camera has one (a still that cannot be read, or of another size, names its file)."""
+        import cv2
+
+        paths = {s: self.plate_path(subject, s) for s in self.serials(subject)}
+        if not all(p.is_file() for p in paths.values()):
+            return None
+        width, height = self.image_size(subject)
+        plates = {}
+        for serial, path in paths.items():
+            img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if img is None:
+                raise CaptureFileError(f"{path}: not a readable image")
+            if img.shape[:2] != (height, width):
+                raise CaptureFileError(f"{path}: {img.shape[1]}x{img.shape[0]}, but the videos are {width}x{height}")
+            plates[serial] = self._postprocess(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), downscale,
+                                               self._corrector(subject, serial, 1))
+        return plates
 
     def ground_truth(self, subject: str) -> GroundTruthAccess | None:
         if self.ground_truth_root is None or not (self.ground_truth_root / subject).is_dir():

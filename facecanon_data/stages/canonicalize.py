@@ -5,7 +5,10 @@ point (open3d, triangle + barycentrics) on the posed mesh, where the per-vertex 
 ``canonical - posed`` is interpolated barycentrically and added to the point. A point on the surface
 thus lands exactly on the canonical surface; a point off it keeps its offset (unrotated, as in the
 paper's recipe). Points farther than ``max_distance_mm`` from the surface are flagged ``far`` and
-kept or dropped by config; the figures count the kept points per FLAME region (vertex masks).
+kept or dropped by config. Head versus torso: a point whose nearest surface point is in
+``body_masks`` (the neck, where clothing meets the head model) and farther than
+``body_max_distance_mm`` is body (collar, shoulders) and never labelled (``keep`` false). The figures
+count the kept points per FLAME region (vertex masks) and the points dropped as body.
 
 Outputs in ``{work}/{subject}/canonicalize/{sequence}/{frame:06d}/points.npz``: ``canonical`` (N, 3)
 float32 m and ``keep`` (N,) bool, the two arrays ``render`` and ``write`` read (the per-point
@@ -104,6 +107,7 @@ class CanonicalizeResult:
     far_policy: str
     distance_mm_median: float
     seconds: float
+    points_body: int = 0  # dropped as torso / clothing (canonicalize.body_masks)
     regions: dict[str, int] = field(default_factory=dict)  # kept points per region
     regions_unlabelled: list[str] = field(default_factory=list)  # regions the masks file has no mask for
 
@@ -127,7 +131,9 @@ def run_canonicalize(source, subject: str, cfg: PipelineConfig, work) -> Canonic
     t0 = time.perf_counter()
     with np.load(track.file("vertices.npz")) as z:
         keys, tracked, canonical, faces = list(z["keys"]), z["tracked"], z["canonical"], z["faces"]
-    total = far = 0
+    total = far = body = 0
+    body_vertices = np.unique(np.concatenate([assets.mask(name) for name in ccfg.body_masks])) \
+        if ccfg.body_masks else np.zeros(0, np.int64)
     dists, counts = [], np.zeros(len(REGIONS), np.int64)
     for i, key in enumerate(keys):
         seq, frame = str(key).rsplit("/", 1)
@@ -136,7 +142,8 @@ def run_canonicalize(source, subject: str, cfg: PipelineConfig, work) -> Canonic
         nearest_vertex = faces[tr.triangle, np.argmax(tr.bary, 1)]
         region = region_of_vertex[nearest_vertex]
         is_far = tr.distance_mm > ccfg.max_distance_mm
-        keep = ~is_far if ccfg.far_points == "drop" else np.ones(len(pts), bool)
+        is_body = np.isin(nearest_vertex, body_vertices) & (tr.distance_mm > ccfg.body_max_distance_mm)
+        keep = (~is_far if ccfg.far_points == "drop" else np.ones(len(pts), bool)) & ~is_body
         folder = canonical_dir(work, subject, seq, int(frame))
         folder.mkdir(parents=True, exist_ok=True)
         # canonical: the configured transfer; the others and the distances let render measure them all
@@ -145,10 +152,12 @@ def run_canonicalize(source, subject: str, cfg: PipelineConfig, work) -> Canonic
             **{f"canonical_{m}": c for m, c in tr.by_mode.items()}))
         total += len(pts)
         far += int(is_far.sum())
+        body += int(is_body.sum())
         dists.append(tr.distance_mm)
         counts += np.bincount(region[keep], minlength=len(REGIONS))
     result = CanonicalizeResult(
         subject=subject, timestamps=len(keys), points_total=total, points_far=far, far_policy=ccfg.far_points,
+        points_body=body,
         distance_mm_median=round(float(np.median(np.concatenate(dists))), 4) if dists else 0.0,
         seconds=round(time.perf_counter() - t0, 2),
         regions={REGIONS[r]: int(c) for r, c in enumerate(counts) if c}, regions_unlabelled=unlabelled)

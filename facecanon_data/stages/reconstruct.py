@@ -37,6 +37,7 @@ from ..config import PipelineConfig, ReconstructConfig
 from ..prefetch import prefetch
 from ..threads import apply_thread_cap, pool_size
 from ..errors import InputFileNotFound, InputValueError
+from ..foreground import mask_iou
 
 log = logging.getLogger(__name__)
 STAGE = "reconstruct"
@@ -64,6 +65,8 @@ class TimestampResult:
     total_seconds: float  # the whole timestamp, image writing and clean-up included
     gt_point_error_median_mm: float | None = None
     gt_point_error_p90_mm: float | None = None
+    foreground_source: str = "none"  # "mattes" | "plates" | "none": where COLMAP's masks came from
+    foreground_iou: list[float] | None = None  # per view (serial order), against the ground truth
 
     @property
     def key(self) -> str:
@@ -411,6 +414,9 @@ class ReconstructResult:
     dense: bool
     seconds_per_timestamp: float
     gt_point_error_median_mm: float | None = None
+    foreground_source: str = "none"
+    foreground_iou_min: float | None = None  # over views and timestamps, with ground truth
+    foreground_iou_median: float | None = None
     dropped: dict[str, str] = field(default_factory=dict)
     kept: list[str] = field(default_factory=list)  # "SEQ/FRAME" keys, in order
     timestamps: list[TimestampResult] = field(default_factory=list)
@@ -462,7 +468,8 @@ def reconstruct_one(source, subject: str, cfg: PipelineConfig, work, sequence: s
                     images: dict | None = None, masks: dict | None = None) -> TimestampResult:
     """One timestamp into ``timestamp_dir``: COLMAP with the calibrated cameras, then its figures.
 
-    ``images`` / ``masks`` may be given (already decoded); otherwise they are read from ``source``.
+    ``images`` / ``masks`` may be given (already decoded; ``masks`` as (source, {serial: mask}) from
+    :class:`ForegroundMasks`); otherwise they are read from ``source``.
     Whether a timestamp needs computing is the runner's decision (its unit marker), not this function's.
     """
     rcfg = cfg.reconstruct
@@ -471,16 +478,61 @@ def reconstruct_one(source, subject: str, cfg: PipelineConfig, work, sequence: s
     downscale = rcfg.downscale or cfg.capture.downscale
     if images is None:
         images = source.timestamp(subject, sequence, frame, downscale=downscale)
-        if rcfg.use_masks:
-            it = source.timestamp_masks(subject, sequence, [frame], downscale=downscale)
-            masks = next(it)[1] if it is not None else None
+        masks = ForegroundMasks(source, subject, rcfg, downscale).of(sequence, [frame], {frame: images})[frame]
+    kind, view_masks = masks if masks is not None else ("none", None)
     cameras = source.cameras(subject, downscale=downscale)
-    res = reconstruct_timestamp(images, cameras, out, rcfg, masks=masks, dense=_dense_flag(rcfg), threads=cfg.threads)
-    res.sequence, res.frame = sequence, frame
+    res = reconstruct_timestamp(images, cameras, out, rcfg, masks=view_masks, dense=_dense_flag(rcfg),
+                                threads=cfg.threads)
+    res.sequence, res.frame, res.foreground_source = sequence, frame, kind
     gt = source.ground_truth(subject)
     if gt is not None:
         _ground_truth_error(res, out, gt, sequence, frame)
+        if view_masks is not None:
+            res.foreground_iou = [round(mask_iou(view_masks[s] > 0.5, gt.view_maps(sequence, frame, s, downscale)["foreground"]), 4)
+                                  for s in cameras]
     return res
+
+
+class ForegroundMasks:
+    """Each view's foreground for COLMAP: the capture's mattes when it has them, else segmented from
+    its BACKGROUND plates (``foreground.py``), else none; ``use_masks = false`` turns both off."""
+
+    def __init__(self, source, subject: str, rcfg: ReconstructConfig, downscale: float):
+        self.source, self.subject, self.rcfg, self.downscale = source, subject, rcfg, downscale
+        self._plates = None
+
+    def plates(self) -> dict[str, np.ndarray] | None:
+        if self._plates is None:
+            self._plates = self.source.background_plates(self.subject, self.downscale) or {}
+        return self._plates or None
+
+    def of(self, sequence: str, frames: list[int], images: dict[int, dict[str, np.ndarray]] | None = None):
+        """{frame: (kind, {serial: (H, W) float mask}) or None} for ``frames`` of ``sequence``;
+        ``images`` the decoded views where plates are used (read from the source when absent)."""
+        if not self.rcfg.use_masks:
+            return {f: None for f in frames}
+        mattes = self.source.timestamp_masks(self.subject, sequence, frames, downscale=self.downscale)
+        if mattes is not None:
+            return {f: ("mattes", m) for f, m in mattes}
+        plates = self.plates()
+        if plates is None:
+            return {f: None for f in frames}
+        out = {}
+        for f in frames:
+            views = images[f] if images is not None else self.source.timestamp(self.subject, sequence, f, self.downscale)
+            out[f] = ("plates", self.segment(views, plates))
+        return out
+
+    def segment(self, views: dict[str, np.ndarray], plates: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """{serial: (H, W) float32 mask} of one timestamp, views segmented on threads (OpenCV releases the GIL)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ..foreground import foreground_from_plate
+
+        fcfg = self.rcfg.foreground
+        with ThreadPoolExecutor(pool_size(len(views))) as pool:
+            masks = pool.map(lambda s: foreground_from_plate(views[s], plates[s], fcfg).astype(np.float32), list(views))
+            return dict(zip(views, masks))
 
 
 def summarize_reconstruct(subject: str, results: list[TimestampResult]) -> ReconstructResult:
@@ -488,8 +540,13 @@ def summarize_reconstruct(subject: str, results: list[TimestampResult]) -> Recon
     later stage works on (the one list of a subject's kept timestamps)."""
     kept = [r for r in results if r.kept]
     errs = [r.gt_point_error_median_mm for r in kept if r.gt_point_error_median_mm is not None]
+    ious = [v for r in results for v in (r.foreground_iou or [])]
+    sources = sorted({r.foreground_source for r in results})
     return ReconstructResult(
         subject=subject, timestamps_total=len(results), timestamps_kept=len(kept),
+        foreground_source="+".join(sources) if sources else "none",
+        foreground_iou_min=round(float(np.min(ious)), 4) if ious else None,
+        foreground_iou_median=round(float(np.median(ious)), 4) if ious else None,
         views_registered_min=min((sum(v.registered for v in r.views) for r in results), default=0),
         points_median=float(np.median([r.num_points for r in kept])) if kept else 0.0,
         dense=any(r.dense for r in results),
@@ -514,14 +571,17 @@ def reconstruct_timestamps(source, subject: str, cfg: PipelineConfig, work, time
     for seq, f in timestamps:
         by_seq.setdefault(seq, []).append(f)
 
-    def inputs():
+    foreground = ForegroundMasks(source, subject, rcfg, downscale)
+
+    def inputs():  # decoded one timestamp ahead of COLMAP
         for seq, frames in by_seq.items():
-            mask_iter = source.timestamp_masks(subject, seq, frames, downscale=downscale) if rcfg.use_masks else None
+            mattes = source.timestamp_masks(subject, seq, frames, downscale=downscale) if rcfg.use_masks else None
             for frame, images in source.timestamps(subject, seq, frames, downscale=downscale):
-                masks = next(mask_iter)[1] if mask_iter is not None else None
-                yield seq, frame, images, masks
+                yield seq, frame, images, (("mattes", next(mattes)[1]) if mattes is not None else None)
 
     for done, (seq, frame, images, masks) in enumerate(prefetch(inputs(), depth=1, name="reconstruct-decode"), 1):
+        if masks is None:  # segmented here, not beside COLMAP: its threads stall when a core is taken
+            masks = foreground.of(seq, [frame], {frame: images})[frame]
         res = reconstruct_one(source, subject, cfg, work, seq, frame, images, masks)
         log.info("%s %s/%06d: %s, %d points, %.1f s", subject, seq, frame,
                  "kept" if res.kept else f"dropped ({res.reason})", res.num_points, res.total_seconds)
@@ -553,6 +613,7 @@ def _ground_truth_error(res: TimestampResult, out: Path, gt, seq: str, frame: in
     if res.num_points == 0:
         return
     pts = read_points(out / "points.ply")["positions"]
-    d = point_to_mesh_distance(gt.frame(seq, frame)["vertices"], gt.faces, pts) * 1000
+    vertices, faces, _, _ = gt.scene(seq, frame)  # the whole subject: torso and hair points are real points
+    d = point_to_mesh_distance(vertices, faces, pts) * 1000
     res.gt_point_error_median_mm = round(float(np.median(d)), 4)
     res.gt_point_error_p90_mm = round(float(np.percentile(d, 90)), 4)

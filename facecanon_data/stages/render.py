@@ -183,6 +183,10 @@ class RenderResult:
     # per transfer mode (canonicalize.transfer), near (<= NEAR_MM from the tracked surface) and far points
     gt_canonical_error_mm_by_transfer: dict | None = None
     gt_depth_absrel: float | None = None  # median
+    # per ground-truth region of the pixel (GT_REGIONS): median error, p90 and pixel count
+    gt_canonical_error_mm_by_region: dict | None = None
+    gt_canonical_error_mm_face_hair: float | None = None  # median over FACE_HAIR_REGIONS (the paper's region)
+    gt_not_head_fraction: float | None = None  # valid pixels the ground truth says are torso or studio
     per_timestamp: list[dict] = field(default_factory=list)
 
     def figures(self) -> dict:
@@ -204,6 +208,8 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
     out.path.mkdir(parents=True, exist_ok=True)
     gt = source.ground_truth(subject) if source is not None else None
     per_ts, gt_can, gt_rel, store_err, by_transfer_gt = [], [], [], 0.0, []
+    by_region, not_head = [], [0, 0]  # (region id per pixel, error) per view; [not head, all] valid pixels
+    regions = vertex_region_names(cfg) if gt is not None else None
     render_s, n_views, cross, pairs, dense_any = 0.0, 0, [], 0, False
     for i, key in enumerate(keys):
         seq, frame = key.rsplit("/", 1)
@@ -238,11 +244,15 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
             for v, s in enumerate(serials):
                 g = gt.view_maps(seq, frame, s, downscale=cfg.reconstruct.downscale or cfg.capture.downscale)
                 m = maps.mask[v] & g["mask"]
+                not_head[0] += int((maps.mask[v] & ~g["mask"]).sum())
+                not_head[1] += int(maps.mask[v].sum())
+                region_of_pixel = gt_regions(g, regions)[m]
                 ce.append(np.linalg.norm(stored[v][m].astype(np.float32) - g["canonical"][m], axis=1) * 1000)
                 rel.append(np.abs(maps.depth[v][m] - g["depth"][m]) / g["depth"][m])
                 point = maps.index[v][m]  # the point each valid pixel shows: its transfers and its distance
                 by_transfer_gt.append({mode: np.linalg.norm(c[point] - g["canonical"][m], axis=1) * 1000
                                        for mode, c in by_mode.items()} | {"far": distance_mm[point] > NEAR_MM})
+                by_region.append((region_of_pixel, ce[-1]))
             ce, rel = np.concatenate(ce), np.concatenate(rel)
             gt_can.append(ce)
             gt_rel.append(rel)
@@ -270,7 +280,57 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
         result.gt_canonical_error_mm_p90 = round(float(np.percentile(all_ce, 90)), 4)
         result.gt_depth_absrel = round(float(np.median(all_rel)), 6)
         result.gt_canonical_error_mm_by_transfer = transfer_errors(by_transfer_gt)
+        result.gt_canonical_error_mm_by_region = region_errors(by_region)
+        region = np.concatenate([r for r, _ in by_region])
+        face_hair = np.isin(region, [GT_REGIONS.index(n) for n in FACE_HAIR_REGIONS])
+        if face_hair.any():
+            result.gt_canonical_error_mm_face_hair = round(float(np.median(all_ce[face_hair])), 4)
+        result.gt_not_head_fraction = round(not_head[0] / max(not_head[1], 1), 5)
     return result
+
+
+# What a ground-truth pixel shows, for the error table: the head model's region of the hit triangle,
+# or the part of the subject the head model lacks.
+GT_REGIONS = ("face", "scalp", "ears", "neck", "eyes", "other", "hair", "mouth")
+FACE_HAIR_REGIONS = ("face", "eyes", "mouth", "hair")  # the paper evaluates face + hair (Facer masks)
+_REGION_GROUP = {"eyeballs": "eyes", "lips": "face", "nose": "face", "eye_region": "eyes", "forehead": "face",
+                 "face": "face", "ears": "ears", "neck": "neck", "scalp": "scalp", "other": "other"}
+
+
+def vertex_region_names(cfg: PipelineConfig) -> np.ndarray:
+    """(V,) int8 index into GT_REGIONS of each head-model vertex (from the model's masks)."""
+    from ..flame.assets import load_assets
+    from .canonicalize import REGIONS, vertex_regions
+
+    ids, _ = vertex_regions(load_assets(cfg.flame))
+    lookup = np.array([GT_REGIONS.index(_REGION_GROUP[name]) for name in REGIONS], np.int8)
+    return lookup[ids]
+
+
+def gt_regions(g: dict, vertex_region: np.ndarray) -> np.ndarray:
+    """(H, W) int8 index into GT_REGIONS per pixel of ground-truth view maps ``g`` (-1 = not head)."""
+    out = np.full(g["part"].shape, -1, np.int8)
+    head = g["part"] == 0
+    faces = g["faces"]
+    out[head] = vertex_region[faces[g["triangle"][head], 0]]
+    out[g["part"] == 1] = GT_REGIONS.index("hair")
+    out[(g["part"] == 2) | (g["part"] == 3)] = GT_REGIONS.index("mouth")
+    return out
+
+
+def region_errors(by_region: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """{region: {"median": mm, "p90": mm, "pixels": n}} over the valid head pixels of every view."""
+    if not by_region:
+        return {}
+    region = np.concatenate([r for r, _ in by_region])
+    err = np.concatenate([e for _, e in by_region])
+    out = {}
+    for rid, name in enumerate(GT_REGIONS):
+        sel = region == rid
+        if sel.any():
+            out[name] = {"median": round(float(np.median(err[sel])), 3),
+                         "p90": round(float(np.percentile(err[sel], 90)), 3), "pixels": int(sel.sum())}
+    return out
 
 
 def transfer_errors(per_view: list[dict[str, np.ndarray]]) -> dict[str, float]:

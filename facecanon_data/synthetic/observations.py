@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import PipelineConfig
-from ..meshes import barycentric_interpolate
+from ..meshes import barycentric_interpolate, cast_camera_rays, raycasting_scene
 from ..stages.track import TimestampObservation
 
 
@@ -24,7 +24,6 @@ def synthetic_observations(cfg: PipelineConfig, num_timestamps: int = 8, seed: i
     from ..flame.assets import load_assets
     from ..flame.lbs import FlameLayer, FlameParams
     from .performance import random_identity, random_performance
-    from .render import HeadRenderer
     from .rig import nersemble_like_rig
 
     assets = load_assets(cfg.flame)
@@ -41,12 +40,11 @@ def synthetic_observations(cfg: PipelineConfig, num_timestamps: int = 8, seed: i
     s = cfg.synth
     down = cfg.capture.downscale
     cams = {c.serial: c.scaled(down) for c in nersemble_like_rig(s.width, s.height, s.focal, s.camera_distance)}
-    renderer = HeadRenderer(model.faces, None, None, None)
     obs = []
     for i in range(num_timestamps):
         pts = []
         for cam in cams.values():
-            depth, tri, bary = renderer.cast(verts[i], cam)
+            depth, tri, bary = cast_camera_rays(raycasting_scene(verts[i], model.faces), cam)
             hit = tri[::6, ::6] >= 0
             t, b = tri[::6, ::6][hit], bary[::6, ::6][hit]
             pts.append(barycentric_interpolate(verts[i], model.faces, t, b))

@@ -1,12 +1,11 @@
 """Ray-cast rendering of the synthetic head with open3d (Embree; no OpenGL needed).
 
-One ray per pixel centre. Per hit: the triangle and barycentrics give every per-vertex attribute, so
-the colour image and the ground-truth depth, mask and canonical maps come from the same cast.
+One ray per pixel centre. Per hit: the triangle and barycentrics give every per-vertex attribute.
 
 Appearance: the photograph on the face (bilinear lookup through per-vertex photo coordinates), a
-procedural skin elsewhere with freckle-like spots and hair strands on the scalp (functions of the
-*template* position, so the pattern is glued to the surface and multi-view consistent), a dark mouth
-cavity, Lambertian shading under a fixed studio light, and a plain grey background.
+procedural skin elsewhere with freckle-like spots (functions of the *rest* position, so the pattern is
+glued to the surface and multi-view consistent), a dark mouth cavity; low-textured hair, teeth, tongue
+and checked clothing; Lambertian shading under a fixed light; the studio plate behind (``studio.py``).
 """
 from __future__ import annotations
 
@@ -15,23 +14,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..cameras import Camera
-from ..meshes import barycentric_interpolate, cast_camera_rays, raycasting_scene
+from ..meshes import barycentric_interpolate, camera_rays, cast_camera_rays, raycasting_scene
 
-BACKGROUND_RGB = np.array([0.62, 0.63, 0.65])
 HAIR_RGB = np.array([0.23, 0.16, 0.10], np.float32)
 LIGHT_DIR = np.array([0.25, 0.55, 0.8]) / np.linalg.norm([0.25, 0.55, 0.8])
 
 
 @dataclass
 class RenderOutput:
-    """rgb: (H, W, 3) uint8. depth: (H, W) float32 meters along the optical axis, 0 where empty.
-    mask: (H, W) bool. canonical: (H, W, 3) float32 canonical point per pixel, meters (0 where empty).
-    triangle: (H, W) int64 hit triangle, -1 where empty."""
+    """rgb: (H, W, 3) float32 linear colour in [0, 1], before the camera. depth: (H, W) float32 meters
+    along the optical axis, 0 where empty. mask: (H, W) bool subject. triangle: (H, W) int64, -1 = empty."""
 
-    rgb: np.ndarray | None
+    rgb: np.ndarray
     depth: np.ndarray
     mask: np.ndarray
-    canonical: np.ndarray | None
     triangle: np.ndarray
 
 
@@ -57,69 +53,93 @@ class _Waves:
         return arg.sum(1) / self.norm
 
 
-class HeadRenderer:
-    """Renders a posed synthetic head into cameras.
+@dataclass
+class SubjectAppearance:
+    """What the renderer needs of one assembled subject (N vertices, faces (F, 3); see ``scene.py``).
 
-    Args:
-        faces: (F, 3) triangles. texture: the model's texture attributes (``synthetic_texture.npz``).
-        template: (V, 3) template vertices: the texture is a function of these.
-        photo: (h, w, 3) uint8 photograph the face texture comes from.
-        ``texture``, ``template`` and ``photo`` may be None for geometry-only rendering (``color=False``).
+    part: (N,) int8 part id. texture_pos: (N, 3) m where each vertex sits at rest (patterns are functions
+    of it, so they are glued to the surface and agree between views). hair_rgb, cloth_rgb: (3,) albedo.
     """
 
-    def __init__(self, faces: np.ndarray, texture: dict | None, template: np.ndarray | None,
-                 photo: np.ndarray | None):
-        self.faces = faces.astype(np.int64)
-        if texture is None:  # geometry only (ground-truth maps)
-            return
-        self.template = template.astype(np.float32)
+    faces: np.ndarray
+    part: np.ndarray
+    texture_pos: np.ndarray
+    hair_rgb: np.ndarray
+    cloth_rgb: np.ndarray
+
+
+class SubjectRenderer:
+    """Renders a posed synthetic subject (head model + hair, teeth, tongue, torso) into cameras.
+
+    Args:
+        texture: the head model's texture attributes (``synthetic_texture.npz``), per head vertex.
+        photo: (h, w, 3) uint8 photograph the face texture comes from.
+    """
+
+    def __init__(self, texture: dict, photo: np.ndarray):
         self.photo = photo.astype(np.float32) / 255.0
-        self.photo_uv = texture["photo_uv"].astype(np.float32)
-        self.photo_w = texture["photo_weight"].astype(np.float32)
-        self.hair_w = texture["hair_weight"].astype(np.float32)
-        self.mouth_w = texture["mouth_weight"].astype(np.float32)
+        self.head_attrs = np.concatenate([texture["photo_uv"], texture["photo_weight"][:, None],
+                                          texture["hair_weight"][:, None], texture["mouth_weight"][:, None]],
+                                         1).astype(np.float32)
         self.skin = np.asarray(texture["skin_rgb"], np.float32)
         rng = np.random.default_rng(1234)
         self.tone = _Waves(rng, 6, 0.06)
         self.mottle = _Waves(rng, 10, 0.012)
         self.spots = _Waves(rng, 14, 0.005)
         self.strands = _Waves(rng, 12, 0.003)
+        self.weave = _Waves(rng, 10, 0.004)
+        self._rays, self._rays_of = None, None
 
-    # -- geometry ------------------------------------------------------------------------------
-    def cast(self, vertices: np.ndarray, camera: Camera):
-        """Ray-cast ``vertices`` (V, 3) world meters into ``camera``: (t, tri, bary) per pixel."""
-        return cast_camera_rays(raycasting_scene(vertices, self.faces), camera)
-
-    def _interp(self, attr: np.ndarray, tri: np.ndarray, bary: np.ndarray) -> np.ndarray:
-        """(V, C) per-vertex attribute at hit points: tri (N,), bary (N, 3) -> (N, C)."""
-        return barycentric_interpolate(attr, self.faces, tri, bary)
-
-    def render(self, vertices: np.ndarray, camera: Camera, canonical_vertices: np.ndarray | None = None,
-               color: bool = True) -> RenderOutput:
-        """Render posed ``vertices`` (V, 3) into ``camera``; optional canonical map from (V, 3)."""
-        depth, tri, bary = self.cast(vertices, camera)
+    def render(self, vertices: np.ndarray, camera: Camera, look: SubjectAppearance,
+               background: np.ndarray) -> RenderOutput:
+        """Render posed ``vertices`` (N, 3) m into ``camera`` over ``background`` (H, W, 3) float [0, 1].
+        Returns linear colour before the camera response (``rgb`` float32) and the hit maps."""
+        if self._rays_of is not camera:  # one camera per video: its rays are computed once
+            self._rays, self._rays_of = camera_rays(camera), camera
+        depth, tri, bary = cast_camera_rays(raycasting_scene(vertices, look.faces), camera, self._rays)
         mask = tri >= 0
-        h, w = mask.shape
+        img = background.copy()
         ti, bi = tri[mask], bary[mask]
-        canonical = None
-        if canonical_vertices is not None:
-            canonical = np.zeros((h, w, 3), np.float32)
-            canonical[mask] = self._interp(canonical_vertices.astype(np.float32), ti, bi)
-        rgb = None
-        if color:
-            img = np.empty((h, w, 3), np.float32)
-            vy = np.linspace(0, 1, h, dtype=np.float32)[:, None, None]
-            img[:] = BACKGROUND_RGB * (1.04 - 0.08 * vy)
-            img[mask] = self._shade(vertices, ti, bi)
-            rgb = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
-        return RenderOutput(rgb=rgb, depth=depth, mask=mask, canonical=canonical, triangle=tri)
+        if len(ti):
+            img[mask] = self._shade(vertices, look, ti, bi)
+        return RenderOutput(rgb=img, depth=depth, mask=mask, triangle=tri)
 
     # -- appearance ----------------------------------------------------------------------------
-    def _shade(self, vertices: np.ndarray, tri: np.ndarray, bary: np.ndarray) -> np.ndarray:
-        p = self._interp(self.template, tri, bary)  # texture space (N, 3)
-        attrs = np.concatenate([self.photo_uv, self.photo_w[:, None], self.hair_w[:, None],
-                                self.mouth_w[:, None]], 1)
-        a = self._interp(attrs, tri, bary)
+    def _shade(self, vertices: np.ndarray, look: SubjectAppearance, tri: np.ndarray, bary: np.ndarray) -> np.ndarray:
+        faces = look.faces
+        part = look.part[faces[tri, 0]]
+        attrs = np.concatenate([look.texture_pos, _vertex_normals(vertices, faces)], 1)
+        pn = barycentric_interpolate(attrs, faces, tri, bary)
+        p, n = pn[:, :3], pn[:, 3:]
+        n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-9)
+        lambert = np.clip(n @ LIGHT_DIR, 0, 1)[:, None]
+        col = np.empty((len(tri), 3), np.float32)
+        head = part == 0
+        if head.any():
+            col[head] = self._skin(p[head], tri[head], bary[head], faces, lambert[head])
+        hair = part == 1
+        if hair.any():
+            q = p[hair]
+            strands = self.strands(q * np.array([1.0, 0.25, 1.0], np.float32))[:, None]
+            col[hair] = look.hair_rgb * (1 + 0.18 * strands + 0.08 * self.mottle(q)[:, None]) * (0.4 + 0.7 * lambert[hair])
+        teeth = part == 2
+        if teeth.any():
+            gaps = 0.55 + 0.45 * np.abs(np.sin(np.pi * p[teeth, 0] / 0.008))[:, None] ** 0.3
+            col[teeth] = np.array([0.86, 0.83, 0.74], np.float32) * gaps * (0.45 + 0.35 * lambert[teeth])
+        tongue = part == 3
+        if tongue.any():
+            col[tongue] = np.array([0.72, 0.36, 0.38], np.float32) * (1 + 0.1 * self.mottle(p[tongue])[:, None]) * (
+                0.4 + 0.3 * lambert[tongue])
+        torso = part == 4
+        if torso.any():
+            q = p[torso]
+            check = np.tanh(4 * np.sin(2 * np.pi * q[:, 0] / 0.03) * np.sin(2 * np.pi * q[:, 1] / 0.03))[:, None]
+            col[torso] = look.cloth_rgb * (1 + 0.22 * check + 0.12 * self.weave(q)[:, None]) * (0.4 + 0.65 * lambert[torso])
+        return col
+
+    def _skin(self, p: np.ndarray, tri: np.ndarray, bary: np.ndarray, faces: np.ndarray, lambert: np.ndarray) -> np.ndarray:
+        """The head model's skin: the photograph on the face, procedural skin and scalp paint elsewhere."""
+        a = barycentric_interpolate(self.head_attrs, faces, tri, bary)
         uv, w_photo, w_hair, w_mouth = a[:, :2], a[:, 2:3], a[:, 3:4], a[:, 4:5]
         # Procedural skin: tone variation, mottling and small dark spots (features for SIFT).
         # Each pattern is evaluated only where it is visible (the waves dominate the cost).
@@ -138,23 +158,18 @@ class HeadRenderer:
             wp = w_photo[proc]
             col[proc] = col[proc] * wp + skin * (1 - wp)
         col = col * (1 - w_mouth) + np.array([0.18, 0.05, 0.05], np.float32) * w_mouth
-        # Lambertian shading with smooth (interpolated) vertex normals of the posed mesh.
-        normals = self._vertex_normals(vertices)
-        n = self._interp(normals, tri, bary)
-        n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-9)
-        lambert = np.clip(n @ LIGHT_DIR, 0, 1)[:, None]
         shade_photo = 0.8 + 0.25 * lambert  # the photograph already carries its own shading
         shade_proc = 0.45 + 0.65 * lambert
         return col * (w_photo * shade_photo + (1 - w_photo) * shade_proc)
 
-    def _vertex_normals(self, vertices: np.ndarray) -> np.ndarray:
-        v = vertices.astype(np.float32)
-        f = self.faces
-        fn = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
-        vn = np.zeros_like(v)
-        for k in range(3):
-            np.add.at(vn, f[:, k], fn)
-        return vn / np.maximum(np.linalg.norm(vn, axis=1, keepdims=True), 1e-12)
+
+def _vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    v = vertices.astype(np.float32)
+    fn = np.cross(v[faces[:, 1]] - v[faces[:, 0]], v[faces[:, 2]] - v[faces[:, 0]])
+    vn = np.zeros_like(v)
+    for k in range(3):
+        np.add.at(vn, faces[:, k], fn)
+    return vn / np.maximum(np.linalg.norm(vn, axis=1, keepdims=True), 1e-12)
 
 
 def _bilinear(image: np.ndarray, xy: np.ndarray) -> np.ndarray:

@@ -74,31 +74,44 @@ _WORKER: dict = {}
 def _init_worker(asset_dir: str) -> None:
     from skimage import data
 
-    from ..flame.assets import load_flame_model
     from ..flame.synthetic_head import model_files
-    from .render import HeadRenderer
+    from .render import SubjectRenderer
 
-    files = model_files(asset_dir)
-    model = load_flame_model(files.model)
-    with np.load(files.texture) as z:
+    with np.load(model_files(asset_dir).texture) as z:
         texture = {k: z[k] for k in z.files}
-    _WORKER["renderer"] = HeadRenderer(model.faces, texture, model.v_template, data.astronaut())
+    _WORKER["renderer"] = SubjectRenderer(texture, data.astronaut())
+
+
+def _appearance(path: str):
+    """The subject's appearance file, loaded once per worker and subject."""
+    from .render import SubjectAppearance
+
+    if _WORKER.get("look_path") != path:
+        with np.load(path) as z:
+            _WORKER["look"] = SubjectAppearance(**{k: z[k] for k in z.files})
+        _WORKER["look_path"] = path
+    return _WORKER["look"]
 
 
 def _render_video(task: dict) -> int:
-    """Render one camera of one sequence into its mp4 (and alpha mp4)."""
+    """Render one camera of one sequence into its mp4 (and alpha mp4): the subject over the studio
+    plate, through the camera's response and sensor noise."""
     from ..sources.video import VideoWriter
+    from .studio import expose
 
     renderer = _WORKER["renderer"]
     cam: Camera = task["camera"]
+    look = _appearance(task["appearance_file"])
+    plate = np.load(task["plate_file"])
+    noise_rng = np.random.default_rng(task["noise_seed"])
     vertices = np.load(task["vertices_file"], mmap_mode="r")
     writers = [VideoWriter(task["video"], cam.width, cam.height, task["fps"])]
     if task["alpha"]:
         writers.append(VideoWriter(task["alpha"], cam.width, cam.height, task["fps"]))
     try:
         for t in range(len(vertices)):
-            out = renderer.render(np.asarray(vertices[t]), cam)
-            writers[0].write(out.rgb)
+            out = renderer.render(np.asarray(vertices[t]), cam, look, plate)
+            writers[0].write(expose(out.rgb, task["response"], noise_rng, task["noise"]))
             if task["alpha"]:
                 writers[1].write(np.repeat((out.mask * 255).astype(np.uint8)[..., None], 3, -1))
     except BaseException:
@@ -121,10 +134,8 @@ def synthesize(cfg: PipelineConfig, out: str | Path | None = None, verify: bool 
         subject_ids: which ids to render (3-digit, >= 900); default ``cfg.synth.subjects`` ids from 900.
             None of them may exist yet under ``out/capture`` or ``out/ground_truth``.
     """
-    import torch
-
     from ..flame.assets import load_assets
-    from ..flame.lbs import FlameLayer, FlameParams
+    from ..flame.lbs import FlameLayer
     from ..paths import expand
 
     s: SynthConfig = cfg.synth
@@ -140,6 +151,11 @@ def synthesize(cfg: PipelineConfig, out: str | Path | None = None, verify: bool 
     layer = FlameLayer(model)
     cameras = nersemble_like_rig(s.width, s.height, s.focal, s.camera_distance)
     capture_root, gt_root = out / "capture", out / "ground_truth"
+    from ..flame.synthetic_head import model_files
+    from .studio import build_studio, render_plate
+
+    with np.load(model_files(expand(cfg.flame.synthetic_dir)).texture) as z:
+        texture = {k: z[k] for k in z.files}
     capture_root.mkdir(parents=True, exist_ok=True)
     gt_root.mkdir(parents=True, exist_ok=True)
     sequences = list(SEQUENCE_NAMES[: s.sequences])
@@ -152,50 +168,38 @@ def synthesize(cfg: PipelineConfig, out: str | Path | None = None, verify: bool 
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # torch/open3d state in the parent must not leak into workers
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(str(expand(cfg.flame.synthetic_dir)),)) as pool:
-        for pid in subjects:
-            rng = subject_rng(s.seed, pid)
-            stage_cap = capture_root / f".{pid}.partial"
-            stage_gt = gt_root / f".{pid}.partial"
-            for d in (stage_cap, stage_gt):
-                shutil.rmtree(d, ignore_errors=True)
-                d.mkdir(parents=True)
-            ident = random_identity(rng, model.v_template, model.num_shape)
-            calib_digest = _write_calibration(stage_cap / "calibration", cameras)
-            params0 = FlameParams.zeros(1, model.num_shape, model.num_expression)
-            params0.shape = torch.as_tensor(ident.shape)
-            params0.offsets = torch.as_tensor(ident.offsets)
-            canonical = layer.canonical_vertices(params0).numpy().astype(np.float32)
-            np.savez(stage_gt / "subject.npz", shape=ident.shape, offsets=ident.offsets,
-                     canonical_vertices=canonical, faces=model.faces, model_digest=np.array(model.digest),
-                     calibration_digest=np.array(calib_digest), seed=np.array(s.seed))
-            tasks = []
-            for si, seq in enumerate(sequences):
-                perf = random_performance(rng, s.frames, model.num_expression, head_sequence=(si == 0),
-                                          max_yaw_deg=s.max_yaw_deg)
-                p = FlameParams.from_numpy({**perf.as_dict(), "shape": ident.shape, "offsets": ident.offsets})
-                with torch.no_grad():
-                    verts = layer(p).numpy().astype(np.float32)
-                np.savez(stage_gt / f"{seq}.npz", vertices=verts, **perf.as_dict())
-                vfile = stage_gt / f".{seq}.vertices.npy"
-                np.save(vfile, verts)
-                seq_dir = stage_cap / "sequences" / seq
-                for cam in cameras:
-                    tasks.append({"camera": cam, "vertices_file": str(vfile), "fps": s.fps,
-                                  "video": str(seq_dir / "images" / f"cam_{cam.serial}.mp4"),
-                                  "alpha": str(seq_dir / "alpha_maps" / f"cam_{cam.serial}.mp4") if s.alpha_maps else ""})
-            for n in pool.map(_render_video, tasks):
-                images += n
-                done_videos += 1
-                if progress:
-                    progress(done_videos, total_videos)
-            for f in stage_gt.glob(".*.vertices.npy"):
-                f.unlink()
-            # Ground truth first, capture last: a capture folder is only ever seen complete with its truth.
-            # os.rename never replaces a non-empty folder, so a subject that appeared meanwhile is kept.
-            for final, stage in ((gt_root / pid, stage_gt), (capture_root / pid, stage_cap)):
-                os.rename(stage, final)
+    studio = build_studio()
+    plate_dir = out / f".plates.{os.getpid()}"  # the empty studio per camera, shared by the subjects
+    plate_dir.mkdir(parents=True, exist_ok=True)
+    plates = {}
+    try:
+        for cam in cameras:
+            plates[cam.serial] = plate_dir / f"{cam.serial}.npy"
+            np.save(plates[cam.serial], render_plate(studio, cam))
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(str(expand(cfg.flame.synthetic_dir)),)) as pool:
+            for pid in subjects:
+                rng = subject_rng(s.seed, pid)
+                stage_cap = capture_root / f".{pid}.partial"
+                stage_gt = gt_root / f".{pid}.partial"
+                for d in (stage_cap, stage_gt):
+                    shutil.rmtree(d, ignore_errors=True)
+                    d.mkdir(parents=True)
+                tasks = _subject_tasks(pid, rng, s, layer, assets, texture, plates, cameras, sequences,
+                                       stage_cap, stage_gt)
+                for n in pool.map(_render_video, tasks):
+                    images += n
+                    done_videos += 1
+                    if progress:
+                        progress(done_videos, total_videos)
+                for f in [*stage_gt.glob(".*.vertices.npy"), stage_gt / ".appearance.npz"]:
+                    f.unlink()
+                # Ground truth first, capture last: a capture folder is only ever seen complete with its truth.
+                # os.rename never replaces a non-empty folder, so a subject that appeared meanwhile is kept.
+                for final, stage in ((gt_root / pid, stage_gt), (capture_root / pid, stage_cap)):
+                    os.rename(stage, final)
+    finally:
+        shutil.rmtree(plate_dir, ignore_errors=True)
     report = SynthReport(out=str(out), subjects=subjects, sequences=sequences, frames_per_sequence=s.frames,
                          cameras=len(cameras), full_resolution=(s.width, s.height),
                          working_resolution=(work_w, work_h), images_written=images, seconds=0.0)
@@ -210,6 +214,73 @@ def synthesize(cfg: PipelineConfig, out: str | Path | None = None, verify: bool 
     (out / "synth.json").write_text(json.dumps({"config": cfg.to_dict(), "config_hash": cfg.hash(),
                                                 "report": report.__dict__}, indent=2))
     return report
+
+
+def _subject_tasks(pid: str, rng: np.random.Generator, s: SynthConfig, layer, assets, texture: dict,
+                   plates: dict[str, Path], cameras: list[Camera], sequences: list[str], stage_cap: Path,
+                   stage_gt: Path) -> list[dict]:
+    """Draw one subject (identity, extras, performances), write its ground truth and BACKGROUND plates
+    into the staging folders, and return the render tasks of its videos (one per sequence and camera)."""
+    import cv2
+    import torch
+
+    from ..flame.lbs import FlameParams
+    from ..flame.synthetic_head import EXPRESSION_NAMES
+    from .scene import PARTS, assemble_frames, build_subject_extras, expression_detail_weights
+    from .studio import camera_response, expose
+
+    model = assets.model
+    ident = random_identity(rng, model.v_template, model.num_shape)
+
+    def canonical_of(offsets):
+        p = FlameParams.zeros(1, model.num_shape, model.num_expression)
+        p.shape, p.offsets = torch.as_tensor(ident.shape), torch.as_tensor(offsets)
+        with torch.no_grad():
+            return layer.canonical_vertices(p).numpy().astype(np.float32)
+
+    extras = build_subject_extras(rng, model.v_template, canonical_of(ident.offsets), model.faces, assets.masks,
+                                  texture["hair_weight"], detail_mm=s.detail_mm)
+    offsets = (ident.offsets + extras.detail).astype(np.float32)  # the identity: smooth bumps + detail
+    canonical = canonical_of(offsets)
+    response = camera_response(rng, len(cameras))
+    calib_digest = _write_calibration(stage_cap / "calibration", cameras)
+    still = stage_cap / "sequences" / "BACKGROUND"  # NeRSemble v2's empty-rig stills
+    still.mkdir(parents=True)
+    for k, cam in enumerate(cameras):
+        img = expose(np.load(plates[cam.serial]), response[k], rng, s.sensor_noise)
+        cv2.imwrite(str(still / f"image_{cam.serial}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
+                    [cv2.IMWRITE_JPEG_QUALITY, 95])
+    scene = None
+    tasks = []
+    for si, seq in enumerate(sequences):
+        perf = random_performance(rng, s.frames, model.num_expression, head_sequence=(si == 0),
+                                  max_yaw_deg=s.max_yaw_deg)
+        weights = expression_detail_weights(rng, perf.expression, EXPRESSION_NAMES.index("brow_raise"))
+        frame_offsets = offsets[None] + np.einsum("tk,kvc->tvc", weights, extras.expression_fields)
+        p = FlameParams.from_numpy({**perf.as_dict(), "shape": ident.shape, "offsets": frame_offsets})
+        with torch.no_grad():
+            verts, transforms = (x.numpy() for x in layer.posed_with_transforms(p))
+        scene = assemble_frames(extras, verts, transforms, model.faces, canonical)
+        np.savez(stage_gt / f"{seq}.npz", vertices=verts.astype(np.float32), scene_vertices=scene.vertices,
+                 detail_weights=weights, **perf.as_dict())
+        vfile = stage_gt / f".{seq}.vertices.npy"
+        np.save(vfile, scene.vertices)
+        seq_dir = stage_cap / "sequences" / seq
+        for k, cam in enumerate(cameras):
+            tasks.append({"camera": cam, "vertices_file": str(vfile), "fps": s.fps,
+                          "appearance_file": str(stage_gt / ".appearance.npz"), "plate_file": str(plates[cam.serial]),
+                          "response": response[k], "noise": s.sensor_noise,
+                          "noise_seed": [int(s.seed), int(pid), si, k],
+                          "video": str(seq_dir / "images" / f"cam_{cam.serial}.mp4"),
+                          "alpha": str(seq_dir / "alpha_maps" / f"cam_{cam.serial}.mp4") if s.alpha_maps else ""})
+    texture_pos = np.concatenate([model.v_template, canonical[extras.hair_index], extras.rigid_rest]).astype(np.float32)
+    np.savez(stage_gt / ".appearance.npz", faces=scene.faces, part=scene.part, texture_pos=texture_pos,
+             hair_rgb=extras.hair_rgb, cloth_rgb=extras.cloth_rgb)
+    np.savez(stage_gt / "subject.npz", shape=ident.shape, offsets=offsets, canonical_vertices=canonical,
+             faces=model.faces, model_digest=np.array(model.digest), calibration_digest=np.array(calib_digest),
+             seed=np.array(s.seed), scene_faces=scene.faces, scene_part=scene.part,
+             scene_canonical=scene.canonical, part_names=np.array(PARTS), fringe=np.array(extras.fringe))
+    return tasks
 
 
 def _check_new_subjects(subjects: list[str], capture_root: Path, gt_root: Path) -> None:
