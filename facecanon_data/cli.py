@@ -75,13 +75,16 @@ def synth(
     workers: int = typer.Option(None, "--workers", min=0, help="Render processes (0 = one per core)."),
     verify: bool = typer.Option(True, "--verify/--no-verify",
                                 help="Run FaceMesh on every frontal-camera frame and report the detection rate."),
+    alpha_maps: bool = typer.Option(None, "--alpha-maps/--no-alpha-maps",
+                                    help="Also write foreground mattes (alpha_maps/). Default: the pipeline's "
+                                         "synth.alpha_maps (off: NeRSemble v2 ships BACKGROUND plates instead)."),
     pipeline: Optional[Path] = PipelineOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Render synthetic subjects with ground truth, in NeRSemble v2's on-disk layout."""
     _setup_logging()
     overrides = {k: v for k, v in dict(subjects=subjects, sequences=sequences, frames=frames, seed=seed,
-                                       workers=workers).items() if v is not None}
+                                       workers=workers, alpha_maps=alpha_maps).items() if v is not None}
     if out is not None:
         overrides["out"] = str(out)
     cfg = _load(pipeline, {"synth": overrides})

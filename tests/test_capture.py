@@ -381,3 +381,26 @@ def test_a_sequence_missing_a_camera_is_skipped_with_its_reason(synth_capture, t
     r = subprocess.run([str(exe), "reconstruct", "--timestamps", "EXP-2-eyes:3", "--root", str(root), "--work",
                         str(tmp_path / "w")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "EXP-2-eyes/images/cam_222200042.mp4: video file not found" in r.stderr, r.stderr
+
+
+def test_alpha_maps_option_writes_mattes_that_reconstruct_prefers(tmp_path):
+    """`synth --alpha-maps`: mattes equal to the ground-truth foreground, used instead of the plates."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from facecanon_data.config import load_pipeline
+    from facecanon_data.paths import default_pipeline
+    from facecanon_data.stages.reconstruct import ForegroundMasks
+
+    exe = Path(sys.executable).parent / "facecanon-data"
+    r = subprocess.run([str(exe), "synth", "--out", str(tmp_path), "--frames", "2", "--sequences", "1",
+                        "--no-verify", "--alpha-maps"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    source = NeRSembleSource(tmp_path / "capture", tmp_path / "ground_truth")
+    alpha = dict(source.masks("900", "EXP-1-head", FRONTAL_SERIAL, [1], downscale=2))[1] > 0.5
+    truth = source.ground_truth("900").view_maps("EXP-1-head", 1, FRONTAL_SERIAL, downscale=2)["foreground"]
+    assert (alpha == truth).mean() > 0.99
+    cfg = load_pipeline(default_pipeline())
+    kind, masks = ForegroundMasks(source, "900", cfg.reconstruct, 2).of("EXP-1-head", [1])[1]
+    assert kind == "mattes" and set(masks) == set(NERSEMBLE_SERIALS)
