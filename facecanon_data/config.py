@@ -96,8 +96,8 @@ class ForegroundConfig:
     high_floor: float = 0.06
     close_px: int = 5  # closing kernel size
     min_component_fraction: float = 0.1  # of the largest component's area
-    refine: str = "grabcut"  # "none" | "grabcut": boundaries refined in a band (see foreground.py)
-    grabcut_band_px: int = 6
+    refine: str = "grabcut"  # "none" | "grabcut" | "trim": the boundary refined in a band (foreground.py)
+    refine_band_px: int = 6  # the band's half-width, either refinement
     grabcut_iterations: int = 3
     trim_sigmas: float = 3.0  # refine = "trim": fine-scale difference kept in the boundary band
 

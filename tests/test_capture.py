@@ -115,6 +115,12 @@ def test_foreground_from_plates_matches_ground_truth(source):
         mask = foreground_from_plate(views[serial], plates[serial], ForegroundConfig())
         truth = gt.view_maps("EXP-1-head", 5, serial, downscale=2)["foreground"]
         assert mask_iou(mask, truth) >= 0.95, serial
+    # Deterministic whatever ran before on the thread (GrabCut's k-means draws from OpenCV's RNG).
+    import cv2
+
+    cv2.randu(np.zeros((8, 8)), 0, 1)
+    again = foreground_from_plate(views[serial], plates[serial], ForegroundConfig())
+    np.testing.assert_array_equal(again, mask)
 
 
 def test_ground_truth_parts_hair_torso_and_canonical(source):
@@ -404,3 +410,17 @@ def test_alpha_maps_option_writes_mattes_that_reconstruct_prefers(tmp_path):
     cfg = load_pipeline(default_pipeline())
     kind, masks = ForegroundMasks(source, "900", cfg.reconstruct, 2).of("EXP-1-head", [1])[1]
     assert kind == "mattes" and set(masks) == set(NERSEMBLE_SERIALS)
+
+
+def test_ground_truth_sequence_with_an_array_not_per_frame_is_named(tmp_path):
+    from facecanon_data.errors import InputError
+    from facecanon_data.sources.ground_truth import SyntheticGroundTruth
+
+    np.savez(tmp_path / "subject.npz", faces=np.zeros((2, 3), np.int64))
+    vertices = np.zeros((4, 5, 3), np.float32)
+    np.savez(tmp_path / "EXP-1-head.npz", vertices=vertices, expression=np.zeros((4, 10)))
+    gt = SyntheticGroundTruth(tmp_path, cameras={})
+    assert gt.frame("EXP-1-head", 3)["expression"].shape == (10,)
+    np.savez(tmp_path / "EXP-2-eyes.npz", vertices=vertices, expression=np.zeros((4, 10)), faces=np.zeros((7, 3)))
+    with pytest.raises(InputError, match=r"EXP-2-eyes\.npz: array 'faces' of shape \(7, 3\) is not per frame"):
+        gt.frame("EXP-2-eyes", 0)

@@ -68,7 +68,14 @@ def test_fit_from_perturbed_start_recovers_known_parameters(cfg, observed, head_
     assert unused_shape.sum() >= 280 and (shape[unused_shape] == 0).all()
     assert unused_expression.sum() >= 80 and (expression[:, unused_expression] == 0).all()
     assert result.cd_l1_mm_median < 0.6
-    for name in ("errors.parquet", "errors.png", "overlay.png", "params.npz"):
+    # By region: the face fits as well as the head overall; every region the masks name is reported.
+    assert set(result.cd_l1_mm_by_region) <= {"face", "scalp", "ears", "neck"}
+    assert result.cd_l1_mm_by_region["face"] < 0.6
+    # expression_bias is the largest |mean over timestamps| of a fitted coefficient; on a head of the
+    # model's own space it is no larger than the performance's own (nothing of the identity leaks in).
+    assert result.expression_bias == pytest.approx(np.abs(expression.mean(0)).max(), abs=1e-4)
+    assert result.expression_bias <= np.abs(gt["params"]["expression"].mean(0)).max() + 0.1
+    for name in ("errors.parquet", "errors.png", "overlay.png", "residual.png", "params.npz"):
         assert (tmp_path / "999" / "track" / name).is_file()
 
 
@@ -111,3 +118,38 @@ def test_corrupted_timestamp_is_removed_as_outlier_and_torso_points_do_not_count
         assert row[i]["cd_l1_mm"] < 0.6
     assert 0 < result.points_excluded_fraction < 0.5
     assert result.timestamps_kept == 7 and result.outliers_removed == 1
+
+
+class _GroundTruth:
+    """The two things ``_ground_truth_errors`` reads of a ground truth: faces and per-frame vertices."""
+
+    def __init__(self, faces, vertices):
+        self.faces, self._vertices = faces, vertices
+
+    def frame(self, sequence, frame):
+        return {"vertices": self._vertices[frame]}
+
+
+def test_vertex_error_only_with_the_model_topology_surface_error_always(observed, head_assets):
+    from facecanon_data.stages.track import TrackResult, _ground_truth_errors
+
+    obs, gt = observed
+    true = gt["vertices"][:3].astype(np.float32)
+    keys = [type(o)("SEQ", i, o.points, o.cameras, o.landmarks) for i, o in enumerate(obs[:3])]
+    tracked = true + np.array([0, 0, 0.001], np.float32)  # every vertex 1 mm off along z
+
+    def errors(faces, vertices):
+        r = TrackResult("s", 3, 3, 0, 0.0, 0.0, 0.0, 0.0, "cpu")
+        _ground_truth_errors(r, _GroundTruth(faces, vertices), head_assets, keys, tracked)
+        return r
+
+    faces = head_assets.model.faces
+    same = errors(faces, true)
+    assert abs(same.gt_vertex_error_mm_mean - 1.0) < 1e-3
+    assert 0.05 < same.gt_surface_error_mm_mean <= 1.0 + 1e-3  # a shift partly along the surface
+    # The same surface with its vertices numbered otherwise (another mesh): vertex ids no longer name
+    # the same points, so the vertex error is absent; the distance to the surface is unchanged.
+    perm = np.random.default_rng(0).permutation(true.shape[1])
+    other = errors(np.argsort(perm)[faces], true[:, perm])
+    assert other.gt_vertex_error_mm_mean is None
+    assert abs(other.gt_surface_error_mm_mean - same.gt_surface_error_mm_mean) < 1e-3

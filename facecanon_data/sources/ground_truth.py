@@ -63,7 +63,15 @@ class SyntheticGroundTruth:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: ground truth for sequence {sequence!r} not found")
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+            arrays = {k: z[k] for k in z.files}
+        if "vertices" not in arrays or arrays["vertices"].ndim != 3:
+            raise InputError(f"{path}: no per-frame 'vertices' array (T, V, 3)")
+        frames = len(arrays["vertices"])
+        for name, a in arrays.items():  # every array is indexed by frame in frame()
+            if a.ndim == 0 or len(a) != frames:
+                raise InputError(f"{path}: array {name!r} of shape {a.shape} is not per frame "
+                                 f"(expected {frames} rows, as 'vertices')")
+        return arrays
 
     def frame(self, sequence: str, frame: int) -> dict[str, np.ndarray]:
         """Parameters and posed ``vertices`` (V, 3) of one frame."""

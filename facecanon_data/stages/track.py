@@ -41,7 +41,11 @@ from ..config import PipelineConfig, TrackConfig
 from ..meshes import closest_points
 from ..threads import apply_thread_cap
 from .reconstruct import read_points, timestamp_dir
-from ..errors import InputValueError
+from ..errors import InputError, InputValueError
+
+# Diagnostic regions of the tracked mesh (mask names or unions, flame/assets.py): per-region CD-L1 and
+# errors.png. The neck's figure includes whatever clothing lies within stats_max_distance_mm of it.
+REGIONS = ("face", "scalp", "ears", "neck")
 
 log = logging.getLogger(__name__)
 STAGE = "track"
@@ -75,7 +79,13 @@ class TrackResult:
     points_excluded_fraction: float  # median over kept timestamps: points not counted as head by the stats
     seconds: float
     device: str
-    gt_vertex_error_mm_mean: float | None = None
+    gt_vertex_error_mm_mean: float | None = None  # only when the ground truth has the model's topology
+    gt_surface_error_mm_mean: float | None = None
+    # Median over kept timestamps of CD-L1 per region (REGIONS) the masks file names, mm.
+    cd_l1_mm_by_region: dict[str, float] = field(default_factory=dict)
+    # Largest |mean over kept timestamps| of an expression coefficient, in prior standard deviations
+    # (FLAME's coefficients are unit-variance): identity leaking into the expression shows as a bias.
+    expression_bias: float | None = None
     outliers: dict[str, str] = field(default_factory=dict)
     per_timestamp: list[dict] = field(default_factory=list)
 
@@ -172,6 +182,12 @@ class _Fitter:
         self.head_vertices = np.ones(model.num_vertices, bool)  # where a point's nearest surface counts
         for name in tcfg.stats_exclude_masks:
             self.head_vertices[assets.mask(name)] = False
+        self.regions = {}  # (V,) bool per diagnostic region the masks file can name
+        for name in REGIONS:
+            try:
+                self.regions[name] = np.isin(np.arange(model.num_vertices), assets.mask(name))
+            except InputError:
+                continue
         free = np.ones(model.num_vertices, np.float32)
         for name in tcfg.offset_free_masks:
             free[assets.mask(name)] = 0.0
@@ -318,6 +334,32 @@ class _Fitter:
         return cd, lm, excluded
 
 
+    def region_errors(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Per region (:data:`REGIONS`): (T,) mean distance, mm, of the points whose nearest mesh vertex
+        is in the region and that lie within ``stats_max_distance_mm`` (NaN where none), and the (V,)
+        mean distance of the points nearest each vertex over all timestamps (NaN where none), mm."""
+        torch = self.torch
+        with torch.no_grad():
+            v_np = self.vertices().cpu().numpy().astype(np.float32)
+        per_region = {name: np.full(len(self.obs), np.nan) for name in self.regions}
+        total, count = np.zeros(v_np.shape[1]), np.zeros(v_np.shape[1])
+        for i, pts in enumerate(self.points):
+            if not len(pts):
+                continue
+            closest, tri, bary = closest_points(v_np[i], self.faces, pts.cpu().numpy())
+            dist_mm = np.linalg.norm(pts.cpu().numpy() - closest, axis=1) * 1000
+            near = dist_mm <= self.tcfg.stats_max_distance_mm
+            vertex = self.faces[tri, np.argmax(bary, 1)]
+            for name, in_region in self.regions.items():
+                sel = near & in_region[vertex]
+                if sel.any():
+                    per_region[name][i] = dist_mm[sel].mean()
+            np.add.at(total, vertex[near], dist_mm[near])
+            np.add.at(count, vertex[near], 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return per_region, total / count
+
+
 def head_point_distances(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray, head_vertices: np.ndarray,
                          max_distance_mm: float) -> tuple[np.ndarray, np.ndarray]:
     """Distance of (N, 3) points to the mesh (V, 3) m, in mm (N,), and which points are head (N,) bool:
@@ -432,17 +474,19 @@ def run_track(source, subject: str, cfg: PipelineConfig, work, device: str | Non
     with torch.no_grad():
         verts = fitter.vertices().cpu().numpy()
         canonical = _canonical(fitter, tcfg).cpu().numpy()
+        expression = fitter.params.expression.cpu().numpy()
+    region_cd, vertex_residual = fitter.region_errors()
     result = TrackResult(subject=subject, timestamps_in=len(obs), timestamps_kept=len(kept_obs),
                          outliers_removed=int(bad.sum()), cd_l1_mm_median=round(float(np.nanmedian(cd_k)), 4),
                          landmark_px_median=round(float(np.nanmedian(lm_k)), 4),
                          points_excluded_fraction=round(float(np.median(excluded_k)), 4), seconds=round(seconds, 1),
-                         device=dev, outliers=reasons)
+                         device=dev, outliers=reasons,
+                         cd_l1_mm_by_region={k: round(float(np.nanmedian(v)), 4) for k, v in region_cd.items()
+                                             if np.isfinite(v).any()},
+                         expression_bias=round(float(np.abs(expression.mean(0)).max()), 4) if expression.size else None)
     gt = source.ground_truth(subject) if source is not None else None
     if gt is not None:
-        face = assets.masks.get("face", np.arange(verts.shape[1]))
-        errs = [np.linalg.norm(verts[i][face] - gt.frame(o.sequence, o.frame)["vertices"][face], axis=1).mean()
-                for i, o in enumerate(kept_obs)]
-        result.gt_vertex_error_mm_mean = round(float(np.mean(errs)) * 1000, 4)
+        _ground_truth_errors(result, gt, assets, kept_obs, verts)
     kept_index = {o.key: i for i, o in enumerate(kept_obs)}
     for i, o in enumerate(obs):
         j = kept_index.get(o.key)
@@ -451,9 +495,30 @@ def run_track(source, subject: str, cfg: PipelineConfig, work, device: str | Non
             "cd_l1_mm": float(cd_k[j]) if j is not None else float(first_errors[0][i]),
             "landmark_px": float(lm_k[j]) if j is not None else float(first_errors[1][i]),
             "points_excluded_fraction": float(excluded_k[j]) if j is not None else float(first_errors[2][i]),
-            "views_with_landmarks": len(o.landmarks), "reason": reasons.get(o.key, "")})
-    _write_outputs(out, fitter, kept_obs, verts, canonical, result, cfg)
+            "views_with_landmarks": len(o.landmarks), "reason": reasons.get(o.key, ""),
+            **{f"cd_l1_mm_{k}": float(v[j]) if j is not None else float("nan") for k, v in region_cd.items()}})
+    _write_outputs(out, fitter, kept_obs, verts, canonical, result, cfg, vertex_residual)
     return result
+
+
+def _ground_truth_errors(result: TrackResult, gt, assets, kept_obs: list, verts: np.ndarray) -> None:
+    """Face-region error of the tracked meshes ``verts`` (T, V, 3) m against the ground truth, in mm:
+    ``gt_surface_error_mm_mean`` (tracked face vertices to the ground-truth head surface) always;
+    ``gt_vertex_error_mm_mean`` (vertex to same vertex) only when the ground truth has the tracked
+    model's topology: with any other mesh, vertex ids do not correspond."""
+    from ..meshes import point_to_mesh_distance
+
+    face = assets.masks.get("face", np.arange(verts.shape[1]))
+    same_topology = np.array_equal(np.asarray(gt.faces), np.asarray(assets.model.faces))
+    vertex_errs, surface_errs = [], []
+    for i, o in enumerate(kept_obs):
+        true = gt.frame(o.sequence, o.frame)["vertices"]
+        surface_errs.append(point_to_mesh_distance(true, gt.faces, verts[i][face]).mean())
+        if same_topology:
+            vertex_errs.append(np.linalg.norm(verts[i][face] - true[face], axis=1).mean())
+    result.gt_surface_error_mm_mean = round(float(np.mean(surface_errs)) * 1000, 4)
+    if vertex_errs:
+        result.gt_vertex_error_mm_mean = round(float(np.mean(vertex_errs)) * 1000, 4)
 
 
 def _canonical(fitter: _Fitter, tcfg: TrackConfig):
@@ -464,7 +529,8 @@ def _canonical(fitter: _Fitter, tcfg: TrackConfig):
     return fitter.layer.canonical_vertices(params, template=tcfg.canonical == "template")
 
 
-def _write_outputs(out: StageDir, fitter: _Fitter, kept_obs, verts, canonical, result: TrackResult, cfg) -> None:
+def _write_outputs(out: StageDir, fitter: _Fitter, kept_obs, verts, canonical, result: TrackResult, cfg,
+                   vertex_residual: np.ndarray) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -479,6 +545,7 @@ def _write_outputs(out: StageDir, fitter: _Fitter, kept_obs, verts, canonical, r
     atomic_write(out.file("errors.parquet"), lambda f: pq.write_table(table, f))
     atomic_write(out.file("errors.png"), lambda f: _plot_errors(rows, f, cfg.track.outlier_mad_k))
     atomic_write(out.file("overlay.png"), lambda f: _overlay(kept_obs, verts, fitter.faces, f))
+    atomic_write(out.file("residual.png"), lambda f: _plot_residual(canonical, fitter.faces, vertex_residual, f))
 
 
 def _plot_errors(rows, path, k) -> None:
@@ -487,17 +554,61 @@ def _plot_errors(rows, path, k) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 1, figsize=(max(6, 0.35 * len(rows) + 2), 6), sharex=True)
+    regions = [k[len("cd_l1_mm_"):] for k in rows[0] if k.startswith("cd_l1_mm_")]
+    fig, axes = plt.subplots(3, 1, figsize=(max(6, 0.35 * len(rows) + 2), 8.5), sharex=True)
     x = np.arange(len(rows))
     colors = ["tab:blue" if r["kept"] else "tab:red" for r in rows]
-    for ax, key, unit in ((axes[0], "cd_l1_mm", "CD-L1 (mm)"), (axes[1], "landmark_px", "landmark error (px)")):
+    for ax, key, unit in ((axes[0], "cd_l1_mm", "CD-L1, head (mm)"), (axes[2], "landmark_px", "landmark error (px)")):
         ax.bar(x, [r[key] for r in rows], color=colors)
         ax.set_ylabel(unit)
         ax.grid(axis="y", alpha=0.3)
-    axes[1].set_xticks(x, [f"{r['sequence']}/{r['frame']}" for r in rows], rotation=70, fontsize=7)
+    width = 0.8 / max(len(regions), 1)
+    for k, name in enumerate(regions):  # where the fit stays off: one bar per region and timestamp
+        axes[1].bar(x - 0.4 + (k + 0.5) * width, [r[f"cd_l1_mm_{name}"] for r in rows], width, label=name)
+    axes[1].set_ylabel("CD-L1 by region (mm)")
+    axes[1].grid(axis="y", alpha=0.3)
+    if regions:
+        axes[1].legend(fontsize=7, ncol=len(regions))
+    axes[2].set_xticks(x, [f"{r['sequence']}/{r['frame']}" for r in rows], rotation=70, fontsize=7)
     axes[0].set_title(f"Tracking error per timestamp\n(red: removed as outlier, > median + {k} MAD)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100, format="png")
+    plt.close(fig)
+
+
+def _plot_residual(canonical: np.ndarray, faces: np.ndarray, residual_mm: np.ndarray, path) -> None:
+    """The canonical mesh seen from the front and from the left, each vertex coloured by the mean
+    distance, mm, of the points nearest it over all kept timestamps (grey: no point)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PolyCollection
+
+    v = canonical[0] if canonical.ndim == 3 else canonical
+    fin = np.isfinite(residual_mm)
+    top = float(np.percentile(residual_mm[fin], 98)) if fin.any() else 1.0
+    cmap = plt.get_cmap("magma_r")
+    fig, axes = plt.subplots(1, 2, figsize=(9, 5))
+    # (horizontal axis, vertical axis, depth axis, its sign toward the viewer): from +z and from -x.
+    for ax, (a, b, depth, sign, title) in zip(axes, ((0, 1, 2, 1, "front"), (2, 1, 0, -1, "right side"))):
+        tri = v[faces]
+        order = np.argsort(sign * tri[:, :, depth].mean(1))  # painter's algorithm: far triangles first
+        with np.errstate(invalid="ignore"):
+            tri_res = np.nansum(residual_mm[faces], 1) / fin[faces].sum(1)  # NaN where no vertex has points
+        colors = np.where(np.isfinite(tri_res)[:, None], cmap(np.clip(np.nan_to_num(tri_res) / top, 0, 1)),
+                          (0.75, 0.75, 0.75, 1.0))
+        ax.add_collection(PolyCollection(tri[order][:, :, [a, b]], facecolors=colors[order], edgecolors="none",
+                                     linewidths=0, antialiaseds=False))
+        ax.set_xlim(v[:, a].min(), v[:, a].max())
+        ax.set_ylim(v[:, b].min(), v[:, b].max())
+        ax.set_aspect("equal")
+        ax.axis("off")
+        ax.set_title(title, fontsize=9)
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, top))
+    fig.colorbar(sm, ax=axes, shrink=0.8, label="mean point-to-mesh distance (mm)")
+    fig.suptitle("Tracking residual on the canonical mesh", fontsize=10)
+    fig.savefig(path, dpi=90, format="png")
     plt.close(fig)
 
 

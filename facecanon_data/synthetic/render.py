@@ -15,6 +15,7 @@ import numpy as np
 
 from ..cameras import Camera
 from ..meshes import barycentric_interpolate, camera_rays, cast_camera_rays, raycasting_scene
+from .procedural import Waves, vertex_normals
 
 HAIR_RGB = np.array([0.23, 0.16, 0.10], np.float32)
 LIGHT_DIR = np.array([0.25, 0.55, 0.8]) / np.linalg.norm([0.25, 0.55, 0.8])
@@ -29,28 +30,6 @@ class RenderOutput:
     depth: np.ndarray
     mask: np.ndarray
     triangle: np.ndarray
-
-
-class _Waves:
-    """Band-limited procedural noise: a sum of plane waves with random directions and phases.
-
-    Chosen over lattice noise because it is a handful of vectorized sin() calls per pixel.
-    """
-
-    def __init__(self, rng: np.random.Generator, count: int, wavelength_m: float):
-        d = rng.normal(size=(count, 3))
-        d /= np.linalg.norm(d, axis=1, keepdims=True)
-        lam = wavelength_m * rng.uniform(0.7, 1.4, size=count)
-        self.omega = ((2 * np.pi / lam)[:, None] * d).T.astype(np.float32)  # (3, count)
-        self.phase = rng.uniform(0, 2 * np.pi, size=count).astype(np.float32)
-        self.norm = np.float32(np.sqrt(count / 2.0))
-
-    def __call__(self, p: np.ndarray) -> np.ndarray:
-        """(N, 3) float32 points, meters -> (N,) float32, unit variance."""
-        arg = p @ self.omega
-        arg += self.phase
-        np.sin(arg, out=arg)
-        return arg.sum(1) / self.norm
 
 
 @dataclass
@@ -83,11 +62,11 @@ class SubjectRenderer:
                                          1).astype(np.float32)
         self.skin = np.asarray(texture["skin_rgb"], np.float32)
         rng = np.random.default_rng(1234)
-        self.tone = _Waves(rng, 6, 0.06)
-        self.mottle = _Waves(rng, 10, 0.012)
-        self.spots = _Waves(rng, 14, 0.005)
-        self.strands = _Waves(rng, 12, 0.003)
-        self.weave = _Waves(rng, 10, 0.004)
+        self.tone = Waves(rng, 6, (0.042, 0.084), np.float32)
+        self.mottle = Waves(rng, 10, (0.0084, 0.0168), np.float32)
+        self.spots = Waves(rng, 14, (0.0035, 0.007), np.float32)
+        self.strands = Waves(rng, 12, (0.0021, 0.0042), np.float32)
+        self.weave = Waves(rng, 10, (0.0028, 0.0056), np.float32)
         self._rays, self._rays_of = None, None
 
     def render(self, vertices: np.ndarray, camera: Camera, look: SubjectAppearance,
@@ -108,7 +87,7 @@ class SubjectRenderer:
     def _shade(self, vertices: np.ndarray, look: SubjectAppearance, tri: np.ndarray, bary: np.ndarray) -> np.ndarray:
         faces = look.faces
         part = look.part[faces[tri, 0]]
-        attrs = np.concatenate([look.texture_pos, _vertex_normals(vertices, faces)], 1)
+        attrs = np.concatenate([look.texture_pos, vertex_normals(vertices.astype(np.float32), faces)], 1)
         pn = barycentric_interpolate(attrs, faces, tri, bary)
         p, n = pn[:, :3], pn[:, 3:]
         n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-9)
@@ -161,15 +140,6 @@ class SubjectRenderer:
         shade_photo = 0.8 + 0.25 * lambert  # the photograph already carries its own shading
         shade_proc = 0.45 + 0.65 * lambert
         return col * (w_photo * shade_photo + (1 - w_photo) * shade_proc)
-
-
-def _vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    v = vertices.astype(np.float32)
-    fn = np.cross(v[faces[:, 1]] - v[faces[:, 0]], v[faces[:, 2]] - v[faces[:, 0]])
-    vn = np.zeros_like(v)
-    for k in range(3):
-        np.add.at(vn, faces[:, k], fn)
-    return vn / np.maximum(np.linalg.norm(vn, axis=1, keepdims=True), 1e-12)
 
 
 def _bilinear(image: np.ndarray, xy: np.ndarray) -> np.ndarray:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .procedural import Waves, vertex_normals
+
 PARTS = ("head", "hair", "teeth", "tongue", "torso")
 HEAD_PARTS = ("head", "hair", "teeth", "tongue")  # what the canonical ground truth covers
 PART_ID = {name: i for i, name in enumerate(PARTS)}
@@ -59,24 +61,6 @@ class SubjectExtras:
     expression_fields: np.ndarray
 
 
-def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """Area-weighted unit vertex normals (..., V, 3) of vertices (..., V, 3)."""
-    v = vertices
-    fn = np.cross(v[..., faces[:, 1], :] - v[..., faces[:, 0], :], v[..., faces[:, 2], :] - v[..., faces[:, 0], :])
-    vn = np.zeros_like(v)
-    for k in range(3):
-        np.add.at(vn, (..., faces[:, k], slice(None)), fn)
-    return vn / np.maximum(np.linalg.norm(vn, axis=-1, keepdims=True), 1e-12)
-
-
-def _waves(rng: np.random.Generator, points: np.ndarray, count: int, wavelength: tuple[float, float]) -> np.ndarray:
-    """Band-limited random field (N,) with unit variance at points (N, 3) m."""
-    d = rng.normal(size=(count, 3))
-    d /= np.linalg.norm(d, axis=1, keepdims=True)
-    k = 2 * np.pi / rng.uniform(*wavelength, size=count)
-    return np.sin(points @ (d * k[:, None]).T + rng.uniform(0, 2 * np.pi, count)).sum(1) / np.sqrt(count / 2)
-
-
 def _smoothstep(x: np.ndarray) -> np.ndarray:
     x = np.clip(x, 0, 1)
     return x * x * (3 - 2 * x)
@@ -91,14 +75,6 @@ def _grid_mesh(u: int, v: int, closed_u: bool) -> np.ndarray:
             c, d = a + u, b + u
             faces += [(a, c, b), (b, c, d)]
     return np.asarray(faces, np.int64)
-
-
-def _box(center, size, rot=np.eye(3)):
-    """Closed box: 8 vertices (8, 3) and 12 outward triangles."""
-    c = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], float) * np.asarray(size) / 2
-    faces = np.array([[0, 1, 3], [0, 3, 2], [4, 6, 7], [4, 7, 5], [0, 4, 5], [0, 5, 1],
-                      [2, 3, 7], [2, 7, 6], [0, 2, 6], [0, 6, 4], [1, 5, 7], [1, 7, 3]])
-    return c @ np.asarray(rot).T + center, faces
 
 
 def _teeth_and_tongue(v: np.ndarray, masks: dict) -> list[tuple[np.ndarray, np.ndarray, int, int]]:
@@ -150,7 +126,7 @@ def build_subject_extras(rng: np.random.Generator, template: np.ndarray, rest: n
     """A subject's extras. template: (V, 3) m the model's template (the detail is a function of it);
     rest: (V, 3) m the subject's rest mesh (shape + smooth offsets) the parts are fitted to;
     hair_weight: (V,) the texture's hair paint."""
-    detail = (detail_mm / 1000) * _waves(rng, template, 24, (0.010, 0.025))[:, None] * vertex_normals(template, faces)
+    detail = (detail_mm / 1000) * Waves(rng, 24, (0.010, 0.025))(template)[:, None] * vertex_normals(template, faces)
     normals = vertex_normals(rest, faces)
     # Hair: the scalp paint, a fringe on the upper forehead for some subjects, tapering to the hairline.
     fringe = bool(rng.random() < 0.5)
@@ -162,7 +138,7 @@ def build_subject_extras(rng: np.random.Generator, template: np.ndarray, rest: n
         band = _smoothstep((rest[:, 1] - (top - rng.uniform(0.022, 0.03))) / 0.012) * face
         region = np.maximum(region, band * (rest[:, 2] > 0))
     base = rng.uniform(0.012, 0.02) + rng.uniform(0.012, 0.02) * (0.5 + 0.5 * np.tanh(
-        _waves(rng, rest, 8, (0.06, 0.12))))  # 1.2-4 cm, uneven
+        Waves(rng, 8, (0.06, 0.12))(rest)))  # 1.2-4 cm, uneven
     thickness = region * base
     thickness[masks["neck"]] = 0.0
     hair = thickness > 0.0015

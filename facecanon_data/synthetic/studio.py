@@ -15,7 +15,7 @@ import numpy as np
 
 from ..cameras import Camera
 from ..meshes import cast_camera_rays, raycasting_scene
-from .scene import _box, _waves
+from .procedural import Waves, box
 
 STUDIO_SEED = 7  # one studio for every subject (a real rig does not move between subjects)
 LIGHTS = np.array([[0.3, 0.8, 0.6], [-0.6, 0.3, 0.5]])
@@ -97,10 +97,10 @@ def build_studio(seed: int = STUDIO_SEED) -> Studio:
         out = -p / np.linalg.norm(p)  # facing the subject
         rot = np.stack([np.cross([0, 1, 0], out), [0, 1, 0], out], 1)
         y = 0.12 if k % 2 else -0.2
-        v, f = _box(p * 0.97 + [0, y, 0], (0.07, 0.06, 0.11), rot)
+        v, f = box(p * 0.97 + [0, y, 0], (0.07, 0.06, 0.11), rot)
         parts.append((v, f, np.tile(dark, (len(f), 1)), False))
         if k % 3 == 1:  # a light box above every third camera
-            v, f = _box(p * 0.95 + [0, 0.75, 0], (0.35, 0.25, 0.06), rot)
+            v, f = box(p * 0.95 + [0, 0.75, 0], (0.35, 0.25, 0.06), rot)
             parts.append((v, f, np.tile([0.97, 0.97, 0.95], (len(f), 1)), True))
     verts, faces, albedo, emissive, n = [], [], [], [], 0
     for v, f, a, e in parts:
@@ -130,7 +130,7 @@ def render_plate(studio: Studio, camera: Camera) -> np.ndarray:
     n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
     n *= -np.sign((n * dirs).sum(1, keepdims=True))  # face the camera
     rng = np.random.default_rng(STUDIO_SEED + 1)
-    coarse, fine = _waves(rng, p, 8, (0.05, 0.12)), _waves(rng, p, 12, (0.006, 0.02))
+    coarse, fine = Waves(rng, 8, (0.05, 0.12))(p), Waves(rng, 12, (0.006, 0.02))(p)
     tex = 1 + 0.10 * coarse[:, None] + 0.07 * fine[:, None]
     light = 0.35 + sum(0.4 * np.clip(n @ (d / np.linalg.norm(d)), 0, 1) for d in LIGHTS)[:, None]
     col = studio.albedo[t] * tex * light
