@@ -161,14 +161,27 @@ class TrackConfig:
     point_weight: float = 4.0  # per mm^2 of robust point-to-surface distance
     point_huber_mm: float = 1.0
     point_max_distance_mm: float = 10.0  # points farther from the mesh are not the head (hair, shoulders)
+    # ... at the end; the gate starts this generous in the first points stage and tightens to it, so far
+    # regions are pulled in first (beyond the tight gate only points nearest the head, not the neck, count)
+    point_gate_start_mm: float = 10.0  # 30 measured worse on the harder capture: hair pulls the scalp out
     refresh_every: int = 20  # closest-point correspondences recomputed every n steps
     shape_prior: float = 0.02
     expression_prior: float = 0.02
+    # On each expression coefficient's mean over the subject's timestamps (performances are mostly
+    # near-neutral): identity the shape basis lacks cannot hide in a constant expression. Measured on the
+    # harder demo capture (README, stage track): 0 / 0.3 / 1 / 3 -> expression_bias 0.36 / 0.08 / 0.03 /
+    # 0.01, canonical error over all head pixels 2.68 / 2.35 / 2.29 / 2.25 mm.
+    expression_mean_prior: float = 1.0
     jaw_prior: float = 1.0  # per rad^2
     neck_prior: float = 0.1
     eye_prior: float = 1.0
     offset_l2: float = 20.0  # per mm^2 (mean over vertices): static offsets stay small ...
     offset_laplacian: float = 2000.0  # ... and smooth (uniform graph Laplacian, sparse)
+    # Coarse static offsets first (with the points), on the mesh's smoothest eigenfunctions: regularised
+    # by smoothness, hardly by size, so a centimetre of identity the shape basis lacks is reachable.
+    offset_coarse_basis: int = 0  # eigenfunctions (0: no coarse field; 32-64 measured worse, README)
+    offset_coarse_laplacian: float = 200.0  # per mm^2 of the field's Laplacian (mean over vertices)
+    offset_coarse_l2: float = 0.1  # per mm^2: only pins the field's mean, which the pose also expresses
     # FLAME_masks.pkl keys (or a union: eyeballs, ears) held at zero offset: the eyeballs keep their shape
     offset_free_masks: list[str] = field(default_factory=lambda: ["left_eyeball", "right_eyeball"])
     # Fit statistics (CD-L1, the outlier rule) count only head points: those whose nearest mesh point is

@@ -1,13 +1,15 @@
 """Stage track: gradients, recovery of known parameters, outlier removal, sparse Laplacian."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from facecanon_data.config import load_pipeline
 from facecanon_data.paths import default_pipeline
-from facecanon_data.stages.track import _Fitter, run_track, uniform_laplacian
+from facecanon_data.stages.track import _Fitter, run_track, smooth_basis, uniform_laplacian
 from facecanon_data.synthetic.observations import synthetic_observations
 
 
@@ -30,10 +32,56 @@ def test_laplacian_is_sparse_and_annihilates_constants(head_assets):
     assert torch.sparse.mm(lap, ones).abs().max() < 1e-5
 
 
+def test_smooth_basis_is_smooth_and_coarse_offsets_fold_into_the_offsets(cfg, observed, head_assets):
+    m = head_assets.model
+    basis = smooth_basis(m.num_vertices, m.faces, 32)
+    assert basis.shape == (m.num_vertices, 32)
+    np.testing.assert_allclose(np.sqrt((basis ** 2).mean(0)), 1.0, rtol=1e-3)
+    lap = uniform_laplacian(m.num_vertices, m.faces).to_dense().numpy()
+    noise = np.random.default_rng(0).normal(size=(m.num_vertices, 32)).astype(np.float32)
+    roughness = lambda f: np.abs(lap @ f).mean()  # noqa: E731
+    assert roughness(basis) < 0.02 * roughness(noise)
+    # The coarse field moves the mesh like offsets do, and folding it into the offsets changes nothing.
+    track_cfg = dataclasses.replace(cfg.track, offset_coarse_basis=16)
+    f = _Fitter(head_assets, observed[0][:2], track_cfg, "cpu")
+    f.coarse += torch.linspace(-0.004, 0.004, 48).reshape(16, 3)
+    before = f.vertices()
+    assert (before - _Fitter(head_assets, observed[0][:2], cfg.track, "cpu").vertices()).abs().max() > 1e-3
+    f.fold_coarse_offsets()
+    assert f.coarse.abs().max() == 0
+    torch.testing.assert_close(f.vertices(), before, atol=1e-6, rtol=0)
+
+
+def test_point_gate_anneals_from_generous_to_tight(cfg, observed, head_assets):
+    track_cfg = dataclasses.replace(cfg.track, point_gate_start_mm=30.0, point_max_distance_mm=10.0)
+    f = _Fitter(head_assets, observed[0][:1], track_cfg, "cpu")
+    gates = [f.point_gate_mm(2, step, 100) for step in range(100)]
+    assert gates[0] == pytest.approx(30.0) and gates[-1] == pytest.approx(10.0)
+    assert all(a >= b for a, b in zip(gates, gates[1:]))
+    assert f.point_gate_mm(3, 0, 100) == pytest.approx(10.0)  # the offsets stage starts tight
+    # Beyond the tight gate only points nearest the head count: a point 20 mm off the neck does not.
+    neck = head_assets.mask("neck")
+    with torch.no_grad():
+        v = f.vertices()[0].numpy()
+    from facecanon_data.synthetic.procedural import vertex_normals
+
+    normals = vertex_normals(v, head_assets.model.faces)
+    front_of_neck = neck[np.argmax(v[neck, 2])]  # where a collar stands off the skin
+    face = head_assets.mask("face")
+    cheek = face[np.argmax(v[face, 0])]
+    points = np.stack([v[front_of_neck] + 0.02 * normals[front_of_neck], v[cheek] + 0.02 * normals[cheek]])
+    f.points = [torch.as_tensor(points, dtype=torch.float32)]
+    f.refresh_correspondences(torch.as_tensor(v[None]), 30.0)
+    assert f.corr[0][0].tolist() == [1]  # the point off the cheek is pulled in, the one off the neck is not
+    f.refresh_correspondences(torch.as_tensor(v[None]))  # tight: neither
+    assert len(f.corr[0][0]) == 0
+
+
 def test_gradients_reach_every_optimized_group(cfg, observed, head_assets):
     obs, _ = observed
-    f = _Fitter(head_assets, obs[:3], cfg.track, "cpu")
+    f = _Fitter(head_assets, obs[:3], dataclasses.replace(cfg.track, offset_coarse_basis=8), "cpu")
     f.params.offsets += 1e-4  # off the L2/Laplacian minimum so their gradient is non-zero too
+    f.coarse += 1e-4
     groups = f.groups(3)
     for g in groups:
         for t in g["params"]:
@@ -43,6 +91,7 @@ def test_gradients_reach_every_optimized_group(cfg, observed, head_assets):
     f.loss(f.vertices(), 3).backward()
     names = {id(getattr(f.params, k)): k for k in ("global_rot", "translation", "shape", "expression", "jaw",
                                                    "neck", "left_eye", "right_eye", "offsets")}
+    names[id(f.coarse)] = "coarse"
     for g in groups:
         for t in g["params"]:
             assert t.grad is not None and t.grad.abs().sum() > 0, names[id(t)]

@@ -67,6 +67,7 @@ class TimestampResult:
     gt_point_error_p90_mm: float | None = None
     foreground_source: str = "none"  # "mattes" | "plates" | "none": where COLMAP's masks came from
     foreground_iou: list[float] | None = None  # per view (serial order), against the ground truth
+    foreground_seconds: float = 0.0  # segmenting the views from the plates (before COLMAP; not in total)
 
     @property
     def key(self) -> str:
@@ -580,9 +581,12 @@ def reconstruct_timestamps(source, subject: str, cfg: PipelineConfig, work, time
                 yield seq, frame, images, (("mattes", next(mattes)[1]) if mattes is not None else None)
 
     for done, (seq, frame, images, masks) in enumerate(prefetch(inputs(), depth=1, name="reconstruct-decode"), 1):
+        t = time.perf_counter()
         if masks is None:  # segmented here, not beside COLMAP: its threads stall when a core is taken
             masks = foreground.of(seq, [frame], {frame: images})[frame]
+        segmented_s = time.perf_counter() - t
         res = reconstruct_one(source, subject, cfg, work, seq, frame, images, masks)
+        res.foreground_seconds = round(segmented_s, 3)
         log.info("%s %s/%06d: %s, %d points, %.1f s", subject, seq, frame,
                  "kept" if res.kept else f"dropped ({res.reason})", res.num_points, res.total_seconds)
         if progress:

@@ -193,6 +193,12 @@ class _Fitter:
             free[assets.mask(name)] = 0.0
         self.offset_mask = torch.as_tensor(free[:, None], device=device)
         self.laplacian = uniform_laplacian(model.num_vertices, model.faces, device)
+        # Coarse static offsets: a field on the mesh's K smoothest eigenfunctions (manifold harmonics),
+        # (V, K) at unit RMS per column, with coefficients (K, 3) m; folded into the offsets after the fit.
+        k = min(tcfg.offset_coarse_basis, model.num_vertices - 2)
+        self.coarse_basis = torch.as_tensor(smooth_basis(model.num_vertices, model.faces, k), device=device) \
+            if k > 0 else None
+        self.coarse = torch.zeros(max(k, 0), 3, device=device)
         self._init_rigid(assets, emb)
 
     # -- initialization ------------------------------------------------------------------------
@@ -213,12 +219,34 @@ class _Fitter:
             self.params.translation[i] = torch.as_tensor(t + r @ j0 - j0, dtype=torch.float32)
 
     # -- energy --------------------------------------------------------------------------------
+    def static_offsets(self):
+        """(V, 3) m: the fine per-vertex offsets plus the coarse field, rigid parts held at zero."""
+        offsets = self.params.offsets
+        if self.coarse_basis is not None:
+            offsets = offsets + self.coarse_basis @ self.coarse
+        return offsets * self.offset_mask
+
     def vertices(self):
-        p = self.params
-        offsets = p.offsets * self.offset_mask
         from dataclasses import replace
 
-        return self.layer(replace(p, offsets=offsets))
+        return self.layer(replace(self.params, offsets=self.static_offsets()))
+
+    def fold_coarse_offsets(self) -> None:
+        """Move the coarse field into ``params.offsets`` (what is saved and canonicalized)."""
+        if self.coarse_basis is not None:
+            with self.torch.no_grad():
+                self.params.offsets = self.params.offsets + self.coarse_basis @ self.coarse
+                self.coarse.zero_()
+
+    def point_gate_mm(self, stage: int, step: int, steps: int) -> float:
+        """The distance beyond which a point is not matched: annealed geometrically from
+        ``point_gate_start_mm`` to ``point_max_distance_mm`` over the first points stage, so regions that
+        start far (a wider jaw, the back of the head) are pulled in before it tightens; tight after."""
+        c = self.tcfg
+        start, end = max(c.point_gate_start_mm, c.point_max_distance_mm), c.point_max_distance_mm
+        if stage > 2 or steps <= 1:
+            return end
+        return float(start * (end / start) ** min(1.0, step / (0.6 * steps)))
 
     def landmark_residual_px(self, verts):
         """(T, C, L) reprojection distance of the embedded landmarks, px (detections only)."""
@@ -229,14 +257,19 @@ class _Fitter:
         uv = uvw[..., :2] / uvw[..., 2:3].clamp_min(1e-6)
         return (uv - self.det).norm(dim=-1)
 
-    def refresh_correspondences(self, verts) -> None:
-        """Exact closest surface points (triangle + barycentrics) of every point, per timestamp."""
+    def refresh_correspondences(self, verts, gate_mm: float | None = None) -> None:
+        """Exact closest surface points (triangle + barycentrics) of every point, per timestamp, within
+        ``gate_mm`` (default ``point_max_distance_mm``); beyond that tight gate only points nearest the
+        head count (excluded by region: clothing and torso snap to the neck)."""
         self.corr = []
         v_np = verts.detach().cpu().numpy()
-        limit = self.tcfg.point_max_distance_mm / 1000.0
+        tight = self.tcfg.point_max_distance_mm / 1000.0
+        limit = max(gate_mm / 1000.0, tight) if gate_mm is not None else tight
         for i, pts in enumerate(self.points):
             closest, tri, bary = closest_points(v_np[i], self.faces, pts.cpu().numpy())
-            near = np.linalg.norm(closest - pts.cpu().numpy(), axis=1) < limit
+            dist = np.linalg.norm(closest - pts.cpu().numpy(), axis=1)
+            head = self.head_vertices[self.faces[tri, np.argmax(bary, 1)]]
+            near = (dist < tight) | ((dist < limit) & head)
             t = self.torch
             self.corr.append((t.as_tensor(np.where(near)[0], device=self.device),
                               t.as_tensor(tri[near], device=self.device),
@@ -257,12 +290,22 @@ class _Fitter:
         total = w_lmk * _huber(lmk[valid], c.landmark_huber_px).mean()
         if stage >= 1:
             total = total + c.shape_prior * (p.shape ** 2).sum() + c.expression_prior * (p.expression ** 2).sum(1).mean()
+            # Identity stays out of the expression: a coefficient's mean over the subject's timestamps is
+            # pulled to zero (performances are mostly near-neutral), so no constant bias can stand in for
+            # what the shape basis lacks.
+            total = total + c.expression_mean_prior * (p.expression.mean(0) ** 2).sum()
             total = total + c.jaw_prior * (p.jaw ** 2).sum(1).mean() + c.neck_prior * (p.neck ** 2).sum(1).mean()
             total = total + c.eye_prior * ((p.left_eye ** 2).sum(1) + (p.right_eye ** 2).sum(1)).mean()
         if stage >= 2:
             res = torch.cat(self.point_residual_mm(verts))
             if len(res):
                 total = total + c.point_weight * _huber(res, c.point_huber_mm).mean()
+        if stage >= 2 and self.coarse_basis is not None:
+            # Coarse field: regularised by smoothness, hardly by size, so centimetres are reachable.
+            coarse_mm = (self.coarse_basis @ self.coarse) * self.offset_mask * 1000.0
+            lap = torch.sparse.mm(self.laplacian, coarse_mm)
+            total = total + c.offset_coarse_laplacian * (lap ** 2).sum(1).mean() / 1e2
+            total = total + c.offset_coarse_l2 * (coarse_mm ** 2).sum(1).mean() / 1e2
         if stage >= 3:
             off_mm = p.offsets * self.offset_mask * 1000.0
             total = total + c.offset_l2 * (off_mm ** 2).sum(1).mean() / 1e2
@@ -278,6 +321,8 @@ class _Fitter:
         if stage >= 1:
             g += [{"params": [p.shape, p.expression], "lr": 2.0 * lr},  # unit-variance coefficients
                   {"params": [p.jaw, p.neck, p.left_eye, p.right_eye], "lr": 0.5 * lr}]
+        if stage >= 2 and self.coarse_basis is not None:
+            g += [{"params": [self.coarse], "lr": 0.1 * lr}]  # m (RMS of a field): 1 mm steps
         if stage >= 3:
             g += [{"params": [p.offsets], "lr": 0.02 * lr}]  # m: 0.2 mm steps
         return g
@@ -297,7 +342,7 @@ class _Fitter:
             for step in range(steps):
                 if stage >= 2 and (self.corr is None or step % c.refresh_every == 0):
                     with torch.no_grad():
-                        self.refresh_correspondences(self.vertices())
+                        self.refresh_correspondences(self.vertices(), self.point_gate_mm(stage, step, steps))
                 opt.zero_grad()
                 loss = self.loss(self.vertices(), stage)
                 loss.backward()
@@ -310,6 +355,9 @@ class _Fitter:
                 progress(f"stage {stage}: {len(history)} steps, loss {history[-1] if history else float('nan'):.4f}")
             for t in tensors:
                 t.requires_grad_(False)
+            if stage >= 2:
+                self.corr = None  # the next stage starts from correspondences at its own gate
+        self.fold_coarse_offsets()
 
     # -- per-timestamp errors ------------------------------------------------------------------
     def errors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -374,6 +422,24 @@ def head_point_distances(vertices: np.ndarray, faces: np.ndarray, points: np.nda
 def _huber(x, delta: float):
     a = x.abs()
     return (a.clamp(max=delta) ** 2) / 2 + delta * (a - a.clamp(max=delta))
+
+
+def smooth_basis(n: int, faces: np.ndarray, k: int) -> np.ndarray:
+    """(n, k) float32: the k smoothest functions on the mesh (eigenvectors of the graph Laplacian
+    D - A with the smallest eigenvalues, mass-weighted), each scaled to unit RMS over the vertices.
+    scipy's shift-invert Lanczos: under a second for FLAME's 5023 vertices and k = 64."""
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import eigsh
+
+    from ..meshes import adjacency
+
+    a = adjacency(n, faces).astype(np.float64)
+    deg = np.asarray(a.sum(1)).ravel()
+    lap = sp.diags(deg) - a
+    mass = sp.diags(np.maximum(deg, 1.0))
+    _, vecs = eigsh(lap.tocsc(), k=k, M=mass.tocsc(), sigma=-1e-3, which="LM", v0=np.ones(n))
+    vecs /= np.maximum(np.sqrt((vecs ** 2).mean(0)), 1e-12)
+    return vecs.astype(np.float32)
 
 
 def uniform_laplacian(n: int, faces: np.ndarray, device="cpu"):

@@ -11,12 +11,15 @@ from ..stages.track import TimestampObservation
 
 def synthetic_observations(cfg: PipelineConfig, num_timestamps: int = 8, seed: int = 0,
                            points_per_timestamp: int = 3000, point_noise_mm: float = 0.2,
-                           landmark_noise_px: float = 1.0, max_view_angle_deg: float = 60.0):
+                           landmark_noise_px: float = 1.0, max_view_angle_deg: float = 60.0,
+                           identity_offset_mm: float = 1.5, identity_offset_width_mm: tuple[float, float] = (20, 40)):
     """Observations of random synthetic timestamps as ``reconstruct`` + MediaPipe would give them.
 
     Points: surface points visible from the 16 cameras (ray cast on a pixel grid), with Gaussian
     noise. Landmarks: the embedded landmarks projected into every view that sees the face within
-    ``max_view_angle_deg`` (FaceMesh fails beyond), with Gaussian noise in px.
+    ``max_view_angle_deg`` (FaceMesh fails beyond), with Gaussian noise in px. The identity's static
+    offsets: bumps up to ``identity_offset_mm`` over ``identity_offset_width_mm`` (larger and wider ones
+    put the head outside the model's space).
     Returns (observations, ground truth {"vertices": (T, V, 3), "params": dict, "shape", "offsets"}).
     """
     import torch
@@ -29,7 +32,8 @@ def synthetic_observations(cfg: PipelineConfig, num_timestamps: int = 8, seed: i
     assets = load_assets(cfg.flame)
     model, emb = assets.model, assets.embedding
     rng = np.random.default_rng(seed)
-    ident = random_identity(rng, model.v_template, model.num_shape)
+    ident = random_identity(rng, model.v_template, model.num_shape, identity_offset_mm / 1000,
+                            (identity_offset_width_mm[0] / 1000, identity_offset_width_mm[1] / 1000))
     perf = random_performance(rng, num_timestamps * 6, model.num_expression, head_sequence=True,
                               max_yaw_deg=cfg.synth.max_yaw_deg)
     pick = np.sort(rng.choice(num_timestamps * 6, num_timestamps, replace=False))

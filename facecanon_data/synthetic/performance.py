@@ -44,11 +44,12 @@ class Performance:
 
 
 def random_identity(rng: np.random.Generator, template: np.ndarray, num_shape: int,
-                    offset_scale_m: float = 0.0015) -> Identity:
+                    offset_scale_m: float = 0.0015, offset_width_m: tuple[float, float] = (0.02, 0.04)) -> Identity:
     """Identity coefficients ~ N(0, 0.8) on the model's identity components; smooth static offsets.
 
-    The offsets are a few random radial bumps (Gaussian, 2-4 cm wide, up to ~1.5 mm), the kind of
-    detail a shape space misses and the tracker's static offsets must recover.
+    The offsets are a few random radial bumps (Gaussian, ``offset_width_m`` wide, up to
+    ``offset_scale_m``: by default 2-4 cm and ~1.5 mm), the kind of detail a shape space misses and the
+    tracker's static offsets must recover; wider and larger ones make a head off the model's space.
     """
     shape = np.zeros(num_shape, np.float32)
     k = min(len(IDENTITY_NAMES), num_shape)
@@ -57,7 +58,7 @@ def random_identity(rng: np.random.Generator, template: np.ndarray, num_shape: i
     offsets = np.zeros_like(template, dtype=np.float32)
     for _ in range(6):
         anchor = template[rng.integers(len(template))]
-        width = rng.uniform(0.02, 0.04)
+        width = rng.uniform(*offset_width_m)
         amp = rng.uniform(-1, 1) * offset_scale_m
         w = np.exp(-((template - anchor) ** 2).sum(1) / width ** 2)
         normal = template - centre
