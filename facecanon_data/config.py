@@ -182,6 +182,11 @@ class TrackConfig:
     offset_coarse_basis: int = 0  # eigenfunctions (0: no coarse field; 32-64 measured worse, README)
     offset_coarse_laplacian: float = 200.0  # per mm^2 of the field's Laplacian (mean over vertices)
     offset_coarse_l2: float = 0.1  # per mm^2: only pins the field's mean, which the pose also expresses
+    # Per-timestamp offsets for expression detail the basis lacks, fitted with the static offsets; the
+    # posed meshes (and so canonicalize) include them, the canonical mesh does not. Small and smooth:
+    timestamp_detail: bool = False  # measured on the harder capture (README, stage track)
+    timestamp_detail_l2: float = 200.0  # per mm^2 (mean over vertices and timestamps)
+    timestamp_detail_laplacian: float = 20000.0  # per mm^2 of the Laplacian
     # FLAME_masks.pkl keys (or a union: eyeballs, ears) held at zero offset: the eyeballs keep their shape
     offset_free_masks: list[str] = field(default_factory=lambda: ["left_eyeball", "right_eyeball"])
     # Fit statistics (CD-L1, the outlier rule) count only head points: those whose nearest mesh point is

@@ -52,6 +52,21 @@ def test_smooth_basis_is_smooth_and_coarse_offsets_fold_into_the_offsets(cfg, ob
     torch.testing.assert_close(f.vertices(), before, atol=1e-6, rtol=0)
 
 
+def test_timestamp_detail_moves_its_timestamp_only_and_stays_out_of_the_canonical_mesh(cfg, observed, head_assets):
+    from facecanon_data.stages.track import _canonical
+
+    track_cfg = dataclasses.replace(cfg.track, timestamp_detail=True)
+    f = _Fitter(head_assets, observed[0][:2], track_cfg, "cpu")
+    canonical, before = _canonical(f, track_cfg).clone(), f.vertices().clone()
+    face = torch.as_tensor(head_assets.masks["face"])
+    f.detail[1, face, 2] += 0.002  # 2 mm out of the face, timestamp 1 only
+    after = f.vertices()
+    torch.testing.assert_close(after[0], before[0])
+    moved = (after[1] - before[1]).norm(dim=-1)
+    assert moved[face].mean() > 0.0015 and moved[~torch.isin(torch.arange(len(moved)), face)].max() < 1e-6
+    torch.testing.assert_close(_canonical(f, track_cfg), canonical)
+
+
 def test_point_gate_anneals_from_generous_to_tight(cfg, observed, head_assets):
     track_cfg = dataclasses.replace(cfg.track, point_gate_start_mm=30.0, point_max_distance_mm=10.0)
     f = _Fitter(head_assets, observed[0][:1], track_cfg, "cpu")
@@ -79,9 +94,11 @@ def test_point_gate_anneals_from_generous_to_tight(cfg, observed, head_assets):
 
 def test_gradients_reach_every_optimized_group(cfg, observed, head_assets):
     obs, _ = observed
-    f = _Fitter(head_assets, obs[:3], dataclasses.replace(cfg.track, offset_coarse_basis=8), "cpu")
+    f = _Fitter(head_assets, obs[:3], dataclasses.replace(cfg.track, offset_coarse_basis=8, timestamp_detail=True),
+                "cpu")
     f.params.offsets += 1e-4  # off the L2/Laplacian minimum so their gradient is non-zero too
     f.coarse += 1e-4
+    f.detail += 1e-4
     groups = f.groups(3)
     for g in groups:
         for t in g["params"]:
@@ -91,7 +108,7 @@ def test_gradients_reach_every_optimized_group(cfg, observed, head_assets):
     f.loss(f.vertices(), 3).backward()
     names = {id(getattr(f.params, k)): k for k in ("global_rot", "translation", "shape", "expression", "jaw",
                                                    "neck", "left_eye", "right_eye", "offsets")}
-    names[id(f.coarse)] = "coarse"
+    names[id(f.coarse)], names[id(f.detail)] = "coarse", "detail"
     for g in groups:
         for t in g["params"]:
             assert t.grad is not None and t.grad.abs().sum() > 0, names[id(t)]

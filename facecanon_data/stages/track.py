@@ -86,6 +86,7 @@ class TrackResult:
     # Largest |mean over kept timestamps| of an expression coefficient, in prior standard deviations
     # (FLAME's coefficients are unit-variance): identity leaking into the expression shows as a bias.
     expression_bias: float | None = None
+    timestamp_detail_mm_mean: float | None = None  # with track.timestamp_detail: mean |offset| over vertices
     outliers: dict[str, str] = field(default_factory=dict)
     per_timestamp: list[dict] = field(default_factory=list)
 
@@ -199,6 +200,9 @@ class _Fitter:
         self.coarse_basis = torch.as_tensor(smooth_basis(model.num_vertices, model.faces, k), device=device) \
             if k > 0 else None
         self.coarse = torch.zeros(max(k, 0), 3, device=device)
+        # Per-timestamp expression detail the expression basis lacks (wrinkles, asymmetric pulls), (T, V, 3)
+        # m in rest space: posed with the head, so the canonical mesh (static offsets only) maps it out.
+        self.detail = torch.zeros(t, model.num_vertices, 3, device=device) if tcfg.timestamp_detail else None
         self._init_rigid(assets, emb)
 
     # -- initialization ------------------------------------------------------------------------
@@ -227,9 +231,13 @@ class _Fitter:
         return offsets * self.offset_mask
 
     def vertices(self):
+        """(T, V, 3) m posed meshes: static offsets, plus each timestamp's detail when fitted."""
         from dataclasses import replace
 
-        return self.layer(replace(self.params, offsets=self.static_offsets()))
+        offsets = self.static_offsets()
+        if self.detail is not None:
+            offsets = offsets[None] + self.detail * self.offset_mask
+        return self.layer(replace(self.params, offsets=offsets))
 
     def fold_coarse_offsets(self) -> None:
         """Move the coarse field into ``params.offsets`` (what is saved and canonicalized)."""
@@ -311,6 +319,14 @@ class _Fitter:
             total = total + c.offset_l2 * (off_mm ** 2).sum(1).mean() / 1e2
             lap = torch.sparse.mm(self.laplacian, off_mm)
             total = total + c.offset_laplacian * (lap ** 2).sum(1).mean() / 1e2
+        if stage >= 3 and self.detail is not None:
+            # Small (a strong prior toward zero: what all timestamps share belongs to the static offsets)
+            # and smooth; (T, V, 3) -> the Laplacian over (V, 3T).
+            det_mm = (self.detail * self.offset_mask) * 1000.0
+            total = total + c.timestamp_detail_l2 * (det_mm ** 2).sum(-1).mean() / 1e2
+            flat = det_mm.permute(1, 0, 2).reshape(det_mm.shape[1], -1)
+            lap = torch.sparse.mm(self.laplacian, flat)
+            total = total + c.timestamp_detail_laplacian * (lap ** 2).sum(1).mean() / det_mm.shape[0] / 1e2
         return total
 
     def groups(self, stage: int) -> list[dict]:
@@ -325,6 +341,8 @@ class _Fitter:
             g += [{"params": [self.coarse], "lr": 0.1 * lr}]  # m (RMS of a field): 1 mm steps
         if stage >= 3:
             g += [{"params": [p.offsets], "lr": 0.02 * lr}]  # m: 0.2 mm steps
+        if stage >= 3 and self.detail is not None:
+            g += [{"params": [self.detail], "lr": 0.01 * lr}]  # m: 0.1 mm steps
         return g
 
     def fit(self, progress: Callable[[str], None] | None = None) -> None:
@@ -541,6 +559,8 @@ def run_track(source, subject: str, cfg: PipelineConfig, work, device: str | Non
         verts = fitter.vertices().cpu().numpy()
         canonical = _canonical(fitter, tcfg).cpu().numpy()
         expression = fitter.params.expression.cpu().numpy()
+        detail_mm = None if fitter.detail is None else \
+            float((fitter.detail * fitter.offset_mask).norm(dim=-1).mean()) * 1000
     region_cd, vertex_residual = fitter.region_errors()
     result = TrackResult(subject=subject, timestamps_in=len(obs), timestamps_kept=len(kept_obs),
                          outliers_removed=int(bad.sum()), cd_l1_mm_median=round(float(np.nanmedian(cd_k)), 4),
@@ -549,7 +569,8 @@ def run_track(source, subject: str, cfg: PipelineConfig, work, device: str | Non
                          device=dev, outliers=reasons,
                          cd_l1_mm_by_region={k: round(float(np.nanmedian(v)), 4) for k, v in region_cd.items()
                                              if np.isfinite(v).any()},
-                         expression_bias=round(float(np.abs(expression.mean(0)).max()), 4) if expression.size else None)
+                         expression_bias=round(float(np.abs(expression.mean(0)).max()), 4) if expression.size else None,
+                         timestamp_detail_mm_mean=None if detail_mm is None else round(detail_mm, 4))
     gt = source.ground_truth(subject) if source is not None else None
     if gt is not None:
         _ground_truth_errors(result, gt, assets, kept_obs, verts)
@@ -601,6 +622,8 @@ def _write_outputs(out: StageDir, fitter: _Fitter, kept_obs, verts, canonical, r
     import pyarrow.parquet as pq
 
     p = fitter.params.to_numpy()
+    if fitter.detail is not None:  # (T, V, 3) m, per kept timestamp
+        p["timestamp_offsets"] = (fitter.detail * fitter.offset_mask).detach().cpu().numpy()
     keys = np.array([o.key for o in kept_obs])
     atomic_write(out.file("params.npz"), lambda f: np.savez(f, keys=keys, **p))
     atomic_write(out.file("vertices.npz"), lambda f: np.savez(
