@@ -16,8 +16,8 @@ from .store import open_subject, subjects
 
 # Per-timestamp figures the stages record (attrs["timestamps"][i]); shown when present.
 FIGURES = (("cd_l1_mm", "CD-L1 (mm)"), ("landmark_px", "landmarks (px)"), ("valid_fraction", "valid fraction"),
-           ("cross_view_canonical_mm", "cross-view canonical (mm)"), ("gt_canonical_error_mm", "GT canonical (mm)"),
-           ("gt_depth_absrel", "GT depth AbsRel"))
+           ("cross_view_canonical_mm", "cross-view canonical (mm)"), ("gt_canonical_error_mm", "GT canonical, head (mm)"),
+           ("gt_canonical_error_mm_face_hair", "GT canonical, face + hair (mm)"), ("gt_depth_absrel", "GT depth AbsRel"))
 
 
 def subject_summary(store: str | Path, subject: str) -> dict:

@@ -120,6 +120,7 @@ def test_build_from_an_empty_folder_renders_the_capture_and_ends_in_a_valid_stor
     assert rep.returncode == 0, rep.stderr[-2000:]
     (row,) = json.loads(rep.stdout.strip().splitlines()[-1])["subjects"]
     assert row["gt_canonical_error_mm"] is not None and row["gt_canonical_error_mm"] < 10.0
+    assert row["gt_canonical_error_mm_face_hair"] is not None and row["gt_canonical_error_mm_face_hair"] < 4.0
     # render measures every transfer mode against the ground truth, near the surface and beyond
     (marker,) = (tmp_path / "out").glob("**/900/render/_DONE.json")
     by_transfer = json.loads(marker.read_text())["figures"]["gt_canonical_error_mm_by_transfer"]

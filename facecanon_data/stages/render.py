@@ -256,8 +256,11 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
             ce, rel = np.concatenate(ce), np.concatenate(rel)
             gt_can.append(ce)
             gt_rel.append(rel)
+            face_hair = np.isin(np.concatenate([r for r, _ in by_region[-len(serials):]]), FACE_HAIR_IDS)
             row.update(gt_canonical_error_mm=round(float(np.median(ce)), 4),
                        gt_canonical_error_mm_p90=round(float(np.percentile(ce, 90)), 4),
+                       gt_canonical_error_mm_face_hair=round(float(np.median(ce[face_hair])), 4)
+                       if face_hair.any() else None,
                        gt_depth_absrel=round(float(np.median(rel)), 6))
         per_ts.append(row)
         folder = render_dir(work, subject, seq, frame)
@@ -282,7 +285,7 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
         result.gt_canonical_error_mm_by_transfer = transfer_errors(by_transfer_gt)
         result.gt_canonical_error_mm_by_region = region_errors(by_region)
         region = np.concatenate([r for r, _ in by_region])
-        face_hair = np.isin(region, [GT_REGIONS.index(n) for n in FACE_HAIR_REGIONS])
+        face_hair = np.isin(region, FACE_HAIR_IDS)
         if face_hair.any():
             result.gt_canonical_error_mm_face_hair = round(float(np.median(all_ce[face_hair])), 4)
         result.gt_not_head_fraction = round(not_head[0] / max(not_head[1], 1), 5)
@@ -293,6 +296,7 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
 # or the part of the subject the head model lacks.
 GT_REGIONS = ("face", "scalp", "ears", "neck", "eyes", "other", "hair", "mouth")
 FACE_HAIR_REGIONS = ("face", "eyes", "mouth", "hair")  # the paper evaluates face + hair (Facer masks)
+FACE_HAIR_IDS = [GT_REGIONS.index(n) for n in FACE_HAIR_REGIONS]
 _REGION_GROUP = {"eyeballs": "eyes", "lips": "face", "nose": "face", "eye_region": "eyes", "forehead": "face",
                  "face": "face", "ears": "ears", "neck": "neck", "scalp": "scalp", "other": "other"}
 
