@@ -225,6 +225,9 @@ class RenderConfig:
     splat_radius_px: int = 0  # sparse points cover (2r+1)^2 pixels; 0 = the pixel they project to
     canonical_dtype: str = "float16"  # storage dtype of canonical maps (error reported per run)
     consistency_depth_mm: float = 3.0  # depth agreement for "two views see the same surface point"
+    # cross_view_canonical_mm reprojects each view's valid pixels into every other view (O(V^2) passes):
+    # a seeded sample of this many per view bounds it on dense maps (sparse ones have fewer: all used).
+    cross_view_pixels_per_view: int = 2000
 
 
 @dataclass

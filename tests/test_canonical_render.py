@@ -97,6 +97,15 @@ def test_canonical_maps_of_two_views_agree_on_shared_points(scene):
     cams = {s: o.cameras[s] for s in serials}
     disagreement, pairs = cross_view_canonical_mm(maps, cams, tol_m=0.003)
     assert pairs > 50 and disagreement < 1.5  # different neighbouring points, < ~2 px apart
+    # A seeded sample of each view's pixels: the same figure within its sampling error, reproducibly,
+    # and all pixels when the sample asks for more than there are.
+    valid = int(maps.mask.sum(axis=(1, 2)).min())
+    estimates = [cross_view_canonical_mm(maps, cams, 0.003, valid // 3, seed) for seed in range(5)]
+    assert all(n < pairs for _, n in estimates)
+    assert cross_view_canonical_mm(maps, cams, 0.003, valid // 3, 0) == estimates[0]
+    spread = np.std([d for d, _ in estimates])
+    assert all(abs(d - disagreement) < max(4 * spread, 0.05 * disagreement) for d, _ in estimates), estimates
+    assert cross_view_canonical_mm(maps, cams, 0.003, 10 ** 9) == (disagreement, pairs)
 
 
 def test_every_region_is_labelled_from_flames_mask_names(head_assets):

@@ -130,13 +130,20 @@ def render_timestamp(points: np.ndarray, canonical: np.ndarray, observed: np.nda
     return ViewMaps(serials, depth, canon, mask, index, fg)
 
 
-def cross_view_canonical_mm(maps: ViewMaps, cameras: dict[str, Camera], tol_m: float) -> tuple[float, int]:
-    """Median canonical disagreement (mm) over depth-consistent pixel pairs of different points."""
+def cross_view_canonical_mm(maps: ViewMaps, cameras: dict[str, Camera], tol_m: float,
+                            pixels_per_view: int = 0, seed: int = 0) -> tuple[float, int]:
+    """Median canonical disagreement (mm) over depth-consistent pixel pairs of different points.
+
+    Each view's valid pixels are reprojected into every other view: O(V^2) passes. ``pixels_per_view``
+    > 0 bounds the cost by a seeded sample of each view's valid pixels (all of them when fewer)."""
     dists = []
     for a, sa in enumerate(maps.serials):
         ys, xs = np.nonzero(maps.mask[a])
         if not len(ys):
             continue
+        if 0 < pixels_per_view < len(ys):
+            pick = np.sort(np.random.default_rng([seed, a]).choice(len(ys), pixels_per_view, replace=False))
+            ys, xs = ys[pick], xs[pick]
         ca = cameras[sa]
         z = maps.depth[a][ys, xs]
         pix = np.stack([xs, ys, np.ones_like(xs)], 1).astype(np.float64)
@@ -233,7 +240,7 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
         n_views += len(serials)
         stored = maps.canonical.astype(rc.canonical_dtype)
         store_err = max(store_err, float(np.abs(stored.astype(np.float32) - maps.canonical).max()) * 1000)
-        cv, npairs = cross_view_canonical_mm(maps, cams, rc.consistency_depth_mm / 1000)
+        cv, npairs = cross_view_canonical_mm(maps, cams, rc.consistency_depth_mm / 1000, rc.cross_view_pixels_per_view)
         cross.append(cv)
         pairs += npairs
         valid_fraction = float(maps.mask.sum() / max(maps.foreground.sum(), 1))
