@@ -49,18 +49,12 @@ def foreground_from_plate(image: np.ndarray, plate: np.ndarray, cfg: ForegroundC
     # Weak evidence at a coarser scale: a surface whose colour is close to the studio behind it (dark
     # hair on a dark panel) differs by a few levels, under the codec's per-pixel noise but consistently.
     coarse = plate_difference(image, plate, cfg.coarse_sigma_px) if cfg.coarse_sigma_px > 0 else fine
-    quiet = coarse[coarse <= np.quantile(coarse, cfg.noise_quantile)]
-    noise = float(np.median(quiet)) if quiet.size else 0.0
-    low = max(cfg.low_floor, cfg.low_sigmas * noise)
-    quiet = fine[fine <= np.quantile(fine, cfg.noise_quantile)]
-    high = max(cfg.high_floor, cfg.high_sigmas * float(np.median(quiet)) if quiet.size else 0.0)
+    fine_noise = _noise_level(fine, cfg.noise_quantile)
+    low = max(cfg.low_floor, cfg.low_sigmas * _noise_level(coarse, cfg.noise_quantile))
+    high = max(cfg.high_floor, cfg.high_sigmas * fine_noise)
     weak, n = ndi.label(coarse > low)
     seeded = np.unique(weak[(fine > high) & (weak > 0)])
-    mask = np.isin(weak, seeded) & (weak > 0)
-    if cfg.close_px > 1:
-        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (cfg.close_px, cfg.close_px))
-        mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, kernel) > 0
-    mask = ndi.binary_fill_holes(mask)
+    mask = _close_and_fill(np.isin(weak, seeded) & (weak > 0), cfg.close_px)
     labels, n = ndi.label(mask)
     if n > 1:
         area = np.bincount(labels.ravel())[1:]
@@ -73,13 +67,28 @@ def foreground_from_plate(image: np.ndarray, plate: np.ndarray, cfg: ForegroundC
         # pixels that differ at the fine scale, then close and fill again.
         band = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * cfg.refine_band_px + 1,) * 2)
         core = cv2.erode(mask.astype(np.uint8), band) > 0
-        quiet = fine[fine <= np.quantile(fine, cfg.noise_quantile)]
-        mask = mask & (core | (fine > cfg.trim_sigmas * float(np.median(quiet))))
-        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (cfg.close_px, cfg.close_px))
-        mask = ndi.binary_fill_holes(cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, kernel) > 0)
+        mask = _close_and_fill(mask & (core | (fine > cfg.trim_sigmas * fine_noise)), cfg.close_px)
     elif cfg.refine not in ("none", "grabcut", "trim"):
         raise ValueError(f"foreground refine {cfg.refine!r}: choose 'none', 'grabcut' or 'trim'")
     return mask
+
+
+def _noise_level(diff: np.ndarray, quantile: float) -> float:
+    """A view's noise level at one scale: the median difference of its surely-studio pixels (those
+    below ``quantile`` of the difference; every view shows more studio than that)."""
+    quiet = diff[diff <= np.quantile(diff, quantile)]
+    return float(np.median(quiet)) if quiet.size else 0.0
+
+
+def _close_and_fill(mask: np.ndarray, close_px: int) -> np.ndarray:
+    """Morphological closing (elliptic kernel of ``close_px``; none below 2), then holes filled."""
+    import cv2
+    import scipy.ndimage as ndi
+
+    if close_px > 1:
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (close_px, close_px))
+        mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, kernel) > 0
+    return ndi.binary_fill_holes(mask)
 
 
 def _grabcut(image: np.ndarray, mask: np.ndarray, cfg: ForegroundConfig) -> np.ndarray:

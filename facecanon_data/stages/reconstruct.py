@@ -515,25 +515,26 @@ class ForegroundMasks:
         mattes = self.source.timestamp_masks(self.subject, sequence, frames, downscale=self.downscale)
         if mattes is not None:
             return {f: ("mattes", m) for f, m in mattes}
-        plates = self.plates()
-        if plates is None:
+        if self.plates() is None:
             return {f: None for f in frames}
-        out = {}
-        for f in frames:
-            views = images[f] if images is not None else self.source.timestamp(self.subject, sequence, f, self.downscale)
-            out[f] = ("plates", self.segment(views, plates))
-        return out
+        return {f: self.from_plates(images[f] if images is not None else
+                                    self.source.timestamp(self.subject, sequence, f, self.downscale))
+                for f in frames}
 
-    def segment(self, views: dict[str, np.ndarray], plates: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """{serial: (H, W) float32 mask} of one timestamp, views segmented on threads (OpenCV releases the GIL)."""
+    def from_plates(self, views: dict[str, np.ndarray]):
+        """("plates", {serial: (H, W) float32 mask}) of one timestamp's decoded views, segmented on
+        threads (OpenCV releases the GIL); None when the capture has no plates or masks are off."""
         from concurrent.futures import ThreadPoolExecutor
 
         from ..foreground import foreground_from_plate
 
+        plates = self.plates() if self.rcfg.use_masks else None
+        if plates is None:
+            return None
         fcfg = self.rcfg.foreground
         with ThreadPoolExecutor(pool_size(len(views))) as pool:
             masks = pool.map(lambda s: foreground_from_plate(views[s], plates[s], fcfg).astype(np.float32), list(views))
-            return dict(zip(views, masks))
+            return "plates", dict(zip(views, masks))
 
 
 def summarize_reconstruct(subject: str, results: list[TimestampResult]) -> ReconstructResult:
@@ -582,8 +583,8 @@ def reconstruct_timestamps(source, subject: str, cfg: PipelineConfig, work, time
 
     for done, (seq, frame, images, masks) in enumerate(prefetch(inputs(), depth=1, name="reconstruct-decode"), 1):
         t = time.perf_counter()
-        if masks is None:  # segmented here, not beside COLMAP: its threads stall when a core is taken
-            masks = foreground.of(seq, [frame], {frame: images})[frame]
+        if masks is None:  # no mattes: segmented here, not beside COLMAP (its threads stall when a core is taken)
+            masks = foreground.from_plates(images)
         segmented_s = time.perf_counter() - t
         res = reconstruct_one(source, subject, cfg, work, seq, frame, images, masks)
         res.foreground_seconds = round(segmented_s, 3)

@@ -378,63 +378,60 @@ class _Fitter:
         self.fold_coarse_offsets()
 
     # -- per-timestamp errors ------------------------------------------------------------------
-    def errors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(T,) CD-L1: mean distance of the *head* points to the tracked mesh, mm (the paper's
-        unidirectional L1 chamfer, see :func:`head_point_distances`); (T,) median landmark reprojection
-        error, px; (T,) fraction of points excluded as not head."""
+    def errors(self) -> "FitErrors":
+        """The fit's per-timestamp errors at the current parameters, from one closest-point pass per
+        timestamp (see :class:`FitErrors`)."""
         torch = self.torch
+        t, n_vertices = len(self.obs), len(self.head_vertices)
+        cd, excluded = np.full(t, np.nan), np.zeros(t)
+        by_region = {name: np.full(t, np.nan) for name in self.regions}
+        total, count = np.zeros(n_vertices), np.zeros(n_vertices)
         with torch.no_grad():
             verts = self.vertices()
             v_np = verts.cpu().numpy().astype(np.float32)
-            cd = np.full(len(self.obs), np.nan)
-            excluded = np.zeros(len(self.obs))
             for i, pts in enumerate(self.points):
-                if len(pts):
-                    dist_mm, head = head_point_distances(v_np[i], self.faces, pts.cpu().numpy(), self.head_vertices,
-                                                         self.tcfg.stats_max_distance_mm)
-                    cd[i] = dist_mm[head].mean() if head.any() else np.nan
-                    excluded[i] = 1.0 - head.mean()
+                if not len(pts):
+                    continue
+                dist_mm, vertex = point_distances(v_np[i], self.faces, pts.cpu().numpy())
+                near = dist_mm <= self.tcfg.stats_max_distance_mm
+                head = near & self.head_vertices[vertex]
+                cd[i] = dist_mm[head].mean() if head.any() else np.nan
+                excluded[i] = 1.0 - head.mean()
+                for name, in_region in self.regions.items():
+                    sel = near & in_region[vertex]
+                    if sel.any():
+                        by_region[name][i] = dist_mm[sel].mean()
+                np.add.at(total, vertex[near], dist_mm[near])
+                np.add.at(count, vertex[near], 1)
             lmk = self.landmark_residual_px(verts)
             lm = np.array([float(lmk[i][self.valid[i]].median()) if self.valid[i].any() else np.nan
-                           for i in range(len(self.obs))])
-        return cd, lm, excluded
-
-
-    def region_errors(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Per region (:data:`REGIONS`): (T,) mean distance, mm, of the points whose nearest mesh vertex
-        is in the region and that lie within ``stats_max_distance_mm`` (NaN where none), and the (V,)
-        mean distance of the points nearest each vertex over all timestamps (NaN where none), mm."""
-        torch = self.torch
-        with torch.no_grad():
-            v_np = self.vertices().cpu().numpy().astype(np.float32)
-        per_region = {name: np.full(len(self.obs), np.nan) for name in self.regions}
-        total, count = np.zeros(v_np.shape[1]), np.zeros(v_np.shape[1])
-        for i, pts in enumerate(self.points):
-            if not len(pts):
-                continue
-            closest, tri, bary = closest_points(v_np[i], self.faces, pts.cpu().numpy())
-            dist_mm = np.linalg.norm(pts.cpu().numpy() - closest, axis=1) * 1000
-            near = dist_mm <= self.tcfg.stats_max_distance_mm
-            vertex = self.faces[tri, np.argmax(bary, 1)]
-            for name, in_region in self.regions.items():
-                sel = near & in_region[vertex]
-                if sel.any():
-                    per_region[name][i] = dist_mm[sel].mean()
-            np.add.at(total, vertex[near], dist_mm[near])
-            np.add.at(count, vertex[near], 1)
+                           for i in range(t)])
         with np.errstate(invalid="ignore", divide="ignore"):
-            return per_region, total / count
+            residual = total / count
+        return FitErrors(cd, lm, excluded, by_region, residual)
 
 
-def head_point_distances(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray, head_vertices: np.ndarray,
-                         max_distance_mm: float) -> tuple[np.ndarray, np.ndarray]:
-    """Distance of (N, 3) points to the mesh (V, 3) m, in mm (N,), and which points are head (N,) bool:
-    the mesh vertex nearest to the point's closest surface point is in ``head_vertices`` (V,) bool and
-    the distance is at most ``max_distance_mm``. Torso and clothing snap to the neck; studio lies far."""
+@dataclass
+class FitErrors:
+    """cd_l1_mm (T,): mean distance of the *head* points to the tracked mesh, mm (the paper's
+    unidirectional L1 chamfer): points whose nearest mesh vertex is outside ``stats_exclude_masks`` and
+    within ``stats_max_distance_mm`` (torso and clothing snap to the neck; studio lies far).
+    landmark_px (T,): median landmark reprojection error. excluded (T,): fraction of points not head.
+    by_region {REGIONS name: (T,)}: the same mean over the points nearest each region (NaN where none).
+    vertex_residual (V,): mean distance of the points nearest each vertex over all timestamps, mm."""
+
+    cd_l1_mm: np.ndarray
+    landmark_px: np.ndarray
+    excluded: np.ndarray
+    by_region: dict[str, np.ndarray]
+    vertex_residual: np.ndarray
+
+
+def point_distances(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distance of (N, 3) points to the mesh (V, 3) m, in mm (N,), and the mesh vertex (N,) nearest to
+    each point's closest surface point."""
     closest, tri, bary = closest_points(vertices, faces, points)
-    dist_mm = np.linalg.norm(points - closest, axis=1) * 1000
-    nearest_vertex = faces[tri, np.argmax(bary, 1)]
-    return dist_mm, head_vertices[nearest_vertex] & (dist_mm <= max_distance_mm)
+    return np.linalg.norm(points - closest, axis=1) * 1000, faces[tri, np.argmax(bary, 1)]
 
 
 def _huber(x, delta: float):
@@ -534,7 +531,8 @@ def run_track(source, subject: str, cfg: PipelineConfig, work, device: str | Non
     apply_thread_cap(cfg.threads)
     fitter = _Fitter(assets, obs, tcfg, dev)
     fitter.fit(progress)
-    cd, lm, excluded = fitter.errors()
+    first = fitter.errors()
+    cd, lm = first.cd_l1_mm, first.landmark_px
     bad_cd = _mad_outliers(cd, tcfg.outlier_mad_k, tcfg.outlier_mad_floor)
     bad_lm = _mad_outliers(lm, tcfg.outlier_mad_k, tcfg.outlier_mad_floor)
     bad = bad_cd | bad_lm
@@ -546,14 +544,14 @@ def run_track(source, subject: str, cfg: PipelineConfig, work, device: str | Non
         if bad_lm[i]:
             why.append(f"landmark error {lm[i]:.2f} px > median {np.nanmedian(lm):.2f} + {tcfg.outlier_mad_k} MAD")
         reasons[obs[i].key] = "; ".join(why)
-    first_errors = (cd, lm, excluded)
     if bad.any() and (~bad).sum() >= 1:
         kept_obs = [o for o, b in zip(obs, bad) if not b]
         fitter = _Fitter(assets, kept_obs, tcfg, dev)  # refit the shared parameters without them, once
         fitter.fit(progress)
-        cd_k, lm_k, excluded_k = fitter.errors()
+        final = fitter.errors()
     else:
-        kept_obs, cd_k, lm_k, excluded_k = obs, cd, lm, excluded
+        kept_obs, final = obs, first
+    cd_k, lm_k, excluded_k, region_cd = final.cd_l1_mm, final.landmark_px, final.excluded, final.by_region
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         verts = fitter.vertices().cpu().numpy()
@@ -561,7 +559,6 @@ def run_track(source, subject: str, cfg: PipelineConfig, work, device: str | Non
         expression = fitter.params.expression.cpu().numpy()
         detail_mm = None if fitter.detail is None else \
             float((fitter.detail * fitter.offset_mask).norm(dim=-1).mean()) * 1000
-    region_cd, vertex_residual = fitter.region_errors()
     result = TrackResult(subject=subject, timestamps_in=len(obs), timestamps_kept=len(kept_obs),
                          outliers_removed=int(bad.sum()), cd_l1_mm_median=round(float(np.nanmedian(cd_k)), 4),
                          landmark_px_median=round(float(np.nanmedian(lm_k)), 4),
@@ -579,12 +576,12 @@ def run_track(source, subject: str, cfg: PipelineConfig, work, device: str | Non
         j = kept_index.get(o.key)
         result.per_timestamp.append({
             "sequence": o.sequence, "frame": o.frame, "kept": j is not None,
-            "cd_l1_mm": float(cd_k[j]) if j is not None else float(first_errors[0][i]),
-            "landmark_px": float(lm_k[j]) if j is not None else float(first_errors[1][i]),
-            "points_excluded_fraction": float(excluded_k[j]) if j is not None else float(first_errors[2][i]),
+            "cd_l1_mm": float(cd_k[j]) if j is not None else float(first.cd_l1_mm[i]),
+            "landmark_px": float(lm_k[j]) if j is not None else float(first.landmark_px[i]),
+            "points_excluded_fraction": float(excluded_k[j]) if j is not None else float(first.excluded[i]),
             "views_with_landmarks": len(o.landmarks), "reason": reasons.get(o.key, ""),
             **{f"cd_l1_mm_{k}": float(v[j]) if j is not None else float("nan") for k, v in region_cd.items()}})
-    _write_outputs(out, fitter, kept_obs, verts, canonical, result, cfg, vertex_residual)
+    _write_outputs(out, fitter, kept_obs, verts, canonical, result, cfg, final.vertex_residual)
     return result
 
 
