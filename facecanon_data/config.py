@@ -69,6 +69,9 @@ class SynthConfig:
 class SelectConfig:
     """Stage ``select``: MediaPipe features on the frontal camera, farthest-point timestamp selection."""
 
+    # "select": farthest-point picks (training subjects, the paper's Sec. 3.3); "first:N": the first N
+    # consecutive frames of every sequence, no MediaPipe (test subjects: the paper evaluates the first 40)
+    timestamps: str = "select"
     num_expression: int = 40  # picks on the expression features (the paper: 40)
     num_pose: int = 10  # further picks on the pose features, disjoint from the above (the paper: 10)
     frame_stride: int = 1  # process every n-th frame of each sequence
@@ -354,6 +357,17 @@ def load_pipeline(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     return cfg
 
 
+def first_frames(mode: str) -> int | None:
+    """``select.timestamps``: None for ``"select"`` (farthest-point picks), N for ``"first:N"`` (N >= 1);
+    ValueError for anything else."""
+    if mode == "select":
+        return None
+    head, _, count = mode.partition(":")
+    if head == "first" and count.isdigit() and int(count) >= 1:
+        return int(count)
+    raise ValueError(f"{mode!r} is neither 'select' nor 'first:N' with N >= 1")
+
+
 def _validate(cfg: PipelineConfig, where: str) -> None:
     if cfg.capture.downscale < 1:
         raise ConfigError(f"{where}: capture.downscale must be >= 1")
@@ -361,6 +375,10 @@ def _validate(cfg: PipelineConfig, where: str) -> None:
                         ("threads", cfg.threads)):
         if value < 0:
             raise ConfigError(f"{where}: {name} must be >= 0 (0 = the default), got {value}")
+    try:
+        first_frames(cfg.select.timestamps)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: select.timestamps: {exc}") from None
     if cfg.select.queue_frames < 1:
         raise ConfigError(f"{where}: select.queue_frames must be >= 1, got {cfg.select.queue_frames}")
     if cfg.flame.kind not in ("synthetic", "flame"):

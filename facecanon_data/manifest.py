@@ -3,6 +3,10 @@
     # comment
     017                      all performance sequences of subject 017
     043  EXP-4-lips SEN-01-cramp_small_danger     only these sequences
+    043  timestamps=first:40  EXP-4-lips           the first 40 frames of it, no selection (test subjects)
+
+An option ``timestamps=MODE`` (``select`` or ``first:N``) overrides the pipeline's ``select.timestamps``
+for that subject.
 
 Ids are NeRSemble's 3-digit participant numbers; anything else (``../x``, ``17``, ``abc``) is refused
 before any work starts, with the file and line number.
@@ -30,6 +34,7 @@ class ManifestError(InputError, ValueError):
 class ManifestEntry:
     subject: str
     sequences: list[str] = field(default_factory=list)  # empty = all
+    timestamps: str = ""  # select.timestamps for this subject; empty = the pipeline's
 
 
 def _short(text: str, limit: int = 60) -> str:
@@ -57,13 +62,26 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
         sid, *seqs = text.split()
         if not _ID.match(sid):
             raise ManifestError(f"{path}:{n}: subject id {_short(sid)} is not a 3-digit NeRSemble id")
+        options = dict(s.split("=", 1) for s in seqs if "=" in s)
+        seqs = [s for s in seqs if "=" not in s]
+        unknown = sorted(set(options) - {"timestamps"})
+        if unknown:
+            raise ManifestError(f"{path}:{n}: unknown option(s) {', '.join(map(_short, unknown))} (known: timestamps=)")
+        timestamps = options.get("timestamps", "")
+        if timestamps:
+            from .config import first_frames
+
+            try:
+                first_frames(timestamps)
+            except ValueError as exc:
+                raise ManifestError(f"{path}:{n}: timestamps={_short(timestamps)}: {exc}") from None
         bad = [_short(s) for s in seqs if not _SEQUENCE.match(s)]
         if bad:
             raise ManifestError(f"{path}:{n}: invalid sequence name(s) {', '.join(bad)}")
         if sid in seen:
             raise ManifestError(f"{path}:{n}: subject {sid} listed twice")
         seen.add(sid)
-        entries.append(ManifestEntry(sid, seqs))
+        entries.append(ManifestEntry(sid, seqs, timestamps))
     if not entries:
         raise ManifestError(f"{path}: no subjects")
     return entries

@@ -104,3 +104,46 @@ def test_blendshapes_backend(synth_capture, tmp_path):
     feats = pq.read_table(tmp_path / "900" / "select" / "features.parquet").to_pydict()
     e0 = np.asarray(feats["expr_0"], float)
     assert "expr_51" in feats and ((e0[~np.isnan(e0)] >= 0) & (e0[~np.isnan(e0)] <= 1)).all()
+
+
+def test_first_frames_mode_keeps_consecutive_frames_without_detection(synth_capture, tmp_path):
+    out = synth_capture["out"]
+    source = NeRSembleSource(out / "capture", out / "ground_truth")
+    cfg = load_pipeline(default_pipeline(), {"select": {"timestamps": "first:5",
+                                                        "include_sequences": ["EXP-2-eyes"]}})
+    result = run_select(source, "900", cfg, tmp_path)
+    rows = read_selection(tmp_path, "900")
+    assert rows == [("EXP-2-eyes", f, "first", f) for f in range(5)]
+    assert (result.mode, result.selected_first, result.frontal_detect_rate) == ("first:5", 5, None)
+    assert not (tmp_path / "900" / "select" / "features.parquet").exists()  # no detector ran
+    cfg = load_pipeline(default_pipeline(), {"select": {"timestamps": "first:100"}})  # longer than the sequences
+    run_select(source, "900", cfg, tmp_path)
+    counts = {s: sum(r[0] == s for r in read_selection(tmp_path, "900")) for s in ("EXP-1-head", "EXP-2-eyes")}
+    assert counts == {s: source.num_frames("900", s) for s in counts}
+
+
+@pytest.mark.parametrize("mode", ["first", "first:0", "first:x", "last:4", "FIRST:4"])
+def test_bad_timestamp_mode_is_refused_naming_the_key(tmp_path, mode):
+    from facecanon_data.config import ConfigError
+
+    p = tmp_path / "p.toml"
+    p.write_text(f'[select]\ntimestamps = "{mode}"\n')
+    with pytest.raises(ConfigError, match=r"p\.toml: select\.timestamps"):
+        load_pipeline(p)
+
+
+def test_manifest_timestamps_option(tmp_path):
+    from facecanon_data.manifest import ManifestError, read_manifest
+    from facecanon_data.orchestration.run import _entry_config
+
+    m = tmp_path / "m.txt"
+    m.write_text("900 timestamps=first:40 EXP-1-head\n901\n")
+    entries = read_manifest(m)
+    assert (entries[0].sequences, entries[0].timestamps, entries[1].timestamps) == (["EXP-1-head"], "first:40", "")
+    cfg = load_pipeline(default_pipeline())
+    assert _entry_config(cfg, entries, "900").select.timestamps == "first:40"
+    assert _entry_config(cfg, entries, "901").select.timestamps == "select"
+    for line, problem in (("900 timestamps=first:0", "first:N"), ("900 frames=3", "unknown option")):
+        m.write_text(line + "\n")
+        with pytest.raises(ManifestError, match=rf"m\.txt:1: .*{problem}"):
+            read_manifest(m)

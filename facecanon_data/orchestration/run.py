@@ -115,19 +115,19 @@ def build(entries: list[ManifestEntry], cfg: PipelineConfig, spec: SourceSpec, w
     if subject is not None:
         if subject not in subjects:
             raise InputValueError(f"subject {subject} is not in the manifest")
-        outcomes = [run_subject_inline(spec, subject, _with_sequences(cfg, entries, subject), work, store, force)]
+        outcomes = [run_subject_inline(spec, subject, _entry_config(cfg, entries, subject), work, store, force)]
     else:
         client, gpu = make_client(cluster, workers, cfg.threads, cfg.slurm)
         try:
             if client.dashboard_link:
                 log.info("Dask dashboard: %s", client.dashboard_link)
             outcomes = []
-            plain = [e.subject for e in entries if not e.sequences]
+            plain = [e.subject for e in entries if not (e.sequences or e.timestamps)]
             if plain:
                 outcomes += run_build_dask(client, spec, plain, cfg, work, store, force, gpu, progress)
-            for e in entries:  # subjects with a sequence filter carry their own config
-                if e.sequences:
-                    outcomes += run_build_dask(client, spec, [e.subject], _with_sequences(cfg, entries, e.subject),
+            for e in entries:  # subjects with a sequence filter or a timestamps option carry their own config
+                if e.sequences or e.timestamps:
+                    outcomes += run_build_dask(client, spec, [e.subject], _entry_config(cfg, entries, e.subject),
                                                work, store, force, gpu, progress)
         finally:
             client.close()
@@ -138,12 +138,15 @@ def build(entries: list[ManifestEntry], cfg: PipelineConfig, spec: SourceSpec, w
     return outcomes
 
 
-def _with_sequences(cfg: PipelineConfig, entries: list[ManifestEntry], subject: str) -> PipelineConfig:
+def _entry_config(cfg: PipelineConfig, entries: list[ManifestEntry], subject: str) -> PipelineConfig:
     import copy
 
     entry = next(e for e in entries if e.subject == subject)
-    if not entry.sequences:
+    if not (entry.sequences or entry.timestamps):
         return cfg
     out = copy.deepcopy(cfg)
-    out.select.include_sequences = list(entry.sequences)
+    if entry.sequences:
+        out.select.include_sequences = list(entry.sequences)
+    if entry.timestamps:
+        out.select.timestamps = entry.timestamps
     return out

@@ -27,6 +27,10 @@ def _select(ctx: StageContext) -> Figures:
 
 
 def _describe_select(subject: str, f: Figures) -> str:
+    if f.get("mode", "select") != "select":
+        sequences = len({row[0] for row in f["selection"]})
+        return (f"subject {subject}: {f['selected_first']} consecutive timestamps ({f['mode']}) of {sequences} "
+                f"sequence(s), no selection")
     line = (f"subject {subject}: {f['selected_expression']} expression + {f['selected_pose']} pose timestamps from "
             f"{f['frames_processed']} frames ({f['backend']}, face found in {f['frontal_detect_rate']:.1%}, "
             f"{f['frames_per_second']:.0f} frames/s)")

@@ -11,6 +11,10 @@ runs near MediaPipe's own speed.
 
 Outputs in ``{work}/{subject}/select/``: ``features.parquet`` (sequence, frame, detected, score,
 expr_*, pose_*), ``selection.parquet`` (sequence, frame, reason, rank), ``coverage.png``, ``_DONE.json``.
+
+With ``select.timestamps = "first:N"`` (test subjects) nothing is detected or sampled: the selection is
+the first N frames of every sequence, consecutive, with reason ``"first"`` and the frame as rank; only
+``selection.parquet`` is written. The rest of the chain makes their labels exactly like training labels.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..artifacts import StageDir, atomic_write
-from ..config import PipelineConfig
+from ..config import PipelineConfig, first_frames
 from ..features import FrameObservation, make_backend
 from ..prefetch import prefetch
 from ..sampling import farthest_point_sampling
@@ -39,7 +43,7 @@ class SelectResult:
     subject: str
     backend: str
     frames_processed: int
-    frontal_detect_rate: float
+    frontal_detect_rate: float | None  # None in "first:N" mode (no detector runs)
     selected_expression: int
     selected_pose: int
     seconds: float
@@ -49,6 +53,8 @@ class SelectResult:
     gt_coverage_gain_all: float | None = None  # all picks (expression + pose) vs as many uniform (p95)
     gt_coverage_gain_all_mean: float | None = None
     skipped_sequences: dict[str, str] = field(default_factory=dict)  # sequence -> why none of it is used
+    mode: str = "select"  # select.timestamps
+    selected_first: int = 0  # "first:N" mode: consecutive frames kept over all sequences
     selection: list[tuple[str, int, str, int]] = field(default_factory=list)  # (sequence, frame, reason, rank)
 
     def figures(self) -> dict:
@@ -110,6 +116,8 @@ def run_select(source: CaptureSource, subject: str, cfg: PipelineConfig, work,
     import pyarrow.parquet as pq
 
     sel = cfg.select
+    if first_frames(sel.timestamps) is not None:
+        return run_first_frames(source, subject, cfg, work)
     apply_thread_cap(cfg.threads)
     out = StageDir(work, subject, STAGE)
     backend = make_backend(sel, cfg.source_file)  # before any work: a missing .task fails fast
@@ -175,6 +183,33 @@ def run_select(source: CaptureSource, subject: str, cfg: PipelineConfig, work,
         result.gt_coverage_gain_all, result.gt_coverage_gain_all_mean = coverage_gain(
             gt_space, np.concatenate([pick_e, pick_p]))
     return result
+
+
+def run_first_frames(source: CaptureSource, subject: str, cfg: PipelineConfig, work) -> SelectResult:
+    """``select.timestamps = "first:N"``: the first N frames of each usable sequence (fewer where a
+    sequence is shorter), in time order; writes ``selection.parquet`` (see module docstring)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    count = first_frames(cfg.select.timestamps)
+    skipped = skipped_sequences(source, subject, cfg)
+    for seq, why in skipped.items():
+        log.warning("subject %s: sequence %s skipped: %s", subject, seq, why)
+    selection = [(seq, f, "first", f) for seq in sequences_to_process(source, subject, cfg)
+                 for f in range(min(count, source.num_frames(subject, seq)))]
+    if not selection:
+        raise InputValueError(f"subject {subject}: no frames to keep (sequences: "
+                              f"{configured_sequences(source, subject, cfg)}; skipped: {skipped or 'none'})")
+    out = StageDir(work, subject, STAGE)
+    out.path.mkdir(parents=True, exist_ok=True)
+    meta = {b"backend": b"none", b"config_hash": cfg.section_hash("capture", "select").encode()}
+    table = pa.table({"sequence": [s[0] for s in selection], "frame": np.array([s[1] for s in selection], np.int32),
+                      "reason": [s[2] for s in selection], "rank": np.array([s[3] for s in selection], np.int32)})
+    atomic_write(out.file("selection.parquet"), lambda p: pq.write_table(table.replace_schema_metadata(meta), p))
+    return SelectResult(subject=subject, backend="none", frames_processed=0, frontal_detect_rate=None,
+                        selected_expression=0, selected_pose=0, seconds=0.0, frames_per_second=0.0,
+                        skipped_sequences=skipped, mode=cfg.select.timestamps, selected_first=len(selection),
+                        selection=selection)
 
 
 def read_selection(work, subject: str) -> list[tuple[str, int, str, int]]:
