@@ -363,6 +363,7 @@ def bench_train(cfg: PipelineConfig, train_config: str = "{project}/pipelines/tr
     from .store import subjects as store_subjects
     from .training.config import load_eval_config, load_train_config
     from .training.evaluate import evaluate_model
+    from .training.tables import paper_tables, save_evaluation
     from .training.trainer import model_from_checkpoint, select_device, train
 
     tcfg, ev = load_train_config(expand(train_config)), load_eval_config(expand(protocol))
@@ -390,15 +391,23 @@ def bench_train(cfg: PipelineConfig, train_config: str = "{project}/pipelines/tr
     out["seconds"] = round(time.perf_counter() - t1, 1)
     out["steps"], out["stopped"] = summary["step"], summary["stopped"]
     device = select_device("auto")
-    for label, untrained in (("trained", False), ("untrained", True)):
+    results = {}
+    for label, untrained in (("untrained", True), ("trained", False)):
         model, _ = model_from_checkpoint(run_dir / "last.pt", device, untrained=untrained)
-        r = evaluate_model(model, str(store), ev, str(device))
-        out[f"epe_{label}"] = round(r["epe"], 3)
-        out[f"absrel_{label}"] = round(r["depth_absrel"], 5)
-        out[f"under_5px_{label}"] = round(r["epe_under_5px"], 3)
-        out[f"correspondences_{label}"] = r["epe_correspondences"]
+        results[label] = {"protocol": ev.name, **evaluate_model(model, str(store), ev, str(device))}
+        save_evaluation(store, results[label], label)
+    for label, r in results.items():
+        first = str(ev.margins[0])
+        out[f"epe_{label}"] = round(r["margins"][first]["epe_px"], 3)  # frontal camera, the first margin
+        out[f"under_5px_{label}"] = round(r["margins"][first]["under_5px"], 3)
+        out[f"correspondences_{label}"] = r["margins"][first]["correspondences"]
+        out[f"absrel_mono_{label}"] = round(r["depth"]["monocular"]["absrel"], 5)
+        out[f"absrel_multi_view_{label}"] = round(r["depth"]["multi_view"]["absrel"], 5)
+    out["epe_margin"] = ev.margins[0]
     out["epe_ratio_untrained_over_trained"] = round(out["epe_untrained"] / out["epe_trained"], 2)
     out["target_epe_ratio"] = 2.0
+    out["evaluation"] = results
+    out["tables"] = paper_tables(results)
     out["checkpoint"] = str(run_dir / "last.pt")
     return out
 

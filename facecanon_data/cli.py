@@ -335,11 +335,14 @@ def report_cmd(store: Path = typer.Argument(..., help="Store folder."),
     for col in ["subject", "timestamps (expr/pose)"] + [label for _, label in FIGURES]:
         table.add_column(col)
     for r in report["subjects"]:
-        table.add_row(r["subject"], f"{r['timestamps']} ({r['reasons']['expression']}/{r['reasons']['pose']})",
+        table.add_row(r["subject"], f"{r['timestamps']} ({r['reasons']['expression']}/{r['reasons']['pose']}"
+                      + (f", {r['reasons']['first']} first" if r["reasons"]["first"] else "") + ")",
                       *["-" if r[k] is None else f"{r[k]:.4g}" for k, _ in FIGURES])
     from rich.console import Console
 
     Console().print(table)
+    for name, tables in report["evaluations"].items():
+        typer.echo(f"\nevaluation: {name}\n\n{tables}")
     typer.echo(f"report: {page}")
 
 
@@ -399,25 +402,27 @@ def evaluate_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", help="A ch
                                                          "protocol is pipelines/eval_nersemble_test.toml)."),
                  untrained: bool = typer.Option(False, "--untrained", help="Evaluate the checkpoint's architecture "
                                                 "freshly initialized (the baseline)."),
+                 label: str = typer.Option("", "--label", help="The row's name in the tables (default: trained "
+                                           "or untrained); saved as STORE/evaluations/PROTOCOL/LABEL.json."),
                  as_json: bool = JsonOpt) -> None:
-    """Depth AbsRel / RMSE and canonical-space correspondence EPE on held-out subjects (Sec. 4.2)."""
+    """The paper's protocol on held-out subjects (Sec. 4.2): frontal-camera EPE at margins in frames, monocular
+    and multi-view depth AbsRel / RMSE, in the face + hair region; prints the paper's table layouts."""
     _setup_logging()
     _require_store(store)
     from .training.config import load_eval_config
 
     ev = _load_config(load_eval_config, protocol, "eval_synthetic.toml")
     from .training.evaluate import evaluate_model
+    from .training.tables import paper_tables, save_evaluation
     from .training.trainer import model_from_checkpoint, select_device
 
     device = select_device("auto")
     model, _ = _guarded(model_from_checkpoint, checkpoint, device, untrained)
     result = _guarded(evaluate_model, model, str(store), ev, str(device))
+    label = label or ("untrained" if untrained else "trained")
     result = {"checkpoint": str(checkpoint), "untrained": untrained, "protocol": ev.name, **result}
-    human = "\n".join(f"{k}: {v}" for k, v in result.items() if k != "margins")
-    human += "\n" + "\n".join(f"margin {m}: EPE {v['epe_px']:.2f} px, <3px {v['under_3px']:.2f}, "
-                                f"<5px {v['under_5px']:.2f}, <10px {v['under_10px']:.2f} ({v['pairs']} pairs)"
-                                for m, v in result["margins"].items())
-    _emit(result, as_json, human)
+    result["saved"] = str(_guarded(save_evaluation, store, result, label))
+    _emit(result, as_json, paper_tables({label: result}) + f"\n\nsaved to {result['saved']} (`report` gathers them)")
 
 
 @app.command("visualize")
@@ -470,7 +475,9 @@ def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, re
         result = _guarded(fn, store)
     else:
         result = _guarded(fn, cfg)
-    human = "\n".join(f"{k}: {v}" for k, v in result.items())
+    human = "\n".join(f"{k}: {v}" for k, v in result.items() if k not in ("evaluation", "tables"))
+    if "tables" in result:  # bench train: the evaluation in the layout of the paper's tables
+        human += "\n\n" + result["tables"]
     _emit(result, as_json, human)
 
 

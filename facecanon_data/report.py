@@ -25,7 +25,7 @@ def subject_summary(store: str | Path, subject: str) -> dict:
     attrs = g.attrs.asdict()
     stamps = attrs.get("timestamps", [])
     out = {"subject": subject, "timestamps": len(stamps), "views": len(attrs.get("serials", [])),
-           "reasons": {r: sum(t.get("reason") == r for t in stamps) for r in ("expression", "pose")},
+           "reasons": {r: sum(t.get("reason") == r for t in stamps) for r in ("expression", "pose", "first")},
            "resolution": list(g["depth"].shape[2:4]),
            "code_version": attrs.get("provenance", {}).get("code_version", ""),
            "config_hash": attrs.get("provenance", {}).get("config_hash", "")}
@@ -37,9 +37,13 @@ def subject_summary(store: str | Path, subject: str) -> dict:
 
 
 def build_report(store: str | Path) -> dict:
+    from .training.tables import load_evaluations, paper_tables
+
     rows = [subject_summary(store, s) for s in subjects(store)]
+    evaluations = load_evaluations(store)
     return {"store": str(store), "subjects": rows,
-            "timestamps": sum(r["timestamps"] for r in rows), "views": sum(r["timestamps"] * r["views"] for r in rows)}
+            "timestamps": sum(r["timestamps"] for r in rows), "views": sum(r["timestamps"] * r["views"] for r in rows),
+            "evaluations": {p: paper_tables(rows) for p, rows in evaluations.items()}}
 
 
 def _plot_png(store: str | Path, names: list[str]) -> str:
@@ -80,7 +84,9 @@ def write_html(store: str | Path, report: dict, path: str | Path) -> Path:
     page = (f"<!doctype html><meta charset='utf-8'><title>facecanon-data report</title>"
             f"<style>body{{font-family:sans-serif}}td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}</style>"
             f"<h1>{html.escape(str(store))}</h1><p>{len(names)} subjects, {report['timestamps']} timestamps, "
-            f"{report['views']} view-samples; medians over timestamps.</p><table><tr>{head}</tr>{body}</table>{img}")
+            f"{report['views']} view-samples; medians over timestamps.</p><table><tr>{head}</tr>{body}</table>{img}"
+            + "".join(f"<h2>evaluation: {html.escape(p)}</h2><pre>{html.escape(t)}</pre>"
+                      for p, t in report.get("evaluations", {}).items()))
     path = Path(path)
     path.write_text(page)
     return path

@@ -10,6 +10,7 @@ Layout (schema version ``SCHEMA_VERSION``)::
         depth        (T, V, H, W)    float32  metres along the optical axis, 0 = no data
         canonical    (T, V, H, W, 3) float16  metres, FLAME canonical space
         mask         (T, V, H, W)    bool     depth and canonical valid
+        region       (T, V, H, W)    uint8    codes of regions.REGION_LABELS (face + hair = evaluation region)
         K            (T, V, 3, 3)    float32  pixels of the stored images
         world_2_cam  (T, V, 4, 4)    float32  metres, OpenCV convention
         track/expression (T, E), track/global_rot|neck|jaw|left_eye|right_eye|translation (T, 3)
@@ -45,8 +46,9 @@ from pathlib import Path
 import numpy as np
 from .errors import InputError
 
-SCHEMA_VERSION = 2  # 2: crc32c per chunk, every chunk written, integrity manifest
-IMAGE_ARRAYS = {"rgb": "uint8", "depth": "float32", "canonical": "float16", "mask": "bool"}
+SCHEMA_VERSION = 3  # 2: crc32c per chunk, every chunk written, integrity manifest; 3: region
+IMAGE_ARRAYS = {"rgb": "uint8", "depth": "float32", "canonical": "float16", "mask": "bool", "region": "uint8"}
+TRAINING_ARRAYS = ("rgb", "depth", "canonical", "mask")  # what the loader reads unless asked for more
 CAMERA_ARRAYS = {"K": (3, 3), "world_2_cam": (4, 4)}
 
 
@@ -65,6 +67,7 @@ class SubjectData:
     depth: np.ndarray  # (T, V, H, W) float32
     canonical: np.ndarray  # (T, V, H, W, 3) float16/32
     mask: np.ndarray  # (T, V, H, W) bool
+    region: np.ndarray  # (T, V, H, W) uint8 codes of regions.REGION_LABELS
     K: np.ndarray  # (T, V, 3, 3)
     world_2_cam: np.ndarray  # (T, V, 4, 4)
     track: dict[str, np.ndarray] = field(default_factory=dict)
@@ -75,7 +78,7 @@ class SubjectData:
     def validate(self) -> None:
         t, v, h, w = self.depth.shape
         expect = {"rgb": (t, v, h, w, 3), "canonical": (t, v, h, w, 3), "mask": (t, v, h, w),
-                  "K": (t, v, 3, 3), "world_2_cam": (t, v, 4, 4)}
+                  "region": (t, v, h, w), "K": (t, v, 3, 3), "world_2_cam": (t, v, 4, 4)}
         for name, shape in expect.items():
             if getattr(self, name).shape != shape:
                 raise StoreError(f"subject {self.subject}: {name} has shape {getattr(self, name).shape}, expected {shape}")
@@ -385,6 +388,7 @@ def _validate_subject(store: Path, pid: str, quick: bool, sample: int) -> tuple[
     t, v, h, w = depth.shape
     schema = {"rgb": ((t, v, h, w, 3), "uint8"), "depth": ((t, v, h, w), "float32"),
               "canonical": ((t, v, h, w, 3), "float16"), "mask": ((t, v, h, w), "bool"),
+              "region": ((t, v, h, w), "uint8"),
               "K": ((t, v, 3, 3), "float32"), "world_2_cam": ((t, v, 4, 4), "float32")}
     rng = np.random.default_rng(0)
     for name, (shape, dtype) in schema.items():

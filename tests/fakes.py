@@ -9,8 +9,12 @@ from facecanon_data.store import SubjectData
 from facecanon_data.synthetic.rig import nersemble_like_rig
 
 
-def fake_subject(pid: str, t: int = 3, views: int = 6, h: int = 60, w: int = 40, seed: int = 0) -> SubjectData:
-    """A small but consistent subject: real rig cameras scaled to (h, w), random labels."""
+def fake_subject(pid: str, t: int = 3, views: int = 6, h: int = 60, w: int = 40, seed: int = 0,
+                 frames: list[int] | None = None) -> SubjectData:
+    """A small but consistent subject: real rig cameras scaled to (h, w), random labels; timestamps at
+    ``frames`` of EXP-1-head (default 0, 10, 20, ...)."""
+    frames = frames if frames is not None else [10 * i for i in range(t)]
+    t = len(frames)
     rng = np.random.default_rng(seed)
     cams = [c.scaled(832 / w) for c in nersemble_like_rig(832, 1216, 2900.0)][:views]
     k = np.stack([[c.K for c in cams]] * t)
@@ -20,10 +24,11 @@ def fake_subject(pid: str, t: int = 3, views: int = 6, h: int = 60, w: int = 40,
     depth[~mask] = 0
     return SubjectData(
         subject=pid, serials=[c.serial for c in cams],
-        timestamps=[{"sequence": "EXP-1-head", "frame": 10 * i, "reason": "expression", "cd_l1_mm": 0.8,
-                     "landmark_px": 3.0, "views": {c.serial: {"valid_fraction": 0.5} for c in cams}} for i in range(t)],
+        timestamps=[{"sequence": "EXP-1-head", "frame": f, "reason": "expression", "cd_l1_mm": 0.8,
+                     "landmark_px": 3.0, "views": {c.serial: {"valid_fraction": 0.5} for c in cams}} for f in frames],
         rgb=rng.integers(0, 256, (t, views, h, w, 3), dtype=np.uint8), depth=depth,
-        canonical=rng.normal(0, 0.05, (t, views, h, w, 3)).astype(np.float16), mask=mask, K=k, world_2_cam=w2c,
+        canonical=rng.normal(0, 0.05, (t, views, h, w, 3)).astype(np.float16), mask=mask,
+        region=np.where(mask, rng.integers(1, 6, mask.shape), 0).astype(np.uint8), K=k, world_2_cam=w2c,
         track={"shape": np.zeros(10, np.float32)}, points_xyz=[rng.normal(size=(5 + i, 3)) for i in range(t)],
         points_canonical=[rng.normal(size=(5 + i, 3)) for i in range(t)], provenance={"source": "test"})
 

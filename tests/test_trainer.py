@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+from pathlib import Path
 import pytest
 import torch
 
@@ -17,7 +18,7 @@ from fakes import fake_subject
 from facecanon_data.store import build_index, write_subject
 from facecanon_data.training.config import EvalConfig, ModelConfig, TrainConfig
 from facecanon_data.training.evaluate import (Prediction, correspondence_errors, depth_errors, evaluate_model,
-                                              face_region)
+                                              face_region_of_labels)
 from facecanon_data.training.losses import (confidence_loss, gradient_loss, regression_loss, sample_targets,
                                             total_loss)
 from facecanon_data.training.model import FaceAnythingModel, load_pretrained_backbone
@@ -249,21 +250,21 @@ def _oracle_pair(shift: int = 0) -> Prediction:
     pred = gt * 10.0  # a perfect predictor (in canonical_scale units) ...
     pred[1] = np.roll(pred[1], shift, axis=1)  # ... or one whose image B is off by ``shift`` pixels
     pred[~mask] = 1e3 if shift == 0 else pred[~mask]
-    return Prediction(canonical=pred, gt_canonical=gt, mask=mask)
+    return Prediction(canonical=pred, gt_canonical=gt, mask=mask, region=np.ones_like(mask))
 
 
 def test_epe_is_zero_for_a_perfect_predictor_and_the_shift_otherwise():
     rng = np.random.default_rng(0)
-    e = correspondence_errors(_oracle_pair(0), 0, 1, gt_match_mm=1.0, max_queries=1000, rng=rng)
-    assert len(e) == _oracle_pair(0).mask[0].sum() and e.max() == 0.0
-    e = correspondence_errors(_oracle_pair(2), 0, 1, gt_match_mm=1.0, max_queries=1000, rng=rng)
+    e, cce = correspondence_errors(_oracle_pair(0), 0, 1, gt_match_mm=1.0, max_queries=1000, rng=rng)
+    assert len(e) == _oracle_pair(0).mask[0].sum() and e.max() == 0.0 and cce.max() == 0.0
+    e, _ = correspondence_errors(_oracle_pair(2), 0, 1, gt_match_mm=1.0, max_queries=1000, rng=rng)
     assert np.median(e) == pytest.approx(2.0)
 
 
 def test_face_region_is_the_hull_of_labelled_pixels():
     mask = np.zeros((20, 20), bool)
     mask[2, 2] = mask[2, 17] = mask[17, 2] = mask[17, 17] = True
-    region = face_region(mask)
+    region = face_region_of_labels(mask)
     assert region[10, 10] and region.sum() == 16 * 16 and not region[0, 0]
 
 
@@ -271,10 +272,14 @@ def test_evaluate_reports_the_metrics(store, tmp_path):
     cfg = tiny_config(max_steps=1)
     train(cfg, store, tmp_path / "run")
     model, _ = model_from_checkpoint(tmp_path / "run" / "last.pt")
-    r = evaluate_model(model, str(store), EvalConfig(subjects=["901"], resolution=[42, 28], gt_match_mm=50))
-    assert r["subjects"] == ["901"] and r["depth_images"] == 16 and 0 < r["depth_absrel"] < 1
-    assert set(r["margins"]) == {"0", "1", "2"} and r["epe_correspondences"] > 100
-    assert 0 <= r["epe_under_3px"] <= r["epe_under_5px"] <= r["epe_under_10px"] <= 1
+    r = evaluate_model(model, str(store), EvalConfig(subjects=["901"], resolution=[42, 28], gt_match_mm=50,
+                                                     frontal_serial="222200042", margins=[10, 20], cross_view=True))
+    assert r["subjects"] == ["901"] and r["depth"]["multi_view"]["images"] == 16
+    assert r["depth"]["monocular"]["images"] == 4 and 0 < r["depth"]["monocular"]["absrel"] < 1
+    assert {"0", "10", "20"} <= set(r["margins"]) and r["margins"]["10"]["correspondences"] > 100
+    m = r["margins"]["10"]
+    assert m["pairs"] == 3 and r["margins"]["20"]["pairs"] == 2  # frames 0, 10, 20, 30 of the fake subject
+    assert 0 <= m["under_3px"] <= m["under_5px"] <= m["under_10px"] <= 1
     with pytest.raises(ValueError, match="none of the evaluation subjects"):
         evaluate_model(model, str(store), EvalConfig(subjects=["999"], resolution=[42, 28]))
 
@@ -288,13 +293,19 @@ def test_cli_train_evaluate_visualize(store, tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.splitlines()[-1])["step"] == 2
     proto = tmp_path / "eval.toml"
-    proto.write_text('subjects = ["901"]\nresolution = [42, 28]\ngt_match_mm = 50.0\n')
+    proto.write_text('subjects = ["901"]\nresolution = [42, 28]\ngt_match_mm = 50.0\nfrontal_serial = "222200042"\n'
+                     'margins = [10, 20]\nfirst_frames = 40\n')
     ckpt = str(tmp_path / "run" / "last.pt")
     r = subprocess.run([exe, "evaluate", "--checkpoint", ckpt, "--store", str(store), "--protocol", str(proto), "--json"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.splitlines()[-1])
-    assert out["subjects"] == ["901"] and out["epe"] > 0 and out["depth_alignment"] == "per-image median scale"
+    assert out["subjects"] == ["901"] and out["margins"]["10"]["epe_px"] > 0
+    assert out["depth_alignment"] == "per-image median scale"
+    assert Path(out["saved"]).is_file() and Path(out["saved"]).parent.parent == store / "evaluations"
+    r = subprocess.run([exe, "report", str(store)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "| trained |" in r.stdout and "Margin = 10: EPE(2D)" in r.stdout  # the paper's table layout
     r = subprocess.run([exe, "visualize", "--checkpoint", ckpt, "--store", str(store), "--subject", "901",
                         "--out", str(tmp_path / "viz")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -4,7 +4,9 @@ Per timestamp and view: the canonicalized points that the view observed (``recon
 table) are splatted with a z-buffer in torch (``scatter_reduce(..., "amin")`` on CPU or GPU); the depth
 of the nearest point and its canonical coordinate fill the pixel. On a dense (CUDA) reconstruction the
 depth is PatchMatch's geometric depth and the canonical map is kept where the splatted point agrees
-with it. The tracked FLAME mesh is ray-cast per view for its foreground (the ``valid_fraction`` base).
+with it. The tracked FLAME mesh is ray-cast per view for its foreground (the ``valid_fraction`` base)
+and, with ``reconstruct``'s foreground masks, for the per-pixel region map (:mod:`facecanon_data.regions`:
+face, hair, ears, neck, body; face + hair is the evaluation region, the stand-in for Facer masks).
 
 Storage: depth float32 metres (0 = no data); canonical maps in ``render.canonical_dtype`` (default
 float16: |x| < 0.25 m in FLAME space, so the spacing is at most 2^-13 m and the rounding error at most
@@ -16,7 +18,9 @@ see the same surface point: depth-consistent reprojection into the other view's 
 pairs of *different* reconstructed points only, since a point shared by both views agrees trivially),
 and with ground truth ``gt_canonical_error_mm`` (median, p90), ``gt_depth_absrel`` (median) and
 ``gt_canonical_error_mm_by_transfer``: the median error of each ``canonicalize.transfer`` mode over pixels
-whose point lies within ``NEAR_MM`` of the tracked surface and beyond (same pixels, same z-buffer).
+whose point lies within ``NEAR_MM`` of the tracked surface and beyond (same pixels, same z-buffer), and
+``region_iou_face_hair`` (median and min over views): the region map's face + hair against the ground
+truth's face, eyes, mouth and hair pixels.
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ import numpy as np
 from ..artifacts import StageDir, atomic_write
 from ..cameras import Camera, read_cameras_json
 from ..config import PipelineConfig
+from ..foreground import mask_iou
+from ..regions import eval_region
 from ..meshes import cast_camera_rays, raycasting_scene
 from ..threads import apply_thread_cap
 from .canonicalize import TRANSFER_MODES, canonical_dir
@@ -92,14 +98,21 @@ class ViewMaps:
     mask: np.ndarray
     index: np.ndarray
     foreground: np.ndarray  # (V, H, W) bool: the tracked mesh covers the pixel
+    region: np.ndarray  # (V, H, W) uint8 codes of regions.REGION_LABELS (the evaluation's face + hair)
 
 
 def render_timestamp(points: np.ndarray, canonical: np.ndarray, observed: np.ndarray, keep: np.ndarray,
                      cameras: dict[str, Camera], serials: list[str], tracked: np.ndarray, faces: np.ndarray,
                      radius: int = 0, device: str = "cpu",
-                     dense_depth: np.ndarray | None = None, dense_tol_m: float = 0.005) -> ViewMaps:
-    """Render one timestamp's maps (see module docstring). points/canonical: (N, 3); observed (N, V)."""
+                     dense_depth: np.ndarray | None = None, dense_tol_m: float = 0.005,
+                     vertex_label: np.ndarray | None = None,
+                     segmentation: dict[str, np.ndarray] | None = None) -> ViewMaps:
+    """Render one timestamp's maps (see module docstring). points/canonical: (N, 3); observed (N, V);
+    tracked (Vtx, 3) world metres; vertex_label (Vtx,) region codes (:func:`regions.vertex_labels`; None:
+    no region map, all zeros); segmentation: serial -> (H, W) bool foreground of the view, or None."""
     import torch
+
+    from ..regions import region_map
 
     first = cameras[serials[0]]
     n_v, h, w = len(serials), first.height, first.width
@@ -107,6 +120,7 @@ def render_timestamp(points: np.ndarray, canonical: np.ndarray, observed: np.nda
     canon = np.zeros((n_v, h, w, 3), np.float32)
     index = np.full((n_v, h, w), -1, np.int64)
     fg = np.zeros((n_v, h, w), bool)
+    region = np.zeros((n_v, h, w), np.uint8)
     scene = raycasting_scene(tracked, faces)
     pts_t = torch.as_tensor(points, dtype=torch.float32, device=device)
     can_t = torch.as_tensor(canonical, dtype=torch.float32, device=device)
@@ -125,9 +139,14 @@ def render_timestamp(points: np.ndarray, canonical: np.ndarray, observed: np.nda
             i = np.where(agree, i, -1)
             c = np.where(agree[..., None], c, 0)
         depth[v], canon[v], index[v] = d, c, i
-        fg[v] = cast_camera_rays(scene, cam)[1] >= 0
+        triangle = cast_camera_rays(scene, cam)[1]
+        fg[v] = triangle >= 0
+        if vertex_label is not None:
+            px, z = cam.project(tracked)
+            region[v] = region_map(triangle, faces, vertex_label, px, z > 1e-6,
+                                   None if segmentation is None else segmentation.get(s))
     mask = (index >= 0) & (depth > 0)
-    return ViewMaps(serials, depth, canon, mask, index, fg)
+    return ViewMaps(serials, depth, canon, mask, index, fg, region)
 
 
 def cross_view_canonical_mm(maps: ViewMaps, cameras: dict[str, Camera], tol_m: float,
@@ -194,6 +213,8 @@ class RenderResult:
     gt_canonical_error_mm_by_region: dict | None = None
     gt_canonical_error_mm_face_hair: float | None = None  # median over FACE_HAIR_REGIONS (the paper's region)
     gt_not_head_fraction: float | None = None  # valid pixels the ground truth says are torso or studio
+    region_iou_face_hair: float | None = None  # the stored face + hair region vs the ground truth's (median view)
+    region_iou_face_hair_min: float | None = None
     per_timestamp: list[dict] = field(default_factory=list)
 
     def figures(self) -> dict:
@@ -217,6 +238,8 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
     per_ts, gt_can, gt_rel, store_err, by_transfer_gt = [], [], [], 0.0, []
     by_region, not_head = [], [0, 0]  # (region id per pixel, error) per view; [not head, all] valid pixels
     regions = vertex_region_names(cfg) if gt is not None else None
+    vertex_label = region_vertex_labels(cfg)
+    region_iou = []  # per view: the region map's face + hair against the ground truth's
     render_s, n_views, cross, pairs, dense_any = 0.0, 0, [], 0, False
     for i, key in enumerate(keys):
         seq, frame = key.rsplit("/", 1)
@@ -235,7 +258,8 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
         pts = read_points(rdir / "points.ply")["positions"]
         t0 = time.perf_counter()
         maps = render_timestamp(pts, canonical, observed, keep, cams, serials, tracked[i], faces,
-                                rc.splat_radius_px, device, dense_depth)
+                                rc.splat_radius_px, device, dense_depth, vertex_label=vertex_label,
+                                segmentation=read_segmentation(rdir, serials))
         render_s += time.perf_counter() - t0
         n_views += len(serials)
         stored = maps.canonical.astype(rc.canonical_dtype)
@@ -253,7 +277,9 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
                 m = maps.mask[v] & g["mask"]
                 not_head[0] += int((maps.mask[v] & ~g["mask"]).sum())
                 not_head[1] += int(maps.mask[v].sum())
-                region_of_pixel = gt_regions(g, regions)[m]
+                gt_region = gt_regions(g, regions)
+                region_iou.append(mask_iou(eval_region(maps.region[v]), np.isin(gt_region, FACE_HAIR_IDS)))
+                region_of_pixel = gt_region[m]
                 ce.append(np.linalg.norm(stored[v][m].astype(np.float32) - g["canonical"][m], axis=1) * 1000)
                 rel.append(np.abs(maps.depth[v][m] - g["depth"][m]) / g["depth"][m])
                 point = maps.index[v][m]  # the point each valid pixel shows: its transfers and its distance
@@ -273,7 +299,7 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
         folder = render_dir(work, subject, seq, frame)
         folder.mkdir(parents=True, exist_ok=True)
         arrays = dict(depth=maps.depth, canonical=stored, mask=maps.mask, serials=np.array(serials),
-                      foreground=maps.foreground)
+                      foreground=maps.foreground, region=maps.region)
         atomic_write(folder / "maps.npz", lambda p: np.savez_compressed(p, **arrays))
         atomic_write(folder / "quality.json", lambda p: p.write_text(json.dumps(row)))
         if i == 0:
@@ -296,6 +322,8 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
         if face_hair.any():
             result.gt_canonical_error_mm_face_hair = round(float(np.median(all_ce[face_hair])), 4)
         result.gt_not_head_fraction = round(not_head[0] / max(not_head[1], 1), 5)
+        result.region_iou_face_hair = round(float(np.median(region_iou)), 4)
+        result.region_iou_face_hair_min = round(float(np.min(region_iou)), 4)
     return result
 
 
@@ -306,6 +334,31 @@ FACE_HAIR_REGIONS = ("face", "eyes", "mouth", "hair")  # the paper evaluates fac
 FACE_HAIR_IDS = [GT_REGIONS.index(n) for n in FACE_HAIR_REGIONS]
 _REGION_GROUP = {"eyeballs": "eyes", "lips": "face", "nose": "face", "eye_region": "eyes", "forehead": "face",
                  "face": "face", "ears": "ears", "neck": "neck", "scalp": "scalp", "other": "other"}
+
+
+def region_vertex_labels(cfg: PipelineConfig) -> np.ndarray:
+    """(V,) uint8 codes of :data:`~facecanon_data.regions.REGION_LABELS` per head-model vertex."""
+    from ..flame.assets import load_assets
+    from ..regions import vertex_labels
+    from .canonicalize import REGIONS, vertex_regions
+
+    return vertex_labels(vertex_regions(load_assets(cfg.flame))[0], REGIONS)
+
+
+def read_segmentation(rdir: Path, serials: list[str]) -> dict[str, np.ndarray] | None:
+    """serial -> (H, W) bool: the foreground ``reconstruct`` gave COLMAP (its ``masks/``), or None."""
+    import cv2
+
+    folder = rdir / "masks"
+    if not folder.is_dir():
+        return None
+    out = {}
+    for s in serials:
+        m = cv2.imread(str(folder / f"cam_{s}.png.png"), cv2.IMREAD_GRAYSCALE)
+        if m is None:
+            return None
+        out[s] = m > 127
+    return out
 
 
 def vertex_region_names(cfg: PipelineConfig) -> np.ndarray:

@@ -36,7 +36,7 @@ def subject_data_from_work(work, subject: str, cfg: PipelineConfig) -> SubjectDa
         keys, tracked, canonical_v, faces = [str(k) for k in z["keys"]], z["tracked"], z["canonical"], z["faces"]
     with np.load(track.file("params.npz")) as z:
         params = {k: z[k] for k in z.files if k != "keys"}
-    rgb, depth, canon, mask, ks, w2cs, stamps, pts, pcan = [], [], [], [], [], [], [], [], []
+    rgb, depth, canon, mask, region, ks, w2cs, stamps, pts, pcan = [], [], [], [], [], [], [], [], [], []
     serials = None
     for key in keys:
         seq, frame = key.rsplit("/", 1)
@@ -47,6 +47,10 @@ def subject_data_from_work(work, subject: str, cfg: PipelineConfig) -> SubjectDa
             depth.append(z["depth"])
             canon.append(z["canonical"])
             mask.append(z["mask"])
+            if "region" not in z.files:
+                raise InputValueError(f"{render_dir(work, subject, seq, frame) / 'maps.npz'}: no region map "
+                                      f"(written by an older render; run `render` again)")
+            region.append(z["region"])
         serials = serials or ser
         if ser != serials:
             raise InputValueError(f"{rdir}: camera serials differ between timestamps")
@@ -69,7 +73,7 @@ def subject_data_from_work(work, subject: str, cfg: PipelineConfig) -> SubjectDa
                         faces=faces.astype(np.int32))
     return SubjectData(
         subject=subject, serials=serials, timestamps=stamps, rgb=np.stack(rgb), depth=np.stack(depth),
-        canonical=np.stack(canon), mask=np.stack(mask), K=np.stack(ks), world_2_cam=np.stack(w2cs),
+        canonical=np.stack(canon), mask=np.stack(mask), region=np.stack(region), K=np.stack(ks), world_2_cam=np.stack(w2cs),
         track=track_arrays, points_xyz=pts, points_canonical=pcan,
         provenance={"source": str(cfg.capture.root), "pipeline": cfg.name, "pipeline_file": cfg.source_file,
                     "config_hash": cfg.hash(), "config": cfg.to_dict(), "code_version": code_version()})

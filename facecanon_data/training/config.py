@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..cameras import FRONTAL_SERIAL
 from ..config import ConfigError, load_toml_config
 
 OUTPUTS = ("depth", "ray", "canonical")
@@ -112,9 +113,12 @@ class EvalConfig:
     subjects: list[str] = field(default_factory=list)  # evaluated subjects (held out from training)
     manifest: str = ""  # alternatively a manifest (subject + sequence filter per line)
     resolution: list[int] = field(default_factory=lambda: [112, 84])  # (height, width)
-    views_per_sample: int = 8  # images processed together for depth and cross-view pairs
-    margins: list[int] = field(default_factory=lambda: [1, 2])  # temporal margins (kept-timestamp steps)
-    cross_view: bool = True  # also evaluate same-timestamp cross-view pairs (margin 0)
+    views_per_sample: int = 16  # images per forward pass: all 16 views of a timestamp (multi-view depth)
+    frontal_serial: str = FRONTAL_SERIAL  # the camera of correspondences and monocular depth (the paper)
+    first_frames: int = 40  # timestamps with frame < this are evaluated (the paper: the first 40 frames)
+    margins: list[int] = field(default_factory=lambda: [2, 8])  # temporal margins in frames (Tab. 2: 2 and 8)
+    margins_average: list[int] = field(default_factory=lambda: [1, 10])  # [first, last]: Tab. 4's "1-10" column
+    cross_view: bool = False  # also two cameras at one timestamp (margin 0; not in the paper's tables)
     gt_match_mm: float = 2.0  # a ground-truth correspondence: stored canonical points this close
     max_queries: int = 400  # query pixels per image pair (deterministic subsample)
     max_pairs: int = 200  # image pairs per margin
@@ -134,8 +138,12 @@ def load_eval_config(path: str | Path) -> EvalConfig:
         raise ConfigError(f"{path}: resolution must be [height, width], multiples of 14")
     if not cfg.subjects and not cfg.manifest:
         raise ConfigError(f"{path}: give subjects or a manifest")
-    if any(m < 1 for m in cfg.margins):
-        raise ConfigError(f"{path}: margins must be >= 1")
+    if not cfg.margins or any(m < 1 for m in cfg.margins):
+        raise ConfigError(f"{path}: margins must be one or more frame counts >= 1")
+    if cfg.margins_average and (len(cfg.margins_average) != 2 or not 1 <= cfg.margins_average[0] <= cfg.margins_average[1]):
+        raise ConfigError(f"{path}: margins_average must be [first, last] with 1 <= first <= last, or []")
+    if cfg.first_frames < 2 or not 1 <= cfg.views_per_sample <= 16:
+        raise ConfigError(f"{path}: first_frames must be >= 2 and views_per_sample in 1..16")
     return cfg
 
 

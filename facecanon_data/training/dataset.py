@@ -10,6 +10,8 @@ A sample (``__getitem__``) is a dict of tensors, N images at the target resoluti
   depth          (N, 1, H, W) float32 metres along the optical axis, 0 = no label
   canonical      (N, 3, H, W) float32 metres, FLAME canonical space
   mask           (N, 1, H, W) bool, depth and canonical labels valid
+  region         (N, H, W) uint8 codes of regions.REGION_LABELS, only with ``with_region=True``
+                 (the evaluator's face + hair region; nearest-neighbour resized, it is dense)
   K              (N, 3, 3) float32 pixels of the resized image
   world_2_cam    (N, 4, 4) float32 metres
   ray_origin     (N, 3, H, W) float32 camera centre in world coordinates, metres (an expanded view)
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 
 from ..cameras import scale_intrinsics
-from ..store import CAMERA_ARRAYS, IMAGE_ARRAYS, read_index, subject_readers
+from ..store import CAMERA_ARRAYS, TRAINING_ARRAYS, read_index, subject_readers
 
 
 @dataclass
@@ -103,7 +105,7 @@ class FaceCanonDataset(torch.utils.data.Dataset):
 
     def __init__(self, store: str | Path, mode: str = "views", images_per_sample: int | tuple[int, int] = 4,
                  resolution: tuple[int, int] = (518, 518), filter: IndexFilter | None = None,
-                 color_jitter: float = 0.0, seed: int = 0, epoch: int = 0):
+                 color_jitter: float = 0.0, seed: int = 0, epoch: int = 0, with_region: bool = False):
         if mode not in ("views", "time"):
             raise ValueError(f"mode must be 'views' or 'time', got {mode!r}")
         lo, hi = (images_per_sample, images_per_sample) if isinstance(images_per_sample, int) else images_per_sample
@@ -111,6 +113,8 @@ class FaceCanonDataset(torch.utils.data.Dataset):
             raise ValueError(f"images_per_sample must lie in 1..16, got {images_per_sample}")
         self.store, self.mode, self.range = Path(store), mode, (lo, hi)
         self.resolution, self.color_jitter, self.seed = resolution, color_jitter, seed
+        # the evaluation reads the region map too; training does not pay for it
+        self.image_arrays = TRAINING_ARRAYS + (("region",) if with_region else ())
         idx = read_index(self.store).to_pydict()
         keep = np.ones(len(idx["subject"]), bool)
         f = filter or IndexFilter()
@@ -162,18 +166,18 @@ class FaceCanonDataset(torch.utils.data.Dataset):
             self._groups, self._pid = {}, os.getpid()
         if subject not in self._groups:
             readers = subject_readers(self.store, subject)
-            self._groups[subject] = {**{k: readers[k] for k in IMAGE_ARRAYS},
+            self._groups[subject] = {**{k: readers[k] for k in self.image_arrays},
                                      **{k: readers[k].read_all() for k in CAMERA_ARRAYS}}
         return self._groups[subject]
 
     def read_raw(self, rows: list[int]) -> dict[str, list[np.ndarray]]:
         """The stored chunks of some index rows, each decoded and checksum-verified (the loader's raw
         bound); a missing or altered chunk raises naming the subject, array and chunk."""
-        out = {k: [] for k in (*IMAGE_ARRAYS, *CAMERA_ARRAYS)}
+        out = {k: [] for k in (*self.image_arrays, *CAMERA_ARRAYS)}
         for i in rows:
             g = self._group(str(self.rows["subject"][i]))
             t, v = int(self.rows["t"][i]), int(self.rows["v"][i])
-            for k in IMAGE_ARRAYS:
+            for k in self.image_arrays:
                 reader = g[k]
                 out[k].append(reader.read_chunk((t, v) + (0,) * (len(reader.shape) - 2))[0, 0])
             for k in CAMERA_ARRAYS:
@@ -196,6 +200,7 @@ class FaceCanonDataset(torch.utils.data.Dataset):
         depths = np.empty((n, h, w), np.float32)
         canons = np.empty((n, h, w, 3), np.float32)
         masks = np.empty((n, h, w), bool)
+        regions = np.empty((n, h, w), np.uint8) if "region" in raw else None
         dirs = np.empty((n, 3, h, w), np.float32)
         ks, origins = [], []
         for j in range(n):
@@ -207,6 +212,8 @@ class FaceCanonDataset(torch.utils.data.Dataset):
                         out=images[j], casting="unsafe")
             resample_labels(raw["depth"][j], raw["canonical"][j], raw["mask"][j], h, w,
                             out=(depths[j], canons[j], masks[j]))
+            if regions is not None:  # a dense label map: nearest-neighbour resize
+                regions[j] = cv2.resize(raw["region"][j], (w, h), interpolation=cv2.INTER_NEAREST)
             k = scale_intrinsics(raw["K"][j], w / sw, h / sh)
             ks.append(k)
             centre, _ = ray_maps(k, raw["world_2_cam"][j], h, w, out=dirs[j])
@@ -215,7 +222,9 @@ class FaceCanonDataset(torch.utils.data.Dataset):
         if self.color_jitter > 0 and jitter_key is not None:
             image = self._jitter(image, jitter_key)
         r = self.rows
+        extra = {} if regions is None else {"region": torch.from_numpy(regions)}
         return {
+            **extra,
             "image": image,
             "depth": torch.from_numpy(depths)[:, None],
             "canonical": torch.from_numpy(canons).permute(0, 3, 1, 2),

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .dataset import FaceCanonDataset, IndexFilter
-from .evaluate import forward_sample, face_region
+from .evaluate import forward_sample
 from ..errors import InputValueError
 
 
@@ -41,7 +41,8 @@ def visualize(model, store: str, out: str | Path, subject: str, canonical_scale:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ds = FaceCanonDataset(store, mode="views", images_per_sample=1, filter=IndexFilter(subjects=[subject]))
+    ds = FaceCanonDataset(store, mode="views", images_per_sample=1, filter=IndexFilter(subjects=[subject]),
+                          with_region=True)
     rows = ds.rows
     if len(rows["t"]) == 0:
         raise InputValueError(f"{store}: subject {subject} is not in the store")
@@ -61,7 +62,7 @@ def visualize(model, store: str, out: str | Path, subject: str, canonical_scale:
     lo, hi = gt_c[mask].min(0), gt_c[mask].max(0)
     fig, axes = plt.subplots(5, n, figsize=(2.2 * n, 2.2 * 5 * h / w), squeeze=False)
     for j in range(n):
-        region = face_region(mask[j])
+        region = pred.region[j]
         m = mask[j] & (depth_gt[j] > 0)
         s = np.median(depth_gt[j][m]) / np.median(depth_pred[j][m]) if m.sum() > 10 else 1.0
         vmin, vmax = (np.percentile(depth_gt[j][m], [2, 98]) if m.any() else (0, 1))
@@ -105,7 +106,7 @@ def _correspondence_figure(pred, images: np.ndarray, a: int, b: int, path: Path,
     rng = np.random.default_rng(0)
     if len(qa) > lines:
         qa = qa[np.sort(rng.choice(len(qa), lines, replace=False))]
-    region = np.argwhere(face_region(pred.mask[b]))
+    region = np.argwhere(pred.region[b])
     fig, ax = plt.subplots(figsize=(5, 5 * h / (2 * w)))
     ax.imshow(np.concatenate([images[a], images[b]], 1))
     ax.set_axis_off()
