@@ -249,6 +249,9 @@ def build_cmd(subjects_file: Path = typer.Option(..., "--subjects", help="Manife
               workers: int = typer.Option(0, "--workers", min=0, help="Local cluster worker processes (0 = one per core)."),
               threads: Optional[int] = typer.Option(None, "--threads", min=0, help="Threads per stage (COLMAP, torch); "
                                                     "1 makes runs bit-reproducible. Default: the pipeline's."),
+              keep_work: str = typer.Option("light", "--keep-work", help="After a subject is committed: light (drop "
+                                            "images, COLMAP workspaces and written maps; resumable), none (drop its "
+                                            "work folder) or all."),
               as_json: bool = JsonOpt) -> None:
     """Run the whole chain for the subjects of a manifest into a store (resumable, fault-isolated)."""
     import os
@@ -259,6 +262,10 @@ def build_cmd(subjects_file: Path = typer.Option(..., "--subjects", help="Manife
     from .paths import PROJECT_ROOT, expand
     from .stages.chain import STAGES
 
+    from .stages.prune import KEEP_WORK
+
+    if keep_work not in KEEP_WORK:
+        _fail(f"--keep-work takes {' | '.join(KEEP_WORK)}; got {keep_work!r}")
     entries = _guarded(read_manifest, subjects_file)  # refuses bad ids before any work
     bad = [f for f in force if f not in STAGES]
     if bad:
@@ -292,7 +299,7 @@ def build_cmd(subjects_file: Path = typer.Option(..., "--subjects", help="Manife
 
         with RichBuildProgress(_stderr_console()) as progress:
             outcomes = build(entries, cfg, spec, work_dir, store, cluster, subject, tuple(force),
-                             progress=progress, workers=workers)
+                             progress=progress, workers=workers, keep_work=keep_work)
     except InputError as exc:
         _fail(str(exc))
     table = Table(title=f"build: {sum(o.ok for o in outcomes)} ok, {sum(not o.ok for o in outcomes)} failed -> {store}")

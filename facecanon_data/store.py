@@ -20,8 +20,9 @@ Layout (schema version ``SCHEMA_VERSION``)::
     STORE/index.parquet                   one row per view-sample
     STORE/.staging/                       subjects being written (never read)
 
-Image arrays have one view-image per chunk and one shard per array, so a subject is a few files and a
-reader fetches exactly one chunk per view. Every chunk is encoded ``bytes → zstd(1) → crc32c`` and
+Image arrays have one view-image per chunk and one shard per timestamp, so a reader fetches exactly one
+chunk per view and a writer streams: it holds one timestamp of images at a time, whatever the subject's
+length (each shard is written whole, never read back and rewritten). Every chunk is encoded ``bytes → zstd(1) → crc32c`` and
 written even when it holds only the fill value, so a chunk that is absent is always an error, never
 zeros (:mod:`facecanon_data.chunk_reader` reads and verifies them). The subject's attrs carry an
 ``integrity`` manifest: every file of the subject group (array metadata and chunk files) with its size
@@ -58,7 +59,11 @@ class StoreError(InputError, ValueError):
 
 @dataclass
 class SubjectData:
-    """Everything stored for one subject (T kept timestamps, V views, H x W images)."""
+    """Everything stored for one subject (T kept timestamps, V views, H x W images).
+
+    The image arrays may be numpy arrays or any *timestamp stack*: an object with ``shape``, ``dtype``
+    and ``stack[t]`` returning timestamp t's (V, H, W, ...) array; :func:`write_subject` reads them one
+    timestamp at a time, so a stack that loads on demand keeps the writer's memory to one timestamp."""
 
     subject: str
     serials: list[str]
@@ -85,8 +90,17 @@ class SubjectData:
         if len(self.serials) != v or len(self.timestamps) != t:
             raise StoreError(f"subject {self.subject}: {len(self.serials)} serials / {len(self.timestamps)} "
                              f"timestamps for arrays of {v} views / {t} timestamps")
-        if not np.isfinite(self.depth).all() or not np.isfinite(self.canonical.astype(np.float32)).all():
-            raise StoreError(f"subject {self.subject}: depth or canonical contains NaN/inf")
+
+    def timestamp_images(self, t: int) -> dict[str, np.ndarray]:
+        """Timestamp t's image arrays, {name: (V, H, W, ...)} in the store's dtypes, checked finite."""
+        out = {name: np.ascontiguousarray(np.asarray(getattr(self, name)[t]).astype(dtype, copy=False))
+               for name, dtype in IMAGE_ARRAYS.items()}
+        for name in ("depth", "canonical"):
+            if not np.isfinite(out[name]).all():
+                stamp = self.timestamps[t]
+                raise StoreError(f"subject {self.subject}: {name} of timestamp {stamp.get('sequence')}/"
+                                 f"{stamp.get('frame')} contains NaN/inf")
+        return out
 
 
 def _compressors():
@@ -95,18 +109,21 @@ def _compressors():
     return [zc.ZstdCodec(level=1), zc.Crc32cCodec()]
 
 
-def _write_array(group, name: str, data: np.ndarray, image: bool = False) -> None:
+# write_empty_chunks: a chunk of fill values is stored too, so "absent" can only mean "lost".
+_WRITE_CONFIG = {"write_empty_chunks": True}
+
+
+def _create_image_array(group, name: str, shape: tuple[int, ...], dtype: str):
+    """(T, V, H, W, ...): one view-image per chunk, one timestamp per shard."""
+    return group.create_array(name, shape=shape, dtype=dtype, chunks=(1, 1) + tuple(shape[2:]),
+                              shards=(1,) + tuple(shape[1:]), compressors=_compressors(), config=_WRITE_CONFIG)
+
+
+def _write_array(group, name: str, data: np.ndarray) -> None:
     data = np.ascontiguousarray(data)
-    # write_empty_chunks: a chunk of fill values is stored too, so "absent" can only mean "lost".
-    config = {"write_empty_chunks": True}
-    if image:
-        chunks = (1, 1) + data.shape[2:]
-        group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=data.shape,
-                           compressors=_compressors(), config=config)[...] = data
-    else:
-        arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape or (1,),
-                                 compressors=_compressors(), config=config)
-        arr[...] = data
+    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape or (1,),
+                             compressors=_compressors(), config=_WRITE_CONFIG)
+    arr[...] = data
 
 
 def _file_manifest(group_dir: Path) -> dict[str, list[int]]:
@@ -156,8 +173,11 @@ def write_subject(store: str | Path, data: SubjectData) -> Path:
     staging = store / ".staging" / f"{data.subject}-{uuid.uuid4().hex[:8]}"
     try:
         g = zarr.open_group(str(staging), mode="w", zarr_format=3)
-        for name, dtype in IMAGE_ARRAYS.items():
-            _write_array(g, name, getattr(data, name).astype(dtype), image=True)
+        images = {name: _create_image_array(g, name, tuple(getattr(data, name).shape), dtype)
+                  for name, dtype in IMAGE_ARRAYS.items()}
+        for t in range(len(data.timestamps)):  # one timestamp in memory at a time: one shard per array
+            for name, slab in data.timestamp_images(t).items():
+                images[name][t] = slab
         for name in CAMERA_ARRAYS:
             _write_array(g, name, getattr(data, name).astype(np.float32))
         tg = g.create_group("track")

@@ -182,7 +182,7 @@ def _drop_chunk(array_dir, coords):
     arr[index] = np.zeros(arr[index].shape, arr.dtype)  # all fill value -> the chunk is dropped
 
 
-@pytest.mark.parametrize("name", ["rgb", "depth", "canonical", "mask", "K", "world_2_cam"])
+@pytest.mark.parametrize("name", ["rgb", "depth", "canonical", "mask", "region", "K", "world_2_cam"])
 def test_a_missing_chunk_of_each_array_is_found_and_never_read_as_zeros(store, tmp_path, name):
     from facecanon_data.chunk_reader import ChunkError
 
@@ -192,9 +192,9 @@ def test_a_missing_chunk_of_each_array_is_found_and_never_read_as_zeros(store, t
     assert any(f"array {name}" in p and "missing" in p for p in problems), problems
     assert validate_store(bad, quick=True) != []  # the quick mode sees the changed file size
     ds = FaceCanonDataset(bad, mode="views", images_per_sample=6, resolution=(30, 20),
-                          filter=IndexFilter(subjects=["901"]))
+                          filter=IndexFilter(subjects=["901"]), with_region=True)
     row = next(i for i, s in enumerate(ds.samples) if 2 in {int(ds.rows["t"][j]) for j in s})
-    chunk = r"\(2, 3, " if name in ("rgb", "depth", "canonical", "mask") else r"\(0, 0, "  # cameras: one chunk
+    chunk = r"\(2, 3, " if name in ("rgb", "depth", "canonical", "mask", "region") else r"\(0, 0, "  # cameras: one chunk
     with pytest.raises(ChunkError, match=rf"subject 901, array {name}: chunk {chunk}.* missing"):
         ds[row]
 
@@ -278,3 +278,44 @@ def test_side_arrays_are_checked_against_the_schema(store, tmp_path):
     meta.write_text(json.dumps(m))
     problems = validate_store(bad)
     assert any("points/xyz: (" in p and "float64 does not fit the schema ((P, 3) float32)" in p for p in problems), problems
+
+
+class _SyntheticStack:
+    """A timestamp stack that makes each timestamp's array on demand (nothing held between reads)."""
+
+    def __init__(self, shape, dtype, seed: int):
+        self.shape, self.dtype, self.seed = shape, np.dtype(dtype), seed
+
+    def __getitem__(self, t):
+        rng = np.random.default_rng([self.seed, t])
+        return (rng.random(self.shape[1:]) * 200).astype(self.dtype)
+
+
+def _streamed_subject(pid: str, t: int):
+    base = fake_subject(pid, t=1, views=4, h=120, w=80)
+    v, h, w = base.depth.shape[1:]
+    stacks = {name: _SyntheticStack((t, v, h, w) + extra, dtype, i) for i, (name, extra, dtype) in enumerate(
+        (("rgb", (3,), np.uint8), ("depth", (), np.float32), ("canonical", (3,), np.float16), ("mask", (), bool),
+         ("region", (), np.uint8)))}
+    base.__dict__.update(stacks, timestamps=base.timestamps * t, K=np.repeat(base.K, t, 0),
+                         world_2_cam=np.repeat(base.world_2_cam, t, 0), points_xyz=base.points_xyz * t,
+                         points_canonical=base.points_canonical * t)
+    return base
+
+
+def test_write_streams_one_timestamp_at_a_time(tmp_path):
+    """Peak traced memory of `write_subject` does not grow with the number of timestamps."""
+    import tracemalloc
+
+    peaks = {}
+    for t in (2, 12):
+        data = _streamed_subject("900", t)
+        tracemalloc.start()
+        write_subject(tmp_path / f"s{t}", data)
+        peaks[t] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        build_index(tmp_path / f"s{t}")
+        assert validate_store(tmp_path / f"s{t}") == []
+    one_timestamp = 4 * 120 * 80 * (3 + 4 + 6 + 1 + 1)  # bytes of one timestamp's images
+    assert peaks[12] < 1.3 * peaks[2] + one_timestamp, peaks  # 6x the timestamps, about the same peak
+    assert peaks[12] < 12 * one_timestamp / 2, peaks  # far below holding the subject's images

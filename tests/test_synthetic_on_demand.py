@@ -133,5 +133,7 @@ def test_build_from_an_empty_folder_renders_the_capture_and_ends_in_a_valid_stor
     assert {"face", "hair"} <= set(figures["gt_canonical_error_mm_by_region"]), figures
     assert figures["gt_canonical_error_mm_face_hair"] < 4.0, figures
     assert figures["gt_not_head_fraction"] < 0.05, figures
+    # the stored face + hair region (the evaluation's stand-in for Facer masks) against the ground truth's
+    assert figures["region_iou_face_hair"] >= 0.9 and figures["region_iou_face_hair_min"] >= 0.85, figures
     (canon,) = (tmp_path / "out").glob("**/900/canonicalize/_DONE.json")
     assert json.loads(canon.read_text())["figures"]["points_body"] > 0

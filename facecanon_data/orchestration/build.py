@@ -56,6 +56,8 @@ class SubjectOutcome:
     seconds: dict[str, float] = field(default_factory=dict)
     stages: dict[str, str] = field(default_factory=dict)
     units: dict[str, dict[str, int]] = field(default_factory=dict)  # fan-out stage -> {"ran": n, "reused": n}
+    keep_work: str = ""  # the work-folder policy applied after the commit ("" = not applied: failed)
+    work_mb_per_timestamp: float | None = None  # what it left, per reconstructed timestamp
 
     def record(self, run: dict) -> None:
         """Take one finished stage's report (see :func:`_report`)."""
@@ -68,6 +70,15 @@ class SubjectOutcome:
 
     def fail(self, stage: str, exc: BaseException) -> None:
         self.ok, self.failed_stage, self.reason = False, stage, f"{type(exc).__name__}: {exc}"
+
+    def prune(self, work: str, keep_work: str) -> None:
+        """After the whole chain: apply the work-folder policy (never to a failed subject, whose work
+        folder is what a resume and a diagnosis need)."""
+        from ..stages.prune import prune_work
+
+        if self.ok and len(self.stages) == len(CHAIN):
+            result = prune_work(work, self.subject, keep_work)
+            self.keep_work, self.work_mb_per_timestamp = keep_work, round(result.mb_per_timestamp, 3)
 
 
 def _outcome_fields(figures: dict) -> dict:
@@ -131,8 +142,9 @@ def task_finish(spec, subject: str, cfg: PipelineConfig, work: str, store: str, 
 
 
 def run_subject_inline(spec: "SourceSpec", subject: str, cfg: PipelineConfig, work: str, store: str,
-                       force=()) -> SubjectOutcome:
-    """The whole chain of one subject in this process (batch jobs: one subject per job)."""
+                       force=(), keep_work: str = "all") -> SubjectOutcome:
+    """The whole chain of one subject in this process (batch jobs: one subject per job), then the
+    work-folder policy (:mod:`~facecanon_data.stages.prune`)."""
     out = SubjectOutcome(subject)
     ctx = _context(spec, subject, cfg, work, store)
     for stage in CHAIN:
@@ -142,13 +154,16 @@ def run_subject_inline(spec: "SourceSpec", subject: str, cfg: PipelineConfig, wo
             out.fail(stage.name, exc)
             log.debug("subject %s failed in %s:\n%s", subject, stage.name, traceback.format_exc())
             break
+    out.prune(work, keep_work)
     return out
 
 
 def run_build_dask(client, spec: "SourceSpec", subjects: list[str], cfg: PipelineConfig, work: str, store: str,
-                   force=(), gpu: bool = False, progress: "BuildProgress | None" = None) -> list[SubjectOutcome]:
+                   force=(), gpu: bool = False, progress: "BuildProgress | None" = None,
+                   keep_work: str = "all") -> list[SubjectOutcome]:
     """Schedule all subjects on a Dask client: each subject walks the chain, a fan-out stage's units
-    run as separate tasks once its plan is known."""
+    run as separate tasks once its plan is known; a subject's work folder is pruned (``keep_work``) as
+    soon as its last stage completes, so a large build's disk holds few subjects' intermediates."""
     from distributed import as_completed
 
     outcomes = {s: SubjectOutcome(s) for s in subjects}
@@ -205,6 +220,8 @@ def run_build_dask(client, spec: "SourceSpec", subjects: list[str], cfg: Pipelin
         index = [s.name for s in CHAIN].index(name)
         if index + 1 < len(CHAIN):
             ac.add(start(subject, index + 1))
+        else:
+            o.prune(work, keep_work)  # file deletions on the shared work folder, in this process
     for o in outcomes.values():  # success means every stage completed, never "nothing left to schedule"
         if o.ok and len(o.stages) != len(CHAIN):
             o.ok, o.failed_stage, o.reason = False, CHAIN[-1].name, "the chain stopped before its last stage"

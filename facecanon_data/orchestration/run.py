@@ -107,15 +107,17 @@ def ensure_synthetic_capture(cfg: PipelineConfig, root: str, subjects: list[str]
 
 def build(entries: list[ManifestEntry], cfg: PipelineConfig, spec: SourceSpec, work: str, store: str,
           cluster: str = "local", subject: str | None = None, force=(), progress=None,
-          workers: int = 0) -> list[SubjectOutcome]:
-    """Run the chain for the manifest's subjects (or one ``subject`` in-process) and index the store."""
+          workers: int = 0, keep_work: str = "all") -> list[SubjectOutcome]:
+    """Run the chain for the manifest's subjects (or one ``subject`` in-process) and index the store;
+    each completed subject's work folder then follows ``keep_work`` (none | light | all)."""
     from ..store import build_index
 
     subjects = [e.subject for e in entries]
     if subject is not None:
         if subject not in subjects:
             raise InputValueError(f"subject {subject} is not in the manifest")
-        outcomes = [run_subject_inline(spec, subject, _entry_config(cfg, entries, subject), work, store, force)]
+        outcomes = [run_subject_inline(spec, subject, _entry_config(cfg, entries, subject), work, store, force,
+                                       keep_work)]
     else:
         client, gpu = make_client(cluster, workers, cfg.threads, cfg.slurm)
         try:
@@ -124,11 +126,11 @@ def build(entries: list[ManifestEntry], cfg: PipelineConfig, spec: SourceSpec, w
             outcomes = []
             plain = [e.subject for e in entries if not (e.sequences or e.timestamps)]
             if plain:
-                outcomes += run_build_dask(client, spec, plain, cfg, work, store, force, gpu, progress)
+                outcomes += run_build_dask(client, spec, plain, cfg, work, store, force, gpu, progress, keep_work)
             for e in entries:  # subjects with a sequence filter or a timestamps option carry their own config
                 if e.sequences or e.timestamps:
                     outcomes += run_build_dask(client, spec, [e.subject], _entry_config(cfg, entries, e.subject),
-                                               work, store, force, gpu, progress)
+                                               work, store, force, gpu, progress, keep_work)
         finally:
             client.close()
             if cluster in ("local", "slurm") and client.cluster is not None:

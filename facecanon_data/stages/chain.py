@@ -146,6 +146,19 @@ def _render(ctx: StageContext) -> Figures:
     return run_render(ctx.source, ctx.subject, ctx.cfg, ctx.work).figures()
 
 
+def _render_maps_present(ctx: StageContext, record: dict) -> bool:
+    """The maps are there, or a light build removed them after ``write`` committed them and the store
+    still holds that commit (so nothing will read them); otherwise render again before ``write``."""
+    from ..artifacts import StageDir
+    from .render import maps_present
+
+    if maps_present(ctx.work, ctx.subject):
+        return True
+    written = StageDir(ctx.work, ctx.subject, "write").done()
+    return (written is not None and written.get("upstream", {}).get("render") == StageDir(ctx.work, ctx.subject, "render").digest()
+            and ctx.store is not None and _store_holds_this_commit(ctx, written))
+
+
 def _describe_render(subject: str, f: Figures) -> str:
     line = (f"subject {subject}: {f['timestamps']} timestamps x {f['views']} views rendered ({f['ms_per_view']:.0f} ms "
             f"per view), valid fraction {f['valid_fraction']:.2%} of the head, cross-view canonical disagreement "
@@ -163,7 +176,7 @@ def _describe_render(subject: str, f: Figures) -> str:
 def _write(ctx: StageContext) -> Figures:
     from .write import run_write
 
-    return run_write(ctx.subject, ctx.cfg, ctx.work, ctx.store, stage_key=ctx.key)
+    return run_write(ctx.subject, ctx.cfg, ctx.work, ctx.store, stage_key=ctx.key, source=ctx.source)
 
 
 def _store_path(ctx: StageContext) -> str:
@@ -203,6 +216,7 @@ CHAIN: tuple[Stage, ...] = check_chain((
           describe=_describe_canonicalize,
           help="Carry every reconstructed point into canonical space by its nearest tracked-surface deformation."),
     Stage("render", reads=("canonicalize",), sections=("render",), run=_render,
+          still_present=_render_maps_present,
           describe=_describe_render, help="Per-view depth, canonical and validity maps, with label-quality figures."),
     Stage("write", reads=("select", "render"), sections=(), run=_write, describe=_describe_write,
           key_extra=_store_path, still_present=_store_holds_this_commit, needs_store=True,

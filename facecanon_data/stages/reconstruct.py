@@ -78,6 +78,29 @@ def timestamp_dir(work, subject: str, sequence: str, frame: int) -> Path:
     return Path(work) / subject / STAGE / sequence / f"{frame:06d}"
 
 
+def view_images(source, subject: str, cfg: PipelineConfig, work, sequence: str, frame: int,
+                serials: list[str]) -> dict[str, np.ndarray]:
+    """serial -> (H, W, 3) uint8 RGB of a reconstructed timestamp at the working resolution: the PNGs
+    ``reconstruct`` wrote, or, once a ``light`` build pruned them, decoded again from the capture (the
+    same decoding, so the same pixels)."""
+    import cv2
+
+    folder = timestamp_dir(work, subject, sequence, frame) / "images"
+    paths = {s: folder / f"cam_{s}.png" for s in serials}
+    if all(p.is_file() for p in paths.values()):
+        out = {}
+        for s, p in paths.items():
+            img = cv2.imread(str(p))
+            if img is None:
+                raise InputValueError(f"{p}: unreadable image")
+            out[s] = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        return out
+    if source is None:
+        raise InputFileNotFound(f"{folder}: images pruned from the work folder and no capture to decode them from")
+    decoded = source.timestamp(subject, sequence, frame, downscale=cfg.reconstruct.downscale or cfg.capture.downscale)
+    return {s: decoded[s] for s in serials}
+
+
 def common_focus(cameras: list[Camera]) -> np.ndarray:
     """Least-squares point closest to all optical axes, (3,) meters: where the cameras look."""
     a, b = np.zeros((3, 3)), np.zeros(3)

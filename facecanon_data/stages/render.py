@@ -225,6 +225,17 @@ def render_dir(work, subject: str, sequence: str, frame: int) -> Path:
     return Path(work) / subject / STAGE / sequence / f"{frame:06d}"
 
 
+def maps_present(work, subject: str) -> bool:
+    """Every tracked timestamp still has its ``maps.npz`` (a light build removes them after ``write``)."""
+    track = StageDir(work, subject, "track")
+    if not track.file("vertices.npz").is_file():
+        return False
+    with np.load(track.file("vertices.npz")) as z:
+        keys = [str(k) for k in z["keys"]]
+    return all((render_dir(work, subject, k.rsplit("/", 1)[0], int(k.rsplit("/", 1)[1])) / "maps.npz").is_file()
+               for k in keys)
+
+
 def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "cpu") -> RenderResult:
     """Render every canonicalized timestamp of a subject and measure label quality."""
     rc = cfg.render
@@ -346,11 +357,17 @@ def region_vertex_labels(cfg: PipelineConfig) -> np.ndarray:
 
 
 def read_segmentation(rdir: Path, serials: list[str]) -> dict[str, np.ndarray] | None:
-    """serial -> (H, W) bool: the foreground ``reconstruct`` gave COLMAP (its ``masks/``), or None."""
+    """serial -> (H, W) bool: the foreground ``reconstruct`` gave COLMAP (its ``masks/``, or ``masks.npz``
+    once a light build packed them), or None."""
     import cv2
+
+    from .prune import unpack_masks
 
     folder = rdir / "masks"
     if not folder.is_dir():
+        if (rdir / "masks.npz").is_file():
+            masks = unpack_masks(rdir / "masks.npz")
+            return masks if set(serials) <= set(masks) else None
         return None
     out = {}
     for s in serials:

@@ -98,12 +98,13 @@ class TrackResult:
 # observations
 
 
-def load_observations(work, subject: str, keys: list[str], landmark_indices: np.ndarray) -> list[TimestampObservation]:
+def load_observations(work, subject: str, keys: list[str], landmark_indices: np.ndarray, source=None,
+                      cfg: PipelineConfig | None = None) -> list[TimestampObservation]:
     """The given kept timestamps (``"SEQ/FRAME"`` keys, from reconstruct's figures) with their points,
-    cameras and per-view landmarks."""
-    import cv2
-
+    cameras and per-view landmarks (views from :func:`~.reconstruct.view_images`: ``source`` and ``cfg``
+    decode them again where a light build pruned them)."""
     from ..facemesh import FaceMeshDetector
+    from .reconstruct import view_images
 
     obs = []
     with FaceMeshDetector(static_image_mode=True) as det:
@@ -112,9 +113,9 @@ def load_observations(work, subject: str, keys: list[str], landmark_indices: np.
             folder = timestamp_dir(work, subject, seq, int(frame))
             cams = read_cameras_json(folder / "cameras.json")
             lms = {}
+            images = view_images(source, subject, cfg, work, seq, int(frame), list(cams))
             for s in cams:
-                img = cv2.cvtColor(cv2.imread(str(folder / "images" / f"cam_{s}.png")), cv2.COLOR_BGR2RGB)
-                lm = det.detect(img)
+                lm = det.detect(images[s])
                 if lm is not None:
                     lms[s] = lm[landmark_indices, :2].astype(np.float64)
             obs.append(TimestampObservation(seq, int(frame), read_points(folder / "points.ply")["positions"]
@@ -521,7 +522,7 @@ def run_track(source, subject: str, cfg: PipelineConfig, work, device: str | Non
     assets = tracking_assets(cfg)
     t0 = time.perf_counter()
     if observations is None:
-        observations = load_observations(work, subject, timestamps or [], assets.embedding.mediapipe_idx)
+        observations = load_observations(work, subject, timestamps or [], assets.embedding.mediapipe_idx, source, cfg)
     obs = observations
     if not obs:
         raise InputValueError(f"subject {subject}: no kept timestamps to track")

@@ -15,15 +15,53 @@ from ..cameras import read_cameras_json
 from ..config import PipelineConfig
 from ..store import SubjectData, write_subject
 from .canonicalize import canonical_dir
-from .reconstruct import read_points, timestamp_dir
+from .reconstruct import read_points, timestamp_dir, view_images
 from .render import render_dir
 from ..errors import InputValueError
 
 STAGE = "write"
 
 
-def subject_data_from_work(work, subject: str, cfg: PipelineConfig) -> SubjectData:
-    import cv2
+class _WorkImages:
+    """The image arrays of a subject's work folder, loaded one timestamp at a time (the most recent kept):
+    ``render``'s maps and ``reconstruct``'s images of timestamp t, {name: (V, H, W, ...)}."""
+
+    def __init__(self, work, subject: str, keys: list[str], serials: list[str], source=None,
+                 cfg: PipelineConfig | None = None):
+        self.work, self.subject, self.keys, self.serials = work, subject, keys, serials
+        self.source, self.cfg = source, cfg
+        self._cached: tuple[int, dict[str, np.ndarray]] | None = None
+
+    def load(self, t: int) -> dict[str, np.ndarray]:
+        if self._cached is not None and self._cached[0] == t:
+            return self._cached[1]
+        seq, frame = self.keys[t].rsplit("/", 1)
+        maps = render_dir(self.work, self.subject, seq, int(frame)) / "maps.npz"
+        with np.load(maps) as z:
+            if [str(s) for s in z["serials"]] != self.serials:
+                raise InputValueError(f"{maps}: camera serials differ between timestamps")
+            if "region" not in z.files:
+                raise InputValueError(f"{maps}: no region map (written by an older render; run `render` again)")
+            out = {k: z[k] for k in ("depth", "canonical", "mask", "region")}
+        images = view_images(self.source, self.subject, self.cfg, self.work, seq, int(frame), self.serials)
+        out["rgb"] = np.stack([images[s] for s in self.serials])
+        self._cached = (t, out)
+        return out
+
+
+class _WorkStack:
+    """One image array of :class:`_WorkImages` as a timestamp stack (``shape``, ``dtype``, ``[t]``)."""
+
+    def __init__(self, images: _WorkImages, name: str, shape: tuple[int, ...], dtype):
+        self.images, self.name, self.shape, self.dtype = images, name, shape, np.dtype(dtype)
+
+    def __getitem__(self, t: int) -> np.ndarray:
+        return self.images.load(t)[self.name]
+
+
+def subject_data_from_work(work, subject: str, cfg: PipelineConfig, source=None) -> SubjectData:
+    """The subject as the store writes it; its image arrays are timestamp stacks over the work folder
+    (one timestamp in memory at a time), everything else is small and loaded here."""
     import pyarrow.parquet as pq
 
     sel = pq.read_table(StageDir(work, subject, "select").file("selection.parquet")).to_pydict()
@@ -36,32 +74,25 @@ def subject_data_from_work(work, subject: str, cfg: PipelineConfig) -> SubjectDa
         keys, tracked, canonical_v, faces = [str(k) for k in z["keys"]], z["tracked"], z["canonical"], z["faces"]
     with np.load(track.file("params.npz")) as z:
         params = {k: z[k] for k in z.files if k != "keys"}
-    rgb, depth, canon, mask, region, ks, w2cs, stamps, pts, pcan = [], [], [], [], [], [], [], [], [], []
-    serials = None
+    ks, w2cs, stamps, pts, pcan = [], [], [], [], []
+    serials, first = None, None
     for key in keys:
         seq, frame = key.rsplit("/", 1)
         frame = int(frame)
         rdir = timestamp_dir(work, subject, seq, frame)
-        with np.load(render_dir(work, subject, seq, frame) / "maps.npz") as z:
+        with np.load(render_dir(work, subject, seq, frame) / "maps.npz") as z:  # reads only the arrays used
             ser = [str(s) for s in z["serials"]]
-            depth.append(z["depth"])
-            canon.append(z["canonical"])
-            mask.append(z["mask"])
-            if "region" not in z.files:
-                raise InputValueError(f"{render_dir(work, subject, seq, frame) / 'maps.npz'}: no region map "
-                                      f"(written by an older render; run `render` again)")
-            region.append(z["region"])
+            mask = z["mask"]
+            first = first or {k: (z[k].shape, z[k].dtype) for k in ("depth", "canonical", "mask")}
         serials = serials or ser
         if ser != serials:
             raise InputValueError(f"{rdir}: camera serials differ between timestamps")
         cams = read_cameras_json(rdir / "cameras.json")
         ks.append(np.stack([cams[s].K for s in ser]))
         w2cs.append(np.stack([cams[s].world_2_cam for s in ser]))
-        rgb.append(np.stack([cv2.cvtColor(cv2.imread(str(rdir / "images" / f"cam_{s}.png")), cv2.COLOR_BGR2RGB)
-                             for s in ser]))
         quality = json.loads((render_dir(work, subject, seq, frame) / "quality.json").read_text())
         cd, lm = err_of.get((seq, frame), (np.nan, np.nan))
-        valid = [float(m.sum() / max(m.size, 1)) for m in mask[-1]]
+        valid = [float(m.sum() / max(m.size, 1)) for m in mask]
         stamps.append({"sequence": seq, "frame": frame, "reason": reasons.get((seq, frame), ""),
                        "cd_l1_mm": cd, "landmark_px": lm, **{k: v for k, v in quality.items() if k not in ("sequence", "frame")},
                        "views": {s: {"valid_fraction": valid[i]} for i, s in enumerate(ser)}})
@@ -71,18 +102,23 @@ def subject_data_from_work(work, subject: str, cfg: PipelineConfig) -> SubjectDa
     track_arrays = {k: v for k, v in params.items()}
     track_arrays.update(tracked_vertices=tracked.astype(np.float32), canonical_vertices=canonical_v.astype(np.float32),
                         faces=faces.astype(np.int32))
+    t = len(keys)
+    (v, h, w), _ = first["depth"] if first else ((0, 0, 0), None)
+    images = _WorkImages(work, subject, keys, serials or [], source, cfg)
+    stack = {name: _WorkStack(images, name, (t, v, h, w) + extra, dtype) for name, extra, dtype in
+             (("rgb", (3,), np.uint8), ("depth", (), np.float32), ("canonical", (3,), first["canonical"][1] if first else np.float16),
+              ("mask", (), bool), ("region", (), np.uint8))}
     return SubjectData(
-        subject=subject, serials=serials, timestamps=stamps, rgb=np.stack(rgb), depth=np.stack(depth),
-        canonical=np.stack(canon), mask=np.stack(mask), region=np.stack(region), K=np.stack(ks), world_2_cam=np.stack(w2cs),
+        subject=subject, serials=serials, timestamps=stamps, **stack, K=np.stack(ks), world_2_cam=np.stack(w2cs),
         track=track_arrays, points_xyz=pts, points_canonical=pcan,
         provenance={"source": str(cfg.capture.root), "pipeline": cfg.name, "pipeline_file": cfg.source_file,
                     "config_hash": cfg.hash(), "config": cfg.to_dict(), "code_version": code_version()})
 
 
-def run_write(subject: str, cfg: PipelineConfig, work, store, stage_key: str = "") -> dict:
+def run_write(subject: str, cfg: PipelineConfig, work, store, stage_key: str = "", source=None) -> dict:
     """Commit the subject; ``stage_key`` (the runner's marker key) is recorded in its provenance, so a
     later run can tell whether the store still holds this very commit."""
-    data = subject_data_from_work(work, subject, cfg)
+    data = subject_data_from_work(work, subject, cfg, source)
     data.provenance["stage_key"] = stage_key
     path = write_subject(store, data)
     return {"subject": subject, "store": str(store), "path": str(path), "timestamps": len(data.timestamps),
