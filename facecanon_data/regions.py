@@ -7,9 +7,10 @@ has no segmentation network's output; ``render`` instead labels each pixel from 
   grouped into ``face`` (face, lips, nose, eye region, forehead, eyeballs), ``hair`` (scalp), ``ears``,
   ``neck``; a model region the masks file cannot label counts as ``body``;
 - the view's foreground (``reconstruct``'s masks) where the mesh is absent: ``hair`` when the pixel lies
-  above the chin line (the lowest face vertex along the head's up axis, both projected into the view)
-  and within ``HAIR_REACH`` head radii of the projected head centre; ``body`` otherwise (torso,
-  clothing, long hair below the chin).
+  above the chin line (the lowest face vertex along the head's up axis, both projected into the view),
+  within ``HAIR_REACH`` head radii of the projected head centre, and in a connected piece of such pixels
+  that touches the head's own pixels (hair grows from the head: a studio light that leaked into the
+  foreground does not); ``body`` otherwise (torso, clothing, long hair below the chin).
 
 Stored as ``region`` (T, V, H, W) uint8 with codes :data:`REGION_LABELS`; the evaluation region is
 :data:`EVAL_REGION_CODES`. Without a foreground (no plates, masks off) hair is the mesh's scalp only.
@@ -68,6 +69,23 @@ def region_map(triangle: np.ndarray, faces: np.ndarray, labels: np.ndarray, vert
     reach = HAIR_REACH * float(np.linalg.norm(vertices_px[head] - centre, axis=1).max())
     ys, xs = np.nonzero(foreground & ~hit)
     pixels = np.stack([xs, ys], 1).astype(np.float64)
-    is_hair = (pixels @ up > chin) & (np.linalg.norm(pixels - centre, axis=1) < reach)
-    out[ys, xs] = np.where(is_hair, hair, REGION_LABELS.index("body"))
-    return out
+    near = (pixels @ up > chin) & (np.linalg.norm(pixels - centre, axis=1) < reach)
+    out[ys, xs] = REGION_LABELS.index("body")
+    out[ys[near], xs[near]] = hair
+    return _keep_attached(out, hit & np.isin(out, (face, hair, REGION_LABELS.index("ears"))), hair)
+
+
+def _keep_attached(region: np.ndarray, head: np.ndarray, hair: int) -> np.ndarray:
+    """Off-mesh hair pixels stay hair only in 8-connected pieces (``cv2.connectedComponents``) that touch
+    ``head`` (H, W) bool; the others become body."""
+    import cv2
+
+    candidate = (region == hair) & ~head
+    if not candidate.any():
+        return region
+    n, labels = cv2.connectedComponents((candidate | head).astype(np.uint8), connectivity=8)
+    attached = np.zeros(n, bool)
+    attached[np.unique(labels[head])] = True
+    attached[0] = False
+    region[candidate & ~attached[labels]] = REGION_LABELS.index("body")
+    return region

@@ -118,15 +118,16 @@ def test_region_map_hair_above_the_chin_body_below():
     triangle[10:15, 10:15] = 0  # face triangle
     triangle[16:20, 10:15] = 1  # neck triangle (its first vertex is the neck)
     foreground = np.zeros((30, 24), bool)
-    foreground[5:9, 9:16] = True  # above the face: hair
+    foreground[5:10, 9:16] = True  # above the face, touching it: hair
+    foreground[6, 6] = True  # above the chin and within reach, but detached from the head: not hair
     foreground[22:26, 8:17] = True  # below the chin: body
     foreground[0, 0] = True  # far from the head: not hair
     r = region_map(triangle, faces, labels, px, np.ones(4, bool), foreground)
     assert (r[10:15, 10:15] == codes["face"]).all() and (r[16:20, 10:15] == codes["neck"]).all()
-    assert (r[5:9, 9:16] == codes["hair"]).all() and (r[22:26, 8:17] == codes["body"]).all()
-    assert r[0, 0] == codes["body"] and r[28, 2] == codes["none"]
-    assert eval_region(r).sum() == 25 + 4 * 7
-    assert (region_map(triangle, faces, labels, px, np.ones(4, bool), None)[5:9, 9:16] == 0).all()  # no foreground
+    assert (r[5:10, 9:16] == codes["hair"]).all() and (r[22:26, 8:17] == codes["body"]).all()
+    assert r[0, 0] == codes["body"] and r[6, 6] == codes["body"] and r[28, 2] == codes["none"]
+    assert eval_region(r).sum() == 25 + 5 * 7
+    assert (region_map(triangle, faces, labels, px, np.ones(4, bool), None)[5:10, 9:16] == 0).all()  # no foreground
 
 
 def test_tables_have_the_paper_layout_and_are_saved_per_protocol(tmp_path):
