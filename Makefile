@@ -34,4 +34,4 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) demo-out synth-out .pytest_cache flame_assets/synthetic
+	rm -rf $(VENV) demo-out synth-out bench-out .pytest_cache flame_assets/synthetic

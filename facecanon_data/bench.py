@@ -412,6 +412,88 @@ def bench_train(cfg: PipelineConfig, train_config: str = "{project}/pipelines/tr
     return out
 
 
+SUBJECTS_IN_DATASET = 414  # NeRSemble v2 (the paper's dataset)
+REAL_FRAMES_PER_SUBJECT = 9500  # ~22 sequences at 73 fps
+REAL_FRAME_STRIDE = 2  # pipelines/nersemble.toml's select.frame_stride: select reads every 2nd frame
+
+
+def bench_subject(cfg: PipelineConfig, subject: str = "900") -> dict:
+    """One synthetic subject through the whole chain at the pipeline's sizes (``pipelines/bench_subject.toml``:
+    NeRSemble's 2200 x 3208 videos, 802 x 550 working resolution, 40 + 10 timestamps, 16 views), each
+    stage its own child process: seconds and peak RSS per stage (``os.wait4``'s ``ru_maxrss`` of that
+    process), bytes in the store and in the work folder before and after the ``light`` policy, and the
+    projection to the dataset's 414 subjects (CPU-hours on this machine, TB). The capture is rendered
+    once into ``synth.out`` and reused; the work folder and store are made fresh. ``select`` reads every
+    second frontal frame of a real subject (~9500 frames), so its projection is its fixed cost (process
+    start, plot) plus that many frames at its measured frames per second."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .paths import expand
+    from .stages.chain import CHAIN
+    from .stages.prune import folder_bytes, prune_work
+    from .synthetic.synth import synthesize
+
+    cache, work, store = expand(cfg.synth.out), expand(cfg.work), expand(cfg.store)
+    capture = cache / "capture"
+    out: dict = {"bench": "subject", "subject": subject, "video": [cfg.synth.width, cfg.synth.height],
+                 "downscale": cfg.reconstruct.downscale or cfg.capture.downscale}
+    t0 = time.perf_counter()
+    if not (capture / subject).is_dir():
+        synthesize(cfg, out=cache, verify=False, subject_ids=[subject])
+    out["capture_seconds"] = round(time.perf_counter() - t0, 1)
+    for folder in (work, store):
+        shutil.rmtree(folder, ignore_errors=True)
+    exe = Path(sys.executable).parent / "facecanon-data"
+    seconds, peak, figures = {}, {}, {}
+    for stage in CHAIN:
+        cmd = [str(exe), stage.name, "--pipeline", str(cfg.source_file), "--root", str(capture), "--subject", subject,
+               "--work", str(work), "--json"] + (["--out", str(store)] if stage.needs_store else [])
+        log_path = work.parent / f"bench-subject-{stage.name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        with open(log_path, "w") as log:  # the ground truth beside --root is found by the stage itself
+            child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(child.pid, 0)
+        seconds[stage.name] = round(time.perf_counter() - t0, 1)
+        peak[stage.name] = round(usage.ru_maxrss * 1024 / 1e9, 3)  # ru_maxrss is in KiB on Linux
+        if status != 0:
+            raise InputValueError(f"bench subject: stage {stage.name} failed (exit {os.waitstatus_to_exitcode(status)}); "
+                                  f"its output: {log_path}")
+        lines = [line for line in log_path.read_text().splitlines() if line.startswith("{")]
+        figures[stage.name] = json.loads(lines[-1]) if lines else {}
+    timestamps = int(figures["write"].get("timestamps", 0))
+    views = timestamps * int(figures["write"].get("views", 0))
+    store_bytes = folder_bytes(store / "subjects" / subject)
+    pruned = prune_work(work, subject, "light")
+    out.update(seconds=seconds, peak_rss_gb=peak, peak_rss_gb_chain=max(peak.values()), timestamps=timestamps,
+               views=views, store_mb=round(store_bytes / 1e6, 1), store_mb_per_view=round(store_bytes / max(views, 1) / 1e6, 3),
+               work_mb_per_timestamp_all=round(pruned.bytes_before / max(pruned.timestamps, 1) / 1e6, 2),
+               work_mb_per_timestamp=round(pruned.mb_per_timestamp, 3))
+    sel = figures["select"]
+    select_real = seconds["select"]
+    if sel.get("frames_per_second"):
+        select_real += -float(sel["seconds"]) + REAL_FRAMES_PER_SUBJECT / REAL_FRAME_STRIDE / float(sel["frames_per_second"])
+    per_subject = sum(v for k, v in seconds.items() if k != "select") + select_real
+    cores = os.cpu_count() or 1
+    out["projection"] = {
+        "subjects": SUBJECTS_IN_DATASET, "cores": cores,
+        "select_seconds_per_real_subject": round(select_real, 1),
+        "hours_on_this_machine": round(per_subject * SUBJECTS_IN_DATASET / 3600, 1),
+        "cpu_hours": round(per_subject * cores * SUBJECTS_IN_DATASET / 3600, 1),  # core-hours, all cores busy
+        "gpu_hours": None,  # no CUDA figures measured on this machine (track and dense MVS would move there)
+        "store_tb": round(store_bytes * SUBJECTS_IN_DATASET / 1e12, 3),
+        "work_tb_light": round(pruned.bytes_after * SUBJECTS_IN_DATASET / 1e12, 4),
+    }
+    out["target_peak_rss_gb"] = {"write": 2.0, "chain": 8.0}
+    out["target_work_mb_per_timestamp"] = 2.0
+    return out
+
+
 # name -> (function, what it needs: "capture" (source, subject, cfg), "store" (store path) or "config" (cfg))
 BENCHES = {
     "select": (bench_select, "capture"),
@@ -421,4 +503,5 @@ BENCHES = {
     "loader": (bench_loader, "store"),
     "build": (bench_build, "config"),
     "train": (bench_train, "config"),
+    "subject": (bench_subject, "config"),
 }
