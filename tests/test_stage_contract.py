@@ -77,8 +77,13 @@ def _fake_chain(work: FakeWork):
     def fake(stage: Stage) -> Stage:
         if stage.fans_out:
             return dataclasses.replace(stage, check=None, run_units=work.run_units, finish=work.finish)
-        present = (lambda ctx, rec: (ctx.store / ctx.subject / "commit").is_file()
-                   and (ctx.store / ctx.subject / "commit").read_text() == rec["key"]) if stage.still_present else None
+        if stage.name == "write":  # the store holds this very commit
+            present = (lambda ctx, rec: (ctx.store / ctx.subject / "commit").is_file()
+                       and (ctx.store / ctx.subject / "commit").read_text() == rec["key"])
+        elif stage.still_present:  # outputs a work-folder policy may remove (render's maps)
+            present = (lambda ctx, rec, name=stage.name: (ctx.work / ctx.subject / name / "out.txt").is_file())
+        else:
+            present = None
         return dataclasses.replace(stage, run=work.plain(stage.name), check=None, still_present=present)
     return tuple(fake(s) for s in chain_mod.CHAIN)
 
