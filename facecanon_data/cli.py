@@ -261,7 +261,6 @@ def build_cmd(subjects_file: Path = typer.Option(..., "--subjects", help="Manife
     from .orchestration.build import SourceSpec
     from .paths import PROJECT_ROOT, expand
     from .stages.chain import STAGES
-
     from .stages.prune import KEEP_WORK
 
     if keep_work not in KEEP_WORK:

@@ -43,7 +43,7 @@ def build_report(store: str | Path) -> dict:
     evaluations = load_evaluations(store)
     return {"store": str(store), "subjects": rows,
             "timestamps": sum(r["timestamps"] for r in rows), "views": sum(r["timestamps"] * r["views"] for r in rows),
-            "evaluations": {p: paper_tables(rows) for p, rows in evaluations.items()}}
+            "evaluations": {p: paper_tables(results) for p, results in evaluations.items()}}
 
 
 def _plot_png(store: str | Path, names: list[str]) -> str:

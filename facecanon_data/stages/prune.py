@@ -42,30 +42,19 @@ def folder_bytes(path: Path) -> int:
 
 
 def pack_masks(folder: Path) -> None:
-    """``folder/masks/cam_{serial}.png.png`` (COLMAP's mask names) -> ``folder/masks.npz``: per serial the
-    bit-packed mask and its shape; then the PNGs go."""
-    import cv2
-
+    """A timestamp's ``masks/`` PNGs -> one ``masks.npz`` (per serial the bit-packed mask and its shape,
+    what :func:`~.reconstruct.read_view_masks` reads); then the PNGs go."""
     from ..artifacts import atomic_write
+    from .reconstruct import read_view_masks
 
-    masks = sorted((folder / "masks").glob("cam_*.png.png"))
+    masks = read_view_masks(folder)
+    if masks is None:
+        return  # unreadable: leave the folder as it is
     arrays = {}
-    for p in masks:
-        m = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
-        if m is None:
-            return  # unreadable: leave the folder as it is
-        serial = p.name[len("cam_"):-len(".png.png")]
-        arrays[f"bits_{serial}"], arrays[f"shape_{serial}"] = np.packbits(m > 127), np.array(m.shape)
+    for serial, m in masks.items():
+        arrays[f"bits_{serial}"], arrays[f"shape_{serial}"] = np.packbits(m), np.array(m.shape)
     atomic_write(folder / "masks.npz", lambda path: np.savez_compressed(path, **arrays))
     shutil.rmtree(folder / "masks")
-
-
-def unpack_masks(path: Path) -> dict[str, np.ndarray]:
-    """serial -> (H, W) bool from a :func:`pack_masks` file."""
-    with np.load(path) as z:
-        serials = [k[len("bits_"):] for k in z.files if k.startswith("bits_")]
-        return {s: np.unpackbits(z[f"bits_{s}"])[:int(np.prod(z[f"shape_{s}"]))].reshape(z[f"shape_{s}"]).astype(bool)
-                for s in serials}
 
 
 def prune_work(work, subject: str, policy: str) -> PruneResult:

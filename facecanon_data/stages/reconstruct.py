@@ -101,6 +101,30 @@ def view_images(source, subject: str, cfg: PipelineConfig, work, sequence: str, 
     return {s: decoded[s] for s in serials}
 
 
+def read_view_masks(folder: Path) -> dict[str, np.ndarray] | None:
+    """serial -> (H, W) bool: the foreground masks a timestamp's ``reconstruct`` gave COLMAP, from
+    ``masks/cam_{serial}.png.png`` (COLMAP's names) or, once a light build packed them, ``masks.npz``
+    (per serial the bit-packed mask and its shape); None when there are none or one is unreadable."""
+    import cv2
+
+    if (folder / "masks").is_dir():
+        out = {}
+        for p in sorted((folder / "masks").glob("cam_*.png.png")):
+            m = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
+            if m is None:
+                return None
+            out[p.name[len("cam_"):-len(".png.png")]] = m > 127
+        return out or None
+    if (folder / "masks.npz").is_file():
+        out = {}
+        with np.load(folder / "masks.npz") as z:
+            for serial in (k[len("bits_"):] for k in z.files if k.startswith("bits_")):
+                shape = tuple(int(n) for n in z[f"shape_{serial}"])
+                out[serial] = np.unpackbits(z[f"bits_{serial}"])[:int(np.prod(shape))].reshape(shape).astype(bool)
+        return out
+    return None
+
+
 def common_focus(cameras: list[Camera]) -> np.ndarray:
     """Least-squares point closest to all optical axes, (3,) meters: where the cameras look."""
     a, b = np.zeros((3, 3)), np.zeros(3)

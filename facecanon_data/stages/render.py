@@ -35,11 +35,12 @@ from ..artifacts import StageDir, atomic_write
 from ..cameras import Camera, read_cameras_json
 from ..config import PipelineConfig
 from ..foreground import mask_iou
-from ..regions import eval_region
+from ..regions import eval_region, vertex_labels
 from ..meshes import cast_camera_rays, raycasting_scene
 from ..threads import apply_thread_cap
+from .canonicalize import REGIONS as MODEL_REGIONS
 from .canonicalize import TRANSFER_MODES, canonical_dir
-from .reconstruct import read_points, timestamp_dir
+from .reconstruct import read_points, read_view_masks, timestamp_dir
 
 STAGE = "render"
 NEAR_MM = 2.0  # a point within this distance of the tracked surface is "near" in the transfer figures
@@ -248,8 +249,9 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
     gt = source.ground_truth(subject) if source is not None else None
     per_ts, gt_can, gt_rel, store_err, by_transfer_gt = [], [], [], 0.0, []
     by_region, not_head = [], [0, 0]  # (region id per pixel, error) per view; [not head, all] valid pixels
-    regions = vertex_region_names(cfg) if gt is not None else None
-    vertex_label = region_vertex_labels(cfg)
+    model_region = model_vertex_regions(cfg)
+    regions = vertex_region_names(model_region) if gt is not None else None
+    vertex_label = vertex_labels(model_region, MODEL_REGIONS)
     region_iou = []  # per view: the region map's face + hair against the ground truth's
     render_s, n_views, cross, pairs, dense_any = 0.0, 0, [], 0, False
     for i, key in enumerate(keys):
@@ -270,7 +272,7 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
         t0 = time.perf_counter()
         maps = render_timestamp(pts, canonical, observed, keep, cams, serials, tracked[i], faces,
                                 rc.splat_radius_px, device, dense_depth, vertex_label=vertex_label,
-                                segmentation=read_segmentation(rdir, serials))
+                                segmentation=read_view_masks(rdir))
         render_s += time.perf_counter() - t0
         n_views += len(serials)
         stored = maps.canonical.astype(rc.canonical_dtype)
@@ -347,45 +349,18 @@ _REGION_GROUP = {"eyeballs": "eyes", "lips": "face", "nose": "face", "eye_region
                  "face": "face", "ears": "ears", "neck": "neck", "scalp": "scalp", "other": "other"}
 
 
-def region_vertex_labels(cfg: PipelineConfig) -> np.ndarray:
-    """(V,) uint8 codes of :data:`~facecanon_data.regions.REGION_LABELS` per head-model vertex."""
+def model_vertex_regions(cfg: PipelineConfig) -> np.ndarray:
+    """(V,) id into canonicalize's ``REGIONS`` of each head-model vertex (from the model's masks)."""
     from ..flame.assets import load_assets
-    from ..regions import vertex_labels
-    from .canonicalize import REGIONS, vertex_regions
+    from .canonicalize import vertex_regions
 
-    return vertex_labels(vertex_regions(load_assets(cfg.flame))[0], REGIONS)
-
-
-def read_segmentation(rdir: Path, serials: list[str]) -> dict[str, np.ndarray] | None:
-    """serial -> (H, W) bool: the foreground ``reconstruct`` gave COLMAP (its ``masks/``, or ``masks.npz``
-    once a light build packed them), or None."""
-    import cv2
-
-    from .prune import unpack_masks
-
-    folder = rdir / "masks"
-    if not folder.is_dir():
-        if (rdir / "masks.npz").is_file():
-            masks = unpack_masks(rdir / "masks.npz")
-            return masks if set(serials) <= set(masks) else None
-        return None
-    out = {}
-    for s in serials:
-        m = cv2.imread(str(folder / f"cam_{s}.png.png"), cv2.IMREAD_GRAYSCALE)
-        if m is None:
-            return None
-        out[s] = m > 127
-    return out
+    return vertex_regions(load_assets(cfg.flame))[0]
 
 
-def vertex_region_names(cfg: PipelineConfig) -> np.ndarray:
-    """(V,) int8 index into GT_REGIONS of each head-model vertex (from the model's masks)."""
-    from ..flame.assets import load_assets
-    from .canonicalize import REGIONS, vertex_regions
-
-    ids, _ = vertex_regions(load_assets(cfg.flame))
-    lookup = np.array([GT_REGIONS.index(_REGION_GROUP[name]) for name in REGIONS], np.int8)
-    return lookup[ids]
+def vertex_region_names(model_region: np.ndarray) -> np.ndarray:
+    """(V,) int8 index into GT_REGIONS of each head-model vertex, from its :func:`model_vertex_regions` id."""
+    lookup = np.array([GT_REGIONS.index(_REGION_GROUP[name]) for name in MODEL_REGIONS], np.int8)
+    return lookup[model_region]
 
 
 def gt_regions(g: dict, vertex_region: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 from ..artifacts import StageDir, code_version
 from ..cameras import read_cameras_json
 from ..config import PipelineConfig
-from ..store import SubjectData, write_subject
+from ..store import IMAGE_ARRAYS, SubjectData, write_subject
 from .canonicalize import canonical_dir
 from .reconstruct import read_points, timestamp_dir, view_images
 from .render import render_dir
@@ -37,9 +37,7 @@ class _WorkImages:
             return self._cached[1]
         seq, frame = self.keys[t].rsplit("/", 1)
         maps = render_dir(self.work, self.subject, seq, int(frame)) / "maps.npz"
-        with np.load(maps) as z:
-            if [str(s) for s in z["serials"]] != self.serials:
-                raise InputValueError(f"{maps}: camera serials differ between timestamps")
+        with np.load(maps) as z:  # serials already checked equal by subject_data_from_work
             if "region" not in z.files:
                 raise InputValueError(f"{maps}: no region map (written by an older render; run `render` again)")
             out = {k: z[k] for k in ("depth", "canonical", "mask", "region")}
@@ -75,15 +73,15 @@ def subject_data_from_work(work, subject: str, cfg: PipelineConfig, source=None)
     with np.load(track.file("params.npz")) as z:
         params = {k: z[k] for k in z.files if k != "keys"}
     ks, w2cs, stamps, pts, pcan = [], [], [], [], []
-    serials, first = None, None
+    serials, view_shape = None, (0, 0, 0)
     for key in keys:
         seq, frame = key.rsplit("/", 1)
         frame = int(frame)
         rdir = timestamp_dir(work, subject, seq, frame)
         with np.load(render_dir(work, subject, seq, frame) / "maps.npz") as z:  # reads only the arrays used
             ser = [str(s) for s in z["serials"]]
-            mask = z["mask"]
-            first = first or {k: (z[k].shape, z[k].dtype) for k in ("depth", "canonical", "mask")}
+            mask = z["mask"]  # (V, H, W)
+        view_shape = mask.shape
         serials = serials or ser
         if ser != serials:
             raise InputValueError(f"{rdir}: camera serials differ between timestamps")
@@ -102,12 +100,10 @@ def subject_data_from_work(work, subject: str, cfg: PipelineConfig, source=None)
     track_arrays = {k: v for k, v in params.items()}
     track_arrays.update(tracked_vertices=tracked.astype(np.float32), canonical_vertices=canonical_v.astype(np.float32),
                         faces=faces.astype(np.int32))
-    t = len(keys)
-    (v, h, w), _ = first["depth"] if first else ((0, 0, 0), None)
     images = _WorkImages(work, subject, keys, serials or [], source, cfg)
-    stack = {name: _WorkStack(images, name, (t, v, h, w) + extra, dtype) for name, extra, dtype in
-             (("rgb", (3,), np.uint8), ("depth", (), np.float32), ("canonical", (3,), first["canonical"][1] if first else np.float16),
-              ("mask", (), bool), ("region", (), np.uint8))}
+    shape = (len(keys),) + tuple(view_shape)
+    stack = {name: _WorkStack(images, name, shape + ((3,) if name in ("rgb", "canonical") else ()), dtype)
+             for name, dtype in IMAGE_ARRAYS.items()}
     return SubjectData(
         subject=subject, serials=serials, timestamps=stamps, **stack, K=np.stack(ks), world_2_cam=np.stack(w2cs),
         track=track_arrays, points_xyz=pts, points_canonical=pcan,
