@@ -1,6 +1,7 @@
 """Benchmarks: ``facecanon-data bench NAME``. Each measures a target against its baseline in one run."""
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
 
@@ -108,15 +109,11 @@ def bench_reconstruct(source: CaptureSource, subject: str, cfg: PipelineConfig, 
 
     from .stages.reconstruct import run_reconstruct
 
-    seqs = source.sequences(subject)
-    picks = []
-    for k in range(count):
-        seq = seqs[k % len(seqs)]
-        n = source.num_frames(subject, seq)
-        picks.append((seq, int(round((k // len(seqs) + 0.5) * n / max(1, -(-count // len(seqs)))))))
+    picks = _spread_timestamps(source, subject, count)
+    cfg = copy.deepcopy(cfg)
+    if cfg.reconstruct.dense != "colmap":  # the dense MVS is work of its own (bench dense), not overhead
+        cfg.reconstruct.dense = "none"
     if getattr(source, "ground_truth_root", None) is not None:
-        import copy
-
         # A real capture has no ground truth: its evaluation (16 ray-cast views per timestamp for the
         # foreground IoU, the point error) is not the stage's work, so the timed run reads without it.
         source = copy.copy(source)
@@ -140,6 +137,90 @@ def bench_reconstruct(source: CaptureSource, subject: str, cfg: PipelineConfig, 
             "overhead_without_foreground": round(1 - colmap_s / max(stage_s - foreground_s, 1e-9), 3),
             "per_timestamp": per_ts, "kept": result.timestamps_kept,
             "median_points": float(np.median([t.num_points for t in result.timestamps]))}
+
+
+def _spread_timestamps(source: CaptureSource, subject: str, count: int) -> list[tuple[str, int]]:
+    """``count`` (sequence, frame) pairs spread evenly over the subject's sequences and their frames."""
+    seqs = source.sequences(subject)
+    picks = []
+    for k in range(count):
+        seq = seqs[k % len(seqs)]
+        n = source.num_frames(subject, seq)
+        picks.append((seq, int(round((k // len(seqs) + 0.5) * n / max(1, -(-count // len(seqs)))))))
+    return picks
+
+
+PAPER_WORKING_PIXELS = 802 * 550  # NeRSemble's 3208 x 2200 at the paper's downscale 4
+PAPER_TIMESTAMPS = 50
+
+
+def bench_dense(source: CaptureSource, subject: str, cfg: PipelineConfig, count: int = 3) -> dict:
+    """Each dense backend available here on ``count`` timestamps of a capture with ground truth: seconds
+    per timestamp of the dense step (the sparse COLMAP before it not counted), completeness (the fraction
+    of ground-truth head pixels, hair included, whose depth is within 1 / 2 mm) and accuracy (median and
+    p90 depth error, mm, over the head pixels that have a depth). ``torch`` always, ``colmap`` (PatchMatch)
+    where pycolmap has CUDA and a device exists, on the same timestamps. Target: torch at most 90 s per
+    timestamp on a CPU at the synthetic working resolution; projected linearly in pixels to the paper's
+    802 x 550 and 50 timestamps per subject."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from .devices import colmap_cuda_available, pick_torch_device
+    from .stages.reconstruct import ForegroundMasks, reconstruct_timestamp
+
+    gt = source.ground_truth(subject)
+    if gt is None:
+        raise InputValueError(f"{source.subject_dir(subject)}: bench dense measures against ground truth; this capture "
+                              f"has none (run it on a synthetic capture: facecanon-data synth)")
+    downscale = cfg.reconstruct.downscale or cfg.capture.downscale
+    cameras = source.cameras(subject, downscale=downscale)
+    backends = ["torch"] + (["colmap"] if colmap_cuda_available() else [])
+    out: dict = {"bench": "dense", "subject": subject, "timestamps": [], "backends": backends,
+                 "resolution": [next(iter(cameras.values())).height, next(iter(cameras.values())).width]}
+    stats = {b: {"seconds": [], "hits1": 0, "hits2": 0, "head": 0, "errors": []} for b in backends}
+    masks_of = ForegroundMasks(source, subject, cfg.reconstruct, downscale)
+    with tempfile.TemporaryDirectory(prefix="bench-dense-") as tmp:
+        for seq, frame in _spread_timestamps(source, subject, count):
+            images = source.timestamp(subject, seq, frame, downscale=downscale)
+            found = masks_of.of(seq, [frame], {frame: images})[frame]
+            out["timestamps"].append(f"{seq}/{frame:06d}")
+            truth = {s: gt.view_maps(seq, frame, s, downscale) for s in cameras}
+            for backend in backends:
+                folder = Path(tmp) / backend / seq / f"{frame:06d}"
+                res = reconstruct_timestamp(images, cameras, folder, cfg.reconstruct,
+                                            masks=None if found is None else found[1], dense=backend, threads=cfg.threads)
+                if not res.dense:
+                    raise InputValueError(f"bench dense: {backend} made no dense cloud for {seq}/{frame}: {res.reason}")
+                st = stats[backend]
+                st["seconds"].append(res.dense_seconds)
+                with np.load(folder / "depth.npz") as z:
+                    depth, serials = z["depth"], [str(x) for x in z["serials"]]
+                for v, serial in enumerate(serials):
+                    g = truth[serial]
+                    head, has = g["mask"], g["mask"] & (depth[v] > 0)
+                    err = np.abs(depth[v] - g["depth"])
+                    st["head"] += int(head.sum())
+                    st["hits1"] += int((has & (err < 0.001)).sum())
+                    st["hits2"] += int((has & (err < 0.002)).sum())
+                    st["errors"].append(err[has])
+    scale = PAPER_WORKING_PIXELS / (out["resolution"][0] * out["resolution"][1])
+    for backend, st in stats.items():
+        errors = np.concatenate(st["errors"]) * 1000 if st["errors"] else np.zeros(0)
+        per_ts = float(np.mean(st["seconds"]))
+        out[backend] = {
+            "seconds_per_timestamp": round(per_ts, 2),
+            "completeness_1mm": round(st["hits1"] / max(st["head"], 1), 4),
+            "completeness_2mm": round(st["hits2"] / max(st["head"], 1), 4),
+            "error_median_mm": round(float(np.median(errors)), 3) if len(errors) else None,
+            "error_p90_mm": round(float(np.percentile(errors, 90)), 3) if len(errors) else None,
+            # linear in pixels: the sweep, refinement and fusion are per-pixel work
+            "projected_seconds_per_paper_timestamp": round(per_ts * scale, 1),
+            "projected_hours_per_paper_subject": round(per_ts * scale * PAPER_TIMESTAMPS / 3600, 2),
+        }
+    out["target_torch_seconds_per_timestamp"] = 90.0
+    out["torch_device"] = pick_torch_device(cfg.reconstruct.mvs.device, "reconstruct.mvs.device")
+    return out
 
 
 FLAME_FULL_BASIS = (300, 100)  # identity and expression coefficients of FLAME 2020/2023
@@ -497,6 +578,7 @@ def bench_subject(cfg: PipelineConfig, subject: str = "900") -> dict:
 # name -> (function, what it needs: "capture" (source, subject, cfg), "store" (store path) or "config" (cfg))
 BENCHES = {
     "select": (bench_select, "capture"),
+    "dense": (bench_dense, "capture"),
     "reconstruct": (bench_reconstruct, "capture"),
     "track": (bench_track, "config"),  # generates its observations from the head model: no capture needed
     "transfer": (bench_transfer, "config"),

@@ -106,6 +106,28 @@ class ForegroundConfig:
 
 
 @dataclass
+class MvsConfig:
+    """``reconstruct.dense = "torch"``: multi-view stereo with the known cameras in torch (``mvs.py``).
+    Measured on the synthetic capture (README, stage reconstruct)."""
+
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda"
+    source_views: int = 4  # per reference view, the best by co-observed sparse points and angle
+    angle_deg: float = 20.0  # preferred triangulation angle when choosing them
+    planes: int = 64  # coarse plane sweep, uniform in inverse depth over the sparse points' range
+    coarse_scale: int = 4  # the sweep runs at 1 / this of the working resolution
+    coarse_window_radius: int = 3  # NCC window (2r+1)^2 of the sweep
+    refine_scales: list[int] = field(default_factory=lambda: [2, 1])  # one refinement per entry, at 1 / scale
+    window_radius: int = 3  # NCC window of the refinements
+    refine_hypotheses: int = 7  # per-pixel depths tried per refinement (+-1.5 current steps)
+    depth_margin_m: float = 0.02  # the depth range: the sparse points' widened by this
+    min_ncc: float = 0.3  # a pixel's aggregated NCC must reach this ...
+    min_consistent_views: int = 1  # ... and this many other views' depth maps agree with it ...
+    max_reprojection_px: float = 1.0  # ... reprojecting within this ...
+    max_relative_depth: float = 0.005  # ... at this relative depth
+    fusion_voxel_m: float = 0.0007  # fused points merged per cell of this size (~1 pixel at 1 m)
+
+
+@dataclass
 class ReconstructConfig:
     """Stage ``reconstruct``: COLMAP with the calibrated cameras, per selected timestamp."""
 
@@ -124,8 +146,11 @@ class ReconstructConfig:
     outlier_neighbors: int = 16  # open3d statistical outlier removal
     outlier_std_ratio: float = 2.5
     head_box_half_size_m: float = 0.25  # crop to a cube around the cameras' common focus
-    dense: str = "auto"  # "auto": PatchMatch when a CUDA device and pycolmap-cuda exist; "never"; "always"
-    # PatchMatch / fusion, tuned for faces and hair (see README): a lower NCC filter and fewer
+    # Dense backend: "colmap" (PatchMatch stereo, CUDA builds only), "torch" (``mvs``, any device),
+    # "none" (sparse points only), "auto": colmap where pycolmap has CUDA and a device exists, else torch
+    dense: str = "auto"
+    mvs: MvsConfig = field(default_factory=MvsConfig)
+    # COLMAP PatchMatch / fusion, tuned for faces and hair (see README): a lower NCC filter and fewer
     # required views keep hair, which is low-textured and seen by few cameras at a time.
     patch_match_window_radius: int = 5
     patch_match_num_iterations: int = 5
@@ -163,6 +188,9 @@ class TrackConfig:
     landmark_weight_with_points: float = 0.05
     point_weight: float = 4.0  # per mm^2 of robust point-to-surface distance
     point_huber_mm: float = 1.0
+    # Dense clouds (hundreds of thousands of points per timestamp) are fitted through a seeded subset of
+    # this many (sampling.bounded_subset; the store keeps the same subset); sparse ones (~10k) whole.
+    max_points_per_timestamp: int = 20000
     point_max_distance_mm: float = 10.0  # points farther from the mesh are not the head (hair, shoulders)
     # ... at the end; the gate starts this generous in the first points stage and tightens to it, so far
     # regions are pulled in first (beyond the tight gate only points nearest the head, not the neck, count)
@@ -203,6 +231,7 @@ class TrackConfig:
 
 
 TRANSFER_MODES = ("translate", "local_frame")  # canonicalize.transfer (see stages/canonicalize.py)
+DENSE_BACKENDS = ("auto", "colmap", "torch", "none")  # reconstruct.dense
 
 
 @dataclass
@@ -400,7 +429,15 @@ def _validate(cfg: PipelineConfig, where: str) -> None:
         raise ConfigError(f"{where}: canonicalize.transfer must be one of {', '.join(TRANSFER_MODES)}")
     if cfg.render.canonical_dtype not in ("float16", "float32"):
         raise ConfigError(f"{where}: render.canonical_dtype must be float16 or float32")
-    if cfg.reconstruct.dense not in ("auto", "never", "always"):
-        raise ConfigError(f"{where}: reconstruct.dense must be 'auto', 'never' or 'always'")
+    if cfg.reconstruct.dense not in DENSE_BACKENDS:
+        hint = {"never": " ('never' is now 'none')", "always": " ('always' is now 'colmap')"}.get(cfg.reconstruct.dense, "")
+        raise ConfigError(f"{where}: reconstruct.dense must be one of {', '.join(DENSE_BACKENDS)}, got "
+                          f"{cfg.reconstruct.dense!r}{hint}")
+    m = cfg.reconstruct.mvs
+    if m.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"{where}: reconstruct.mvs.device must be auto|cpu|cuda")
+    if m.source_views < 1 or m.planes < 2 or m.coarse_scale < 1 or m.refine_hypotheses < 3 or min(m.refine_scales, default=1) < 1:
+        raise ConfigError(f"{where}: reconstruct.mvs needs source_views >= 1, planes >= 2, coarse_scale >= 1, "
+                          f"refine_hypotheses >= 3 and refine_scales >= 1")
     if s.width % 2 or s.height % 2:
         raise ConfigError(f"{where}: synth.width and synth.height must be even (video encoding)")

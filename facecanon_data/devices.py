@@ -25,3 +25,17 @@ def colmap_cuda_available() -> bool:
     import pycolmap
 
     return bool(getattr(pycolmap, "has_cuda", False)) and cuda_device_count() > 0
+
+
+def pick_torch_device(requested: str, key: str) -> str:
+    """"auto" -> "cuda" when torch sees a device, else "cpu"; "cuda" without one is an error naming the
+    config ``key`` that asked for it."""
+    import torch
+
+    from .errors import InputValueError
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise InputValueError(f"{key} = cuda but torch sees no CUDA device")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested

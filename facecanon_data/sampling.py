@@ -1,4 +1,4 @@
-"""Farthest-point sampling (FPS) over feature vectors.
+"""Farthest-point sampling (FPS) over feature vectors, and bounded deterministic subsets of point clouds.
 
 Why by hand: scipy/sklearn have no exact greedy max-min selection with an initial set and an
 eligibility mask; the algorithm is a dozen lines. O(N*k) time, O(N) extra memory: one running
@@ -60,3 +60,12 @@ def farthest_point_sampling(features: np.ndarray, k: int, eligible: np.ndarray |
         ok[p] = False
         min_d = np.minimum(min_d, np.linalg.norm(x - x[p], axis=1))
     return picks
+
+
+def bounded_subset(count: int, limit: int, seed: int = 0) -> np.ndarray:
+    """(m,) int64 sorted indices of at most ``limit`` of ``count`` items, m = min(count, limit): all of
+    them when they fit (``limit`` <= 0 means no limit), else a seeded uniform draw without replacement,
+    the same for the same arguments on every machine (dense clouds bounded for tracking and the store)."""
+    if limit <= 0 or count <= limit:
+        return np.arange(count, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(count, size=limit, replace=False)).astype(np.int64)

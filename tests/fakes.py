@@ -34,14 +34,17 @@ def fake_subject(pid: str, t: int = 3, views: int = 6, h: int = 60, w: int = 40,
 
 
 def small_pipeline(path: Path, capture_root, top: str = "", capture: str = "", extra: str = "",
-                   num_expression: int = 2) -> Path:
-    """A pipeline TOML for fast CLI tests: the synthetic head, 2 + 1 timestamps, short tracking.
-    ``top`` goes before the first table, ``capture`` into ``[capture]``, ``extra`` after everything."""
+                   num_expression: int = 2, reconstruct: str = 'dense = "none"') -> Path:
+    """A pipeline TOML for fast CLI tests: the synthetic head, 2 + 1 timestamps, short tracking, sparse
+    points (the torch MVS has tests of its own). ``top`` goes before the first table, ``capture`` into
+    ``[capture]``, ``reconstruct`` into ``[reconstruct]``, ``extra`` after everything."""
     path.write_text(f"""{top}
 [capture]
 root = "{capture_root}"
 downscale = 2
 {capture}
+[reconstruct]
+{reconstruct}
 [flame]
 kind = "synthetic"
 [select]

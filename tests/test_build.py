@@ -270,7 +270,7 @@ def test_a_subject_that_produced_nothing_fails_the_build(synth_capture, tmp_path
 
 def test_an_empty_reconstruction_drops_the_timestamp_with_its_reason(synth_capture, tmp_path):
     pipeline = _pipeline(tmp_path, synth_capture["out"] / "capture")
-    pipeline.write_text(pipeline.read_text() + "[reconstruct]\nhead_box_half_size_m = 0.000001\n")
+    pipeline.write_text(pipeline.read_text().replace("[reconstruct]\n", "[reconstruct]\nhead_box_half_size_m = 0.000001\n"))
     r = subprocess.run([str(EXE), "reconstruct", "--pipeline", str(pipeline), "--work", str(tmp_path / "w"),
                         "--timestamps", "EXP-1-head:0", "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]

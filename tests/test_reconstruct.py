@@ -37,7 +37,7 @@ class _NoisyCamera(NeRSembleSource):
 def reconstructed(synth_capture, tmp_path_factory):
     out = synth_capture["out"]
     source = _NoisyCamera(out / "capture", out / "ground_truth")
-    cfg = load_pipeline(default_pipeline(), {"reconstruct": {"dense": "never"}})
+    cfg = load_pipeline(default_pipeline(), {"reconstruct": {"dense": "none"}})
     work = tmp_path_factory.mktemp("work")
     run = run_stage(STAGES["reconstruct"], _context(source, cfg, work))
     assert run.status == "ran" and run.units_ran == 2
@@ -144,7 +144,7 @@ def test_the_runner_resumes_per_timestamp(reconstructed):
                     reason="dense path needs a CUDA device and pycolmap-cuda12 (PatchMatch stereo is CUDA-only)")
 def test_dense_path(synth_capture, tmp_path):
     out = synth_capture["out"]
-    cfg = load_pipeline(default_pipeline(), {"reconstruct": {"dense": "always"}})
+    cfg = load_pipeline(default_pipeline(), {"reconstruct": {"dense": "colmap"}})
     result = run_reconstruct(NeRSembleSource(out / "capture", out / "ground_truth"), "900", cfg, tmp_path,
                              timestamps=[("EXP-1-head", 2)])
     assert result.dense and result.timestamps_kept == 1

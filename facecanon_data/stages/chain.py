@@ -76,7 +76,8 @@ def _reconstruct_finish(ctx: StageContext, results: list[dict]) -> Figures:
 def _describe_reconstruct(subject: str, f: Figures) -> str:
     line = (f"subject {subject}: kept {f['timestamps_kept']}/{f['timestamps_total']} timestamps (every view registered; "
             f"min views registered {f['views_registered_min']}), median {f['points_median']:.0f} points, "
-            f"{'dense' if f['dense'] else 'sparse'}, {f['seconds_per_timestamp']:.1f} s per timestamp")
+            f"{'dense (' + f.get('dense_backend', '') + ')' if f['dense'] else 'sparse'}, "
+            f"{f['seconds_per_timestamp']:.1f} s per timestamp")
     if f.get("gt_point_error_median_mm") is not None:
         line += f"\nground truth: median point-to-mesh error {f['gt_point_error_median_mm']:.3f} mm"
     for key, why in f["dropped"].items():

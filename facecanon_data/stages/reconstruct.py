@@ -2,9 +2,11 @@
 
 Per timestamp (``reconstruct_timestamp``): images at the working resolution (K scaled to match),
 SIFT features, exhaustive matching with geometric verification, then triangulation with every pose
-and intrinsic held fixed (no pose estimation). On a CUDA machine it continues with undistortion,
-PatchMatch stereo (geometric consistency) and fusion, run in a subprocess because pycolmap's CUDA
-build aborts the whole process when something is wrong with the device.
+and intrinsic held fixed (no pose estimation). Then the dense backend (``reconstruct.dense``):
+``colmap`` continues with undistortion, PatchMatch stereo (geometric consistency) and fusion, run in a
+subprocess because pycolmap's CUDA build aborts the whole process when something is wrong with the
+device; ``torch`` runs :mod:`facecanon_data.mvs` (plane sweep + refinement + consistency fusion, any
+device) from the cleaned sparse points; ``auto`` picks colmap where it can run, else torch.
 
 A timestamp is kept only when every view is *registered*, which with known poses means: the view
 contributes at least ``min_observations_per_view`` triangulated observations and their mean
@@ -61,13 +63,15 @@ class TimestampResult:
     views: list[ViewStats]
     num_points: int
     dense: bool
-    colmap_seconds: float  # time inside COLMAP calls
+    colmap_seconds: float  # time inside COLMAP calls (PatchMatch included)
     total_seconds: float  # the whole timestamp, image writing and clean-up included
     gt_point_error_median_mm: float | None = None
     gt_point_error_p90_mm: float | None = None
     foreground_source: str = "none"  # "mattes" | "plates" | "none": where COLMAP's masks came from
     foreground_iou: list[float] | None = None  # per view (serial order), against the ground truth
     foreground_seconds: float = 0.0  # segmenting the views from the plates (before COLMAP; not in total)
+    dense_backend: str = "none"  # "colmap" | "torch" | "none": what made the dense cloud
+    dense_seconds: float = 0.0  # the dense step, either backend (colmap's also counts in colmap_seconds)
 
     @property
     def key(self) -> str:
@@ -141,14 +145,15 @@ def common_focus(cameras: list[Camera]) -> np.ndarray:
 
 def reconstruct_timestamp(images: dict[str, np.ndarray], cameras: dict[str, Camera], out: Path,
                           rcfg: ReconstructConfig, masks: dict[str, np.ndarray] | None = None,
-                          dense: bool = False, threads: int = 0) -> TimestampResult:
+                          dense: str = "none", threads: int = 0) -> TimestampResult:
     """Reconstruct one timestamp into ``out`` (see module docstring); returns its result.
 
     Args:
         images: serial -> (H, W, 3) uint8 RGB at the working resolution.
         cameras: serial -> camera at the same resolution.
         masks: serial -> (H, W) float in [0, 1] foreground matte, or None.
-        dense: run the CUDA dense path.
+        dense: the dense backend: "colmap" (CUDA PatchMatch), "torch" (:mod:`facecanon_data.mvs`) or "none"
+            (:func:`dense_backend` resolves the config's "auto").
         threads: COLMAP threads (0 = all cores). With 1, the result is bit-reproducible.
     """
     import cv2
@@ -184,7 +189,7 @@ def reconstruct_timestamp(images: dict[str, np.ndarray], cameras: dict[str, Came
     matching.guided_matching = rcfg.guided_matching
     matching.num_threads = threads or -1
     db_path = col_dir / "database.db"
-    device = pycolmap.Device.cuda if dense else pycolmap.Device.cpu
+    device = pycolmap.Device.cuda if dense == "colmap" else pycolmap.Device.cpu
 
     t = time.perf_counter()
     pycolmap.extract_features(db_path, img_dir, image_names=[names[s] for s in serials],
@@ -209,10 +214,12 @@ def reconstruct_timestamp(images: dict[str, np.ndarray], cameras: dict[str, Came
     kept, reason = not bad, "; ".join(f"camera {v.serial}: {v.problem}" for v in bad)
     is_dense = False
     pts, colors, normals, visibility, obs = _sparse_points(rec, id_to_serial)
-    if kept and dense:
+    mvs_s = 0.0  # the dense step's seconds, either backend
+    if kept and dense == "colmap":
         t = time.perf_counter()
         ok, msg = _run_dense_subprocess(col_dir, img_dir, rcfg)
-        colmap_s += time.perf_counter() - t
+        mvs_s = time.perf_counter() - t
+        colmap_s += mvs_s
         if ok:
             pts, colors, normals, visibility = _read_fused(col_dir / "dense" / "fused.ply")
             is_dense = True
@@ -225,7 +232,21 @@ def reconstruct_timestamp(images: dict[str, np.ndarray], cameras: dict[str, Came
         kept = False
         reason = "; ".join(filter(None, [reason, f"no point left after clean-up ({triangulated} triangulated, none "
                                                  f"within {rcfg.head_box_half_size_m} m of the cameras' common focus)"]))
-    if is_dense:
+    if kept and dense == "torch":
+        from ..devices import pick_torch_device
+        from ..mvs import reconstruct_dense
+
+        t = time.perf_counter()
+        sparse_seen = np.array([[s in obs[i] for s in serials] for i in keep_idx], bool).reshape(-1, len(serials))
+        cloud = reconstruct_dense([images[s] for s in serials], [cameras[s] for s in serials], pts, sparse_seen,
+                                  rcfg.mvs, None if masks is None else [masks[s] > 0.5 for s in serials],
+                                  pick_torch_device(rcfg.mvs.device, "reconstruct.mvs.device"))
+        pts, colors, normals, visibility, _ = _clean(cloud.positions, cloud.colors, cloud.normals, cloud.visibility,
+                                                     common_focus(list(cameras.values())), rcfg)
+        depth = cloud.depth
+        observed = _observed_by_depth(pts, depth, serials, cameras)
+        is_dense, mvs_s = True, time.perf_counter() - t
+    elif is_dense:
         depth = _dense_depths(col_dir / "dense", serials, cameras)
         observed = _observed_by_depth(pts, depth, serials, cameras)
     else:
@@ -241,7 +262,8 @@ def reconstruct_timestamp(images: dict[str, np.ndarray], cameras: dict[str, Came
     if not rcfg.keep_database:
         db_path.unlink(missing_ok=True)
     return TimestampResult(sequence="", frame=-1, kept=kept, reason=reason, views=views, num_points=len(pts),
-                           dense=is_dense, colmap_seconds=round(colmap_s, 3),
+                           dense=is_dense, dense_backend=dense if is_dense else "none",
+                           colmap_seconds=round(colmap_s, 3), dense_seconds=round(mvs_s, 3),
                            total_seconds=round(time.perf_counter() - t0, 3))
 
 
@@ -461,6 +483,8 @@ class ReconstructResult:
     points_median: float
     dense: bool
     seconds_per_timestamp: float
+    dense_backend: str = "none"  # over kept timestamps: "torch", "colmap", "none" (or a "+" join)
+    dense_seconds_per_timestamp: float = 0.0  # torch MVS, mean over kept timestamps
     gt_point_error_median_mm: float | None = None
     foreground_source: str = "none"
     foreground_iou_min: float | None = None  # over views and timestamps, with ground truth
@@ -501,15 +525,17 @@ def _check_timestamps(source, subject: str, timestamps: list[tuple[str, int]]) -
                                     f"{seq} lacks camera(s) {', '.join(missing)}; every timestamp needs all views)")
 
 
-def _dense_flag(rcfg: ReconstructConfig) -> bool:
+def dense_backend(rcfg: ReconstructConfig) -> str:
+    """The dense backend a run uses: "colmap" | "torch" | "none" ("auto": colmap where pycolmap has CUDA and
+    a device exists, else torch). "colmap" without them is an error, before any output is touched."""
     from ..devices import colmap_cuda_available
 
-    dense = {"never": False, "always": True, "auto": None}[rcfg.dense]
-    if dense is None:
-        return colmap_cuda_available()
-    if dense and not colmap_cuda_available():
-        raise InputValueError("reconstruct.dense = 'always' but no CUDA device with pycolmap-cuda12 is available")
-    return dense
+    if rcfg.dense == "auto":
+        return "colmap" if colmap_cuda_available() else "torch"
+    if rcfg.dense == "colmap" and not colmap_cuda_available():
+        raise InputValueError("reconstruct.dense = 'colmap' but no CUDA device with pycolmap-cuda12 is available "
+                              "(PatchMatch stereo is CUDA-only; 'torch' runs on any device)")
+    return rcfg.dense
 
 
 def reconstruct_one(source, subject: str, cfg: PipelineConfig, work, sequence: str, frame: int,
@@ -529,7 +555,7 @@ def reconstruct_one(source, subject: str, cfg: PipelineConfig, work, sequence: s
         masks = ForegroundMasks(source, subject, rcfg, downscale).of(sequence, [frame], {frame: images})[frame]
     kind, view_masks = masks if masks is not None else ("none", None)
     cameras = source.cameras(subject, downscale=downscale)
-    res = reconstruct_timestamp(images, cameras, out, rcfg, masks=view_masks, dense=_dense_flag(rcfg),
+    res = reconstruct_timestamp(images, cameras, out, rcfg, masks=view_masks, dense=dense_backend(rcfg),
                                 threads=cfg.threads)
     res.sequence, res.frame, res.foreground_source = sequence, frame, kind
     gt = source.ground_truth(subject)
@@ -599,6 +625,8 @@ def summarize_reconstruct(subject: str, results: list[TimestampResult]) -> Recon
         views_registered_min=min((sum(v.registered for v in r.views) for r in results), default=0),
         points_median=float(np.median([r.num_points for r in kept])) if kept else 0.0,
         dense=any(r.dense for r in results),
+        dense_backend="+".join(sorted({r.dense_backend for r in kept})) or "none",
+        dense_seconds_per_timestamp=round(float(np.mean([r.dense_seconds for r in kept])), 2) if kept else 0.0,
         seconds_per_timestamp=round(float(np.mean([r.total_seconds for r in results])), 2) if results else 0.0,
         gt_point_error_median_mm=round(float(np.median(errs)), 4) if errs else None,
         dropped={r.key: r.reason for r in results if not r.kept}, kept=[r.key for r in kept], timestamps=results)
@@ -607,7 +635,7 @@ def summarize_reconstruct(subject: str, results: list[TimestampResult]) -> Recon
 def check_reconstruct(source, subject: str, cfg: PipelineConfig, timestamps: list[tuple[str, int]]) -> None:
     """Fail fast, before any output is touched: unknown timestamps, dense = "always" without a device."""
     _check_timestamps(source, subject, timestamps)
-    _dense_flag(cfg.reconstruct)
+    dense_backend(cfg.reconstruct)
 
 
 def reconstruct_timestamps(source, subject: str, cfg: PipelineConfig, work, timestamps: list[tuple[str, int]],

@@ -40,6 +40,7 @@ from ..cameras import Camera, read_cameras_json
 from ..config import PipelineConfig, TrackConfig
 from ..meshes import closest_points
 from ..threads import apply_thread_cap
+from ..sampling import bounded_subset
 from .reconstruct import read_points, timestamp_dir
 from ..errors import InputError, InputValueError
 
@@ -118,8 +119,10 @@ def load_observations(work, subject: str, keys: list[str], landmark_indices: np.
                 lm = det.detect(images[s])
                 if lm is not None:
                     lms[s] = lm[landmark_indices, :2].astype(np.float64)
-            obs.append(TimestampObservation(seq, int(frame), read_points(folder / "points.ply")["positions"]
-                                            .astype(np.float64), cams, lms, folder / "images"))
+            points = read_points(folder / "points.ply")["positions"]
+            limit = cfg.track.max_points_per_timestamp if cfg is not None else 0
+            points = points[bounded_subset(len(points), limit)]
+            obs.append(TimestampObservation(seq, int(frame), points.astype(np.float64), cams, lms, folder / "images"))
     return obs
 
 
@@ -486,13 +489,9 @@ def _mad_outliers(values: np.ndarray, k: float, floor: float) -> np.ndarray:
 
 
 def pick_device(requested: str) -> str:
-    import torch
+    from ..devices import pick_torch_device
 
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise InputValueError("track.device = cuda but torch sees no CUDA device")
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
+    return pick_torch_device(requested, "track.device")
 
 
 def tracking_assets(cfg: PipelineConfig):

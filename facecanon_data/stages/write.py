@@ -15,6 +15,7 @@ from ..cameras import read_cameras_json
 from ..config import PipelineConfig
 from ..store import IMAGE_ARRAYS, SubjectData, write_subject
 from .canonicalize import canonical_dir
+from ..sampling import bounded_subset
 from .reconstruct import read_points, timestamp_dir, view_images
 from .render import render_dir
 from ..errors import InputValueError
@@ -94,9 +95,11 @@ def subject_data_from_work(work, subject: str, cfg: PipelineConfig, source=None)
         stamps.append({"sequence": seq, "frame": frame, "reason": reasons.get((seq, frame), ""),
                        "cd_l1_mm": cd, "landmark_px": lm, **{k: v for k, v in quality.items() if k not in ("sequence", "frame")},
                        "views": {s: {"valid_fraction": valid[i]} for i, s in enumerate(ser)}})
-        pts.append(read_points(rdir / "points.ply")["positions"])
+        positions = read_points(rdir / "points.ply")["positions"]
+        kept_points = bounded_subset(len(positions), cfg.track.max_points_per_timestamp)  # the points track fitted
+        pts.append(positions[kept_points])
         with np.load(canonical_dir(work, subject, seq, frame) / "points.npz") as z:
-            pcan.append(z["canonical"])
+            pcan.append(z["canonical"][kept_points])
     track_arrays = {k: v for k, v in params.items()}
     track_arrays.update(tracked_vertices=tracked.astype(np.float32), canonical_vertices=canonical_v.astype(np.float32),
                         faces=faces.astype(np.int32))
@@ -108,6 +111,8 @@ def subject_data_from_work(work, subject: str, cfg: PipelineConfig, source=None)
         subject=subject, serials=serials, timestamps=stamps, **stack, K=np.stack(ks), world_2_cam=np.stack(w2cs),
         track=track_arrays, points_xyz=pts, points_canonical=pcan,
         provenance={"source": str(cfg.capture.root), "pipeline": cfg.name, "pipeline_file": cfg.source_file,
+                    "dense_backend": (StageDir(work, subject, "reconstruct").done() or {})
+                    .get("figures", {}).get("dense_backend", "none"),
                     "config_hash": cfg.hash(), "config": cfg.to_dict(), "code_version": code_version()})
 
 
