@@ -178,7 +178,7 @@ def bench_dense(source: CaptureSource, subject: str, cfg: PipelineConfig, count:
     backends = ["torch"] + (["colmap"] if colmap_cuda_available() else [])
     out: dict = {"bench": "dense", "subject": subject, "timestamps": [], "backends": backends,
                  "resolution": [next(iter(cameras.values())).height, next(iter(cameras.values())).width]}
-    stats = {b: {"seconds": [], "hits1": 0, "hits2": 0, "head": 0, "errors": []} for b in backends}
+    stats = {b: {"seconds": [], "cpu": [], "hits1": 0, "hits2": 0, "head": 0, "errors": []} for b in backends}
     masks_of = ForegroundMasks(source, subject, cfg.reconstruct, downscale)
     with tempfile.TemporaryDirectory(prefix="bench-dense-") as tmp:
         for seq, frame in _spread_timestamps(source, subject, count):
@@ -194,6 +194,7 @@ def bench_dense(source: CaptureSource, subject: str, cfg: PipelineConfig, count:
                     raise InputValueError(f"bench dense: {backend} made no dense cloud for {seq}/{frame}: {res.reason}")
                 st = stats[backend]
                 st["seconds"].append(res.dense_seconds)
+                st["cpu"].append(res.dense_cpu_seconds)
                 with np.load(folder / "depth.npz") as z:
                     depth, serials = z["depth"], [str(x) for x in z["serials"]]
                 for v, serial in enumerate(serials):
@@ -210,6 +211,8 @@ def bench_dense(source: CaptureSource, subject: str, cfg: PipelineConfig, count:
         per_ts = float(np.mean(st["seconds"]))
         out[backend] = {
             "seconds_per_timestamp": round(per_ts, 2),
+            # all threads together (torch): with other work on the machine, wall time says less than this
+            "cpu_seconds_per_timestamp": round(float(np.mean(st["cpu"])), 2) if backend == "torch" else None,
             "completeness_1mm": round(st["hits1"] / max(st["head"], 1), 4),
             "completeness_2mm": round(st["hits2"] / max(st["head"], 1), 4),
             "error_median_mm": round(float(np.median(errors)), 3) if len(errors) else None,
@@ -498,11 +501,21 @@ REAL_FRAMES_PER_SUBJECT = 9500  # ~22 sequences at 73 fps
 REAL_FRAME_STRIDE = 2  # pipelines/nersemble.toml's select.frame_stride: select reads every 2nd frame
 
 
+# Runs argv[2:] as its child and writes the child's peak RSS (KiB, os.wait4) to argv[1]; exits with its status.
+_PEAK_RSS_LAUNCHER = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def bench_subject(cfg: PipelineConfig, subject: str = "900") -> dict:
     """One synthetic subject through the whole chain at the pipeline's sizes (``pipelines/bench_subject.toml``:
     NeRSemble's 2200 x 3208 videos, 802 x 550 working resolution, 40 + 10 timestamps, 16 views), each
     stage its own child process: seconds and peak RSS per stage (``os.wait4``'s ``ru_maxrss`` of that
-    process), bytes in the store and in the work folder before and after the ``light`` policy, and the
+    process, taken by a small launcher process so this one's size does not leak into it), bytes in the store and in the work folder before and after the ``light`` policy, and the
     projection to the dataset's 414 subjects (CPU-hours on this machine, TB). The capture is rendered
     once into ``synth.out`` and reused; the work folder and store are made fresh. ``select`` reads every
     second frontal frame of a real subject (~9500 frames), so its projection is its fixed cost (process
@@ -536,15 +549,18 @@ def bench_subject(cfg: PipelineConfig, subject: str = "900") -> dict:
                "--work", str(work), "--json"] + (["--out", str(store)] if stage.needs_store else [])
         log_path = work.parent / f"bench-subject-{stage.name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        rss_path = work.parent / f"bench-subject-{stage.name}.maxrss"
         t0 = time.perf_counter()
         with open(log_path, "w") as log:  # the ground truth beside --root is found by the stage itself
-            child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-            _, status, usage = os.wait4(child.pid, 0)
+            # Through a small launcher: Linux carries a process's peak RSS across fork and exec, so a stage
+            # forked from this process (large after rendering the capture) would report at least its size.
+            child = subprocess.Popen([sys.executable, "-c", _PEAK_RSS_LAUNCHER, str(rss_path), *cmd],
+                                     stdout=log, stderr=subprocess.STDOUT)
+            status = child.wait()
         seconds[stage.name] = round(time.perf_counter() - t0, 1)
-        peak[stage.name] = round(usage.ru_maxrss * 1024 / 1e9, 3)  # ru_maxrss is in KiB on Linux
         if status != 0:
-            raise InputValueError(f"bench subject: stage {stage.name} failed (exit {os.waitstatus_to_exitcode(status)}); "
-                                  f"its output: {log_path}")
+            raise InputValueError(f"bench subject: stage {stage.name} failed (exit {status}); its output: {log_path}")
+        peak[stage.name] = round(int(rss_path.read_text()) * 1024 / 1e9, 3)  # ru_maxrss is in KiB on Linux
         lines = [line for line in log_path.read_text().splitlines() if line.startswith("{")]
         figures[stage.name] = json.loads(lines[-1]) if lines else {}
     timestamps = int(figures["write"].get("timestamps", 0))

@@ -338,12 +338,12 @@ def report_cmd(store: Path = typer.Argument(..., help="Store folder."),
         typer.echo(json.dumps(report, default=str))
         return
     table = Table(title=f"{store}: {len(report['subjects'])} subjects, {report['views']} view-samples (medians)")
-    for col in ["subject", "timestamps (expr/pose)"] + [label for _, label in FIGURES]:
+    for col in ["subject", "timestamps (expr/pose)", "dense"] + [label for _, label in FIGURES]:
         table.add_column(col)
     for r in report["subjects"]:
         table.add_row(r["subject"], f"{r['timestamps']} ({r['reasons']['expression']}/{r['reasons']['pose']}"
                       + (f", {r['reasons']['first']} first" if r["reasons"]["first"] else "") + ")",
-                      *["-" if r[k] is None else f"{r[k]:.4g}" for k, _ in FIGURES])
+                      r["dense_backend"], *["-" if r[k] is None else f"{r[k]:.4g}" for k, _ in FIGURES])
     from rich.console import Console
 
     Console().print(table)

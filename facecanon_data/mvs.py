@@ -289,6 +289,7 @@ def fuse(images, cameras: list[Camera], depth, cost, opts: MvsConfig, device="cp
     v_, u_ = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=device),
                             torch.arange(w, dtype=torch.float32, device=device), indexing="ij")
     pix = torch.stack([u_, v_, torch.ones_like(u_)], -1)
+    depth = torch.where(cost < 1 - opts.min_ncc, depth, torch.zeros_like(depth))  # only confident depths vote
     world = []  # per view (H, W, 3) world points
     for v, (k, r, t) in enumerate(cams):
         x = (pix @ torch.linalg.inv(k).T) * depth[v][..., None]
@@ -296,35 +297,35 @@ def fuse(images, cameras: list[Camera], depth, cost, opts: MvsConfig, device="cp
     keep_depth = torch.zeros_like(depth)
     positions, colors, normals, visibility = [], [], [], []
     for v, (k, r, t) in enumerate(cams):
-        valid = (depth[v] > 0) & (cost[v] < 1 - opts.min_ncc)
-        acc = torch.where(valid[..., None], world[v], torch.zeros_like(world[v]))
-        count = torch.zeros((h, w), device=device)
+        ys, xs = torch.nonzero(depth[v] > 0, as_tuple=True)  # this view's candidate pixels only
+        if len(ys) == 0:
+            continue
+        own, z_own = world[v][ys, xs], depth[v][ys, xs]  # (P, 3), (P,)
+        pix_own = torch.stack([xs, ys], -1).float()
+        acc, count = own.clone(), torch.zeros(len(ys), device=device)
         for o, (ko, ro, to) in enumerate(cams):
             if o == v:
                 continue
-            xo = world[v] @ ro.T + to
-            zo = xo[..., 2]
-            uv = (xo @ ko.T)[..., :2] / zo.clamp_min(1e-6)[..., None]
-            px = torch.round(uv).long()
-            inside = (zo > 0) & (px[..., 0] >= 0) & (px[..., 0] < w) & (px[..., 1] >= 0) & (px[..., 1] < h)
-            pxc = torch.stack([px[..., 0].clamp(0, w - 1), px[..., 1].clamp(0, h - 1)], -1)
-            d_other = depth[o][pxc[..., 1], pxc[..., 0]]
-            back = world[o][pxc[..., 1], pxc[..., 0]]  # the other view's point at that pixel
+            xo = own @ ro.T + to
+            zo = xo[:, 2]
+            px = torch.round((xo @ ko.T)[:, :2] / zo.clamp_min(1e-6)[:, None]).long()
+            inside = (zo > 0) & (px[:, 0] >= 0) & (px[:, 0] < w) & (px[:, 1] >= 0) & (px[:, 1] < h)
+            px_x, px_y = px[:, 0].clamp(0, w - 1), px[:, 1].clamp(0, h - 1)
+            back = world[o][px_y, px_x]  # the other view's point at that pixel
             xb = back @ r.T + t
-            uvb = (xb @ k.T)[..., :2] / xb[..., 2:3].clamp_min(1e-6)
-            reproj = (uvb - pix[..., :2]).norm(dim=-1)
-            rel = (xb[..., 2] - depth[v]).abs() / depth[v].clamp_min(1e-6)
-            ok = valid & inside & (d_other > 0) & (reproj < opts.max_reprojection_px) & (rel < opts.max_relative_depth)
-            acc = acc + torch.where(ok[..., None], back, torch.zeros_like(back))
-            count = count + ok.float()
-        good = valid & (count >= opts.min_consistent_views)
-        keep_depth[v] = torch.where(good, depth[v], torch.zeros_like(depth[v]))
+            reproj = ((xb @ k.T)[:, :2] / xb[:, 2:3].clamp_min(1e-6) - pix_own).norm(dim=-1)
+            rel = (xb[:, 2] - z_own).abs() / z_own
+            ok = (inside & (depth[o][px_y, px_x] > 0) & (reproj < opts.max_reprojection_px)
+                  & (rel < opts.max_relative_depth))
+            acc += torch.where(ok[:, None], back, torch.zeros_like(back))
+            count += ok.float()
+        good = count >= opts.min_consistent_views
         if not good.any():
             continue
-        mean = acc[good] / (count[good] + 1)[:, None]
-        positions.append(mean)
-        colors.append(torch.as_tensor(images[v], device=device)[good])
-        normals.append(_depth_normals(world[v], cameras[v].center, device)[good])
+        keep_depth[v, ys[good], xs[good]] = z_own[good]
+        positions.append(acc[good] / (count[good] + 1)[:, None])
+        colors.append(torch.as_tensor(images[v], device=device)[ys[good], xs[good]])
+        normals.append(_depth_normals(world[v], cameras[v].center, device)[ys[good], xs[good]])
         visibility.append(count[good] + 1)
     if not positions:
         z3 = np.zeros((0, 3), np.float32)

@@ -333,6 +333,8 @@ store = "{out}/store"
 [capture]
 root = "{out}/capture"
 downscale = 1
+[reconstruct]
+dense = "none"
 [flame]
 kind = "synthetic"
 [synth]

@@ -72,6 +72,7 @@ class TimestampResult:
     foreground_seconds: float = 0.0  # segmenting the views from the plates (before COLMAP; not in total)
     dense_backend: str = "none"  # "colmap" | "torch" | "none": what made the dense cloud
     dense_seconds: float = 0.0  # the dense step, either backend (colmap's also counts in colmap_seconds)
+    dense_cpu_seconds: float = 0.0  # torch MVS: CPU time of this process over all its threads
 
     @property
     def key(self) -> str:
@@ -214,7 +215,7 @@ def reconstruct_timestamp(images: dict[str, np.ndarray], cameras: dict[str, Came
     kept, reason = not bad, "; ".join(f"camera {v.serial}: {v.problem}" for v in bad)
     is_dense = False
     pts, colors, normals, visibility, obs = _sparse_points(rec, id_to_serial)
-    mvs_s = 0.0  # the dense step's seconds, either backend
+    mvs_s = mvs_cpu_s = 0.0  # the dense step's seconds, either backend (CPU seconds: torch only)
     if kept and dense == "colmap":
         t = time.perf_counter()
         ok, msg = _run_dense_subprocess(col_dir, img_dir, rcfg)
@@ -236,7 +237,7 @@ def reconstruct_timestamp(images: dict[str, np.ndarray], cameras: dict[str, Came
         from ..devices import pick_torch_device
         from ..mvs import reconstruct_dense
 
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         sparse_seen = np.array([[s in obs[i] for s in serials] for i in keep_idx], bool).reshape(-1, len(serials))
         cloud = reconstruct_dense([images[s] for s in serials], [cameras[s] for s in serials], pts, sparse_seen,
                                   rcfg.mvs, None if masks is None else [masks[s] > 0.5 for s in serials],
@@ -245,7 +246,7 @@ def reconstruct_timestamp(images: dict[str, np.ndarray], cameras: dict[str, Came
                                                      common_focus(list(cameras.values())), rcfg)
         depth = cloud.depth
         observed = _observed_by_depth(pts, depth, serials, cameras)
-        is_dense, mvs_s = True, time.perf_counter() - t
+        is_dense, mvs_s, mvs_cpu_s = True, time.perf_counter() - t, time.process_time() - cpu
     elif is_dense:
         depth = _dense_depths(col_dir / "dense", serials, cameras)
         observed = _observed_by_depth(pts, depth, serials, cameras)
@@ -263,7 +264,7 @@ def reconstruct_timestamp(images: dict[str, np.ndarray], cameras: dict[str, Came
         db_path.unlink(missing_ok=True)
     return TimestampResult(sequence="", frame=-1, kept=kept, reason=reason, views=views, num_points=len(pts),
                            dense=is_dense, dense_backend=dense if is_dense else "none",
-                           colmap_seconds=round(colmap_s, 3), dense_seconds=round(mvs_s, 3),
+                           colmap_seconds=round(colmap_s, 3), dense_seconds=round(mvs_s, 3), dense_cpu_seconds=round(mvs_cpu_s, 3),
                            total_seconds=round(time.perf_counter() - t0, 3))
 
 

@@ -2,9 +2,9 @@
 
 Per timestamp and view: the canonicalized points that the view observed (``reconstruct``'s observer
 table) are splatted with a z-buffer in torch (``scatter_reduce(..., "amin")`` on CPU or GPU); the depth
-of the nearest point and its canonical coordinate fill the pixel. On a dense (CUDA) reconstruction the
-depth is PatchMatch's geometric depth and the canonical map is kept where the splatted point agrees
-with it. The tracked FLAME mesh is ray-cast per view for its foreground (the ``valid_fraction`` base)
+of the nearest point and its canonical coordinate fill the pixel. On a dense reconstruction (COLMAP's
+PatchMatch or the torch MVS) the depth is the backend's filtered depth map and the canonical map is kept
+where the splatted point agrees with it. The tracked FLAME mesh is ray-cast per view for its foreground (the ``valid_fraction`` base)
 and, with ``reconstruct``'s foreground masks, for the per-pixel region map (:mod:`facecanon_data.regions`:
 face, hair, ears, neck, body; face + hair is the evaluation region, the stand-in for Facer masks).
 
@@ -16,7 +16,8 @@ Label quality per timestamp: ``valid_fraction`` (valid pixels / foreground pixel
 ``cross_view_canonical_mm`` (median distance between canonical coordinates of pixels of two views that
 see the same surface point: depth-consistent reprojection into the other view's 3x3 neighbourhood,
 pairs of *different* reconstructed points only, since a point shared by both views agrees trivially),
-and with ground truth ``gt_canonical_error_mm`` (median, p90), ``gt_depth_absrel`` (median) and
+and with ground truth ``gt_canonical_error_mm`` (median, p90), ``gt_depth_absrel`` (median),
+``gt_head_valid_fraction`` (valid pixels / the ground truth's head pixels, hair included) and
 ``gt_canonical_error_mm_by_transfer``: the median error of each ``canonicalize.transfer`` mode over pixels
 whose point lies within ``NEAR_MM`` of the tracked surface and beyond (same pixels, same z-buffer), and
 ``region_iou_face_hair`` (median and min over views): the region map's face + hair against the ground
@@ -134,7 +135,7 @@ def render_timestamp(points: np.ndarray, canonical: np.ndarray, observed: np.nda
         d, c, i = splat(pts_t[sel] @ r.T + t, can_t[sel], k, h, w, radius)
         i = torch.where(i >= 0, sel[i.clamp_min(0)], i)  # back to global point ids
         d, c, i = d.cpu().numpy(), c.cpu().numpy(), i.cpu().numpy()
-        if dense_depth is not None:  # PatchMatch depth; canonical where the splat agrees with it
+        if dense_depth is not None:  # the dense backend's depth; canonical where the splat agrees with it
             agree = (i >= 0) & (np.abs(dense_depth[v] - d) < dense_tol_m) & (dense_depth[v] > 0)
             d = dense_depth[v]
             i = np.where(agree, i, -1)
@@ -214,6 +215,7 @@ class RenderResult:
     gt_canonical_error_mm_by_region: dict | None = None
     gt_canonical_error_mm_face_hair: float | None = None  # median over FACE_HAIR_REGIONS (the paper's region)
     gt_not_head_fraction: float | None = None  # valid pixels the ground truth says are torso or studio
+    gt_head_valid_fraction: float | None = None  # the ground truth's head pixels (hair included) that are valid
     region_iou_face_hair: float | None = None  # the stored face + hair region vs the ground truth's (median view)
     region_iou_face_hair_min: float | None = None
     per_timestamp: list[dict] = field(default_factory=list)
@@ -249,6 +251,7 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
     gt = source.ground_truth(subject) if source is not None else None
     per_ts, gt_can, gt_rel, store_err, by_transfer_gt = [], [], [], 0.0, []
     by_region, not_head = [], [0, 0]  # (region id per pixel, error) per view; [not head, all] valid pixels
+    head_cover = [0, 0]  # [valid, all] pixels of the ground truth's head (hair included)
     model_region = model_vertex_regions(cfg)
     regions = vertex_region_names(model_region) if gt is not None else None
     vertex_label = vertex_labels(model_region, MODEL_REGIONS)
@@ -290,6 +293,8 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
                 m = maps.mask[v] & g["mask"]
                 not_head[0] += int((maps.mask[v] & ~g["mask"]).sum())
                 not_head[1] += int(maps.mask[v].sum())
+                head_cover[0] += int(m.sum())
+                head_cover[1] += int(g["mask"].sum())
                 gt_region = gt_regions(g, regions)
                 region_iou.append(mask_iou(eval_region(maps.region[v]), np.isin(gt_region, FACE_HAIR_IDS)))
                 region_of_pixel = gt_region[m]
@@ -335,6 +340,7 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
         if face_hair.any():
             result.gt_canonical_error_mm_face_hair = round(float(np.median(all_ce[face_hair])), 4)
         result.gt_not_head_fraction = round(not_head[0] / max(not_head[1], 1), 5)
+        result.gt_head_valid_fraction = round(head_cover[0] / max(head_cover[1], 1), 5)
         result.region_iou_face_hair = round(float(np.median(region_iou)), 4)
         result.region_iou_face_hair_min = round(float(np.min(region_iou)), 4)
     return result
