@@ -35,13 +35,14 @@ import numpy as np
 from ..artifacts import StageDir, atomic_write
 from ..cameras import Camera, read_cameras_json
 from ..config import PipelineConfig
+from ..errors import InputFileNotFound
 from ..foreground import mask_iou
 from ..regions import eval_region, vertex_labels
 from ..meshes import cast_camera_rays, raycasting_scene
 from ..threads import apply_thread_cap
 from .canonicalize import REGIONS as MODEL_REGIONS
 from .canonicalize import TRANSFER_MODES, canonical_dir
-from .reconstruct import read_points, read_view_masks, timestamp_dir
+from .reconstruct import read_points, read_view_masks, timestamp_dir, view_images
 
 STAGE = "render"
 NEAR_MM = 2.0  # a point within this distance of the tracked surface is "near" in the transfer figures
@@ -321,7 +322,11 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
         atomic_write(folder / "maps.npz", lambda p: np.savez_compressed(p, **arrays))
         atomic_write(folder / "quality.json", lambda p: p.write_text(json.dumps(row)))
         if i == 0:
-            atomic_write(out.file("preview.png"), lambda p: write_preview(rdir / "images", maps, p))
+            try:  # the inputs: reconstruct's PNGs, or decoded again where a light build pruned them
+                views = view_images(source, subject, cfg, work, seq, frame, serials)
+            except InputFileNotFound:
+                views = None
+            atomic_write(out.file("preview.png"), lambda p: write_preview(views, maps, p))
     result = RenderResult(
         subject=subject, timestamps=len(keys), views=n_views // max(len(keys), 1),
         valid_fraction=round(float(np.median([r["valid_fraction"] for r in per_ts])), 5) if per_ts else 0.0,
@@ -407,9 +412,9 @@ def transfer_errors(per_view: list[dict[str, np.ndarray]]) -> dict[str, float]:
     return out
 
 
-def write_preview(image_dir: Path, maps: ViewMaps, path, views: int = 4) -> None:
-    """Rows: input image, depth (turbo colour map), canonical map (xyz -> rgb) for a few views.
-    Sparse maps are dilated by 2 px so that the points are visible."""
+def write_preview(images: dict[str, np.ndarray] | None, maps: ViewMaps, path, views: int = 4) -> None:
+    """Rows: input image (serial -> (H, W, 3) uint8 RGB; grey where None), depth (turbo colour map),
+    canonical map (xyz -> rgb) for a few views. Sparse maps are dilated by 2 px so that the points are visible."""
     import cv2
 
     picks = np.linspace(0, len(maps.serials) - 1, views).round().astype(int)
@@ -417,7 +422,7 @@ def write_preview(image_dir: Path, maps: ViewMaps, path, views: int = 4) -> None
     lo, hi = (valid_can.min(0), valid_can.max(0)) if len(valid_can) else (np.zeros(3), np.ones(3))
     cols = []
     for v in picks:
-        img = cv2.imread(str(image_dir / f"cam_{maps.serials[v]}.png"))
+        img = None if images is None else cv2.cvtColor(images[maps.serials[v]], cv2.COLOR_RGB2BGR)
         m = maps.mask[v]
         d = maps.depth[v]
         dn = np.zeros_like(d)
