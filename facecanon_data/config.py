@@ -189,9 +189,9 @@ class TrackConfig:
     point_weight: float = 4.0  # per mm^2 of robust point-to-surface distance
     point_huber_mm: float = 1.0
     # Dense clouds (~400k points per timestamp) are fitted through a seeded subset of this many
-    # (sampling.bounded_subset; the store keeps the same subset); sparse ones (~2-3k) whole. The weights
-    # were set with sparse clouds' counts: on the harder demo capture's dense clouds 20000 measured
-    # worse than 5000 (README, stage reconstruct: canonical error 3.15 vs 1.80 mm, face vertices 1.69 vs 1.55).
+    # (sampling.bounded_subset; the store keeps the same subset); sparse ones (~2-3k) whole. One run each
+    # on a dense capture: 20000 measured worse than 5000 (README, stage reconstruct), possibly fit-to-fit
+    # variation; 5000 also keeps track near its sparse-era time.
     max_points_per_timestamp: int = 5000
     point_max_distance_mm: float = 10.0  # points farther from the mesh are not the head (hair, shoulders)
     # ... at the end; the gate starts this generous in the first points stage and tightens to it, so far
