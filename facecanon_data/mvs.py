@@ -127,7 +127,8 @@ class _Matcher:
         self.rel_t = torch.stack([t - (r @ r_ref.T) @ t_ref for _, r, t in source_cams])
 
     def costs(self, depth):
-        """(S, H, W) 1 - NCC per source for per-pixel depths (H, W) m; 2 where a window leaves the image."""
+        """(S, H, W) 1 - NCC per source for per-pixel depths (H, W) m; 2 where a pixel's projection leaves
+        the source image or falls behind its camera."""
         import torch
         import torch.nn.functional as F
 
@@ -370,8 +371,7 @@ def _voxel_merge(points: np.ndarray, attributes: list[np.ndarray], voxel: float)
 
 
 def reconstruct_dense(images: list[np.ndarray], cameras: list[Camera], points: np.ndarray, observed: np.ndarray,
-                      opts: MvsConfig, masks: list[np.ndarray | None] | None = None, device: str = "cpu",
-                      progress=None) -> DenseCloud:
+                      opts: MvsConfig, masks: list[np.ndarray | None] | None = None, device: str = "cpu") -> DenseCloud:
     """Dense cloud and depth maps of one timestamp from its views and sparse points.
 
     images [(H, W, 3) uint8]; cameras at that resolution; points (N, 3) m, observed (N, V) bool (the
@@ -393,6 +393,4 @@ def reconstruct_dense(images: list[np.ndarray], cameras: list[Camera], points: n
                 if mask is not None:
                     d = torch.where(torch.as_tensor(masks[v], device=device), d, torch.zeros_like(d))
                 depth[v], cost[v] = d, c
-            if progress is not None:
-                progress(v + 1, n_v)
         return fuse(images, cameras, depth, cost, opts, device)

@@ -247,6 +247,8 @@ def reconstruct_timestamp(images: dict[str, np.ndarray], cameras: dict[str, Came
         depth = cloud.depth
         observed = _observed_by_depth(pts, depth, serials, cameras)
         is_dense, mvs_s, mvs_cpu_s = True, time.perf_counter() - t, time.process_time() - cpu
+        if len(pts) == 0:  # nothing consistent across views: no label to make, like an empty sparse cloud
+            kept, reason = False, "dense reconstruction (torch) kept no point after the consistency check and clean-up"
     elif is_dense:
         depth = _dense_depths(col_dir / "dense", serials, cameras)
         observed = _observed_by_depth(pts, depth, serials, cameras)
@@ -485,7 +487,7 @@ class ReconstructResult:
     dense: bool
     seconds_per_timestamp: float
     dense_backend: str = "none"  # over kept timestamps: "torch", "colmap", "none" (or a "+" join)
-    dense_seconds_per_timestamp: float = 0.0  # torch MVS, mean over kept timestamps
+    dense_seconds_per_timestamp: float = 0.0  # the dense step (either backend), mean over kept timestamps
     gt_point_error_median_mm: float | None = None
     foreground_source: str = "none"
     foreground_iou_min: float | None = None  # over views and timestamps, with ground truth
@@ -634,7 +636,7 @@ def summarize_reconstruct(subject: str, results: list[TimestampResult]) -> Recon
 
 
 def check_reconstruct(source, subject: str, cfg: PipelineConfig, timestamps: list[tuple[str, int]]) -> None:
-    """Fail fast, before any output is touched: unknown timestamps, dense = "always" without a device."""
+    """Fail fast, before any output is touched: unknown timestamps, dense = "colmap" without a device."""
     _check_timestamps(source, subject, timestamps)
     dense_backend(cfg.reconstruct)
 
