@@ -220,6 +220,10 @@ class TrackConfig:
     timestamp_detail: bool = False  # measured on the harder capture (README, stage track)
     timestamp_detail_l2: float = 200.0  # per mm^2 (mean over vertices and timestamps)
     timestamp_detail_laplacian: float = 20000.0  # per mm^2 of the Laplacian
+    # Regions a volume the model lacks may cover from outside (hair over the scalp): points matched there
+    # pull the surface only inward (a one-sided term), so hair cannot inflate the skull and, through the
+    # shape, shift the face in canonical space (measured: README, stage track). [] = two-sided everywhere.
+    covered_masks: list[str] = field(default_factory=lambda: ["scalp"])
     # FLAME_masks.pkl keys (or a union: eyeballs, ears) held at zero offset: the eyeballs keep their shape
     offset_free_masks: list[str] = field(default_factory=lambda: ["left_eyeball", "right_eyeball"])
     # Fit statistics (CD-L1, the outlier rule) count only head points: those whose nearest mesh point is

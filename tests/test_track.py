@@ -92,6 +92,30 @@ def test_point_gate_anneals_from_generous_to_tight(cfg, observed, head_assets):
     assert len(f.corr[0][0]) == 0
 
 
+def test_points_over_the_scalp_pull_only_inward(cfg, observed, head_assets):
+    """Hair stands outside the scalp: there a point counts only when it lies inside the surface, while
+    a point off the forehead counts; with ``covered_masks = []`` all three count."""
+    from facecanon_data.synthetic.procedural import vertex_normals
+
+    f = _Fitter(head_assets, observed[0][:1], cfg.track, "cpu")
+    with torch.no_grad():
+        v = f.vertices()[0].numpy()
+    normals = vertex_normals(v, head_assets.model.faces)
+    scalp, face = head_assets.mask("scalp"), head_assets.mask("face")
+    # The crown, and the middle of the forehead
+    mid = face[np.abs(v[face, 0] - np.median(v[face, 0])) < 0.01]
+    top, forehead = scalp[np.argmax(v[scalp, 1])], mid[np.argmax(v[mid, 1])]
+    offsets = [(top, 0.003), (top, -0.0015), (forehead, 0.003)]  # m along the outward normal
+    points = np.stack([v[i] + d * normals[i] for i, d in offsets])
+    for covered, expected_mm in ((["scalp"], [1.5, 3]), ([], [3, 1.5, 3])):
+        f.covered_vertices[:] = np.isin(np.arange(len(v)), head_assets.mask("scalp")) if covered else False
+        f.points = [torch.as_tensor(points, dtype=torch.float32)]
+        f.refresh_correspondences(torch.as_tensor(v[None]))
+        assert f.corr[0][0].tolist() == [0, 1, 2]  # all within the gate; the sign decides, not the gate
+        res = f.point_residual_mm(torch.as_tensor(v[None]))[0].numpy()
+        np.testing.assert_allclose(res, expected_mm, atol=0.2)
+
+
 def test_gradients_reach_every_optimized_group(cfg, observed, head_assets):
     obs, _ = observed
     f = _Fitter(head_assets, obs[:3], dataclasses.replace(cfg.track, offset_coarse_basis=8, timestamp_detail=True),

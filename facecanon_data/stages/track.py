@@ -187,6 +187,9 @@ class _Fitter:
         self.head_vertices = np.ones(model.num_vertices, bool)  # where a point's nearest surface counts
         for name in tcfg.stats_exclude_masks:
             self.head_vertices[assets.mask(name)] = False
+        self.covered_vertices = np.zeros(model.num_vertices, bool)  # where hair may lie over the skin
+        for name in tcfg.covered_masks:
+            self.covered_vertices[assets.mask(name)] = True
         self.regions = {}  # (V,) bool per diagnostic region the masks file can name
         for name in REGIONS:
             try:
@@ -272,7 +275,8 @@ class _Fitter:
     def refresh_correspondences(self, verts, gate_mm: float | None = None) -> None:
         """Exact closest surface points (triangle + barycentrics) of every point, per timestamp, within
         ``gate_mm`` (default ``point_max_distance_mm``); beyond that tight gate only points nearest the
-        head count (excluded by region: clothing and torso snap to the neck)."""
+        head count (excluded by region: clothing and torso snap to the neck). Each kept point also
+        records whether its nearest vertex is in ``covered_masks`` (see ``point_residual_mm``)."""
         self.corr = []
         v_np = verts.detach().cpu().numpy()
         tight = self.tcfg.point_max_distance_mm / 1000.0
@@ -282,16 +286,29 @@ class _Fitter:
             dist = np.linalg.norm(closest - pts.cpu().numpy(), axis=1)
             head = self.head_vertices[self.faces[tri, np.argmax(bary, 1)]]
             near = (dist < tight) | ((dist < limit) & head)
+            covered = self.covered_vertices[self.faces[tri, np.argmax(bary, 1)]]
             t = self.torch
             self.corr.append((t.as_tensor(np.where(near)[0], device=self.device),
                               t.as_tensor(tri[near], device=self.device),
-                              t.as_tensor(bary[near], dtype=t.float32, device=self.device)))
+                              t.as_tensor(bary[near], dtype=t.float32, device=self.device),
+                              t.as_tensor(covered[near], device=self.device)))
 
     def point_residual_mm(self, verts) -> list:
+        """Per timestamp, (N_i,) mm: distance of each matched point to its surface point. Points matched
+        in a covered region (hair over the scalp) count only when they lie inside the surface (behind
+        its outward normal): what stands outside there is volume the model has no surface for, and
+        fitting it would inflate the skull and, through the shape, move the face in canonical space."""
         out = []
-        for i, (idx, tri, bary) in enumerate(self.corr):
-            surf = (verts[i][self.faces_t[tri]] * bary[..., None]).sum(1)
-            out.append((self.points[i][idx] - surf).norm(dim=-1) * 1000.0)
+        for i, (idx, tri, bary, covered) in enumerate(self.corr):
+            corners = verts[i][self.faces_t[tri]]  # (N, 3, 3) m
+            surf = (corners * bary[..., None]).sum(1)
+            delta = self.points[i][idx] - surf
+            res = delta.norm(dim=-1) * 1000.0
+            if bool(covered.any()):
+                normal = self.torch.linalg.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+                outside = (delta * normal).sum(-1) > 0
+                res = res[~(covered & outside)]
+            out.append(res)
         return out
 
     def loss(self, verts, stage: int):
