@@ -211,13 +211,16 @@ def test_corrupted_timestamp_is_removed_as_outlier_and_torso_points_do_not_count
 
 
 class _GroundTruth:
-    """The two things ``_ground_truth_errors`` reads of a ground truth: faces and per-frame vertices."""
+    """What ``_ground_truth_errors`` reads of a ground truth: faces, per-frame and canonical vertices."""
 
-    def __init__(self, faces, vertices):
-        self.faces, self._vertices = faces, vertices
+    def __init__(self, faces, vertices, canonical=None):
+        self.faces, self._vertices, self._canonical = faces, vertices, canonical
 
     def frame(self, sequence, frame):
         return {"vertices": self._vertices[frame]}
+
+    def canonical_vertices(self):
+        return self._canonical
 
 
 def test_vertex_error_only_with_the_model_topology_surface_error_always(observed, head_assets):
@@ -228,18 +231,25 @@ def test_vertex_error_only_with_the_model_topology_surface_error_always(observed
     keys = [type(o)("SEQ", i, o.points, o.cameras, o.landmarks) for i, o in enumerate(obs[:3])]
     tracked = true + np.array([0, 0, 0.001], np.float32)  # every vertex 1 mm off along z
 
-    def errors(faces, vertices):
+    rest = head_assets.model.v_template.astype(np.float32)
+
+    def errors(faces, vertices, canonical=None):
         r = TrackResult("s", 3, 3, 0, 0.0, 0.0, 0.0, 0.0, "cpu")
-        _ground_truth_errors(r, _GroundTruth(faces, vertices), head_assets, keys, tracked)
+        _ground_truth_errors(r, _GroundTruth(faces, vertices, rest), head_assets, keys, tracked, canonical)
         return r
 
     faces = head_assets.model.faces
     same = errors(faces, true)
     assert abs(same.gt_vertex_error_mm_mean - 1.0) < 1e-3
     assert 0.05 < same.gt_surface_error_mm_mean <= 1.0 + 1e-3  # a shift partly along the surface
+    assert same.gt_canonical_vertex_error_mm_mean is None  # no canonical mesh given
+    # A canonical head 2 mm forward of the true one: the posed error cannot show it, this figure does.
+    shifted = errors(faces, true, rest + np.array([0, 0, 0.002], np.float32))
+    assert abs(shifted.gt_canonical_vertex_error_mm_mean - 2.0) < 1e-3
     # The same surface with its vertices numbered otherwise (another mesh): vertex ids no longer name
     # the same points, so the vertex error is absent; the distance to the surface is unchanged.
     perm = np.random.default_rng(0).permutation(true.shape[1])
     other = errors(np.argsort(perm)[faces], true[:, perm])
     assert other.gt_vertex_error_mm_mean is None
+    assert errors(np.argsort(perm)[faces], true[:, perm], rest).gt_canonical_vertex_error_mm_mean is None
     assert abs(other.gt_surface_error_mm_mean - same.gt_surface_error_mm_mean) < 1e-3

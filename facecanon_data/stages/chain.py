@@ -121,6 +121,8 @@ def _describe_track(subject: str, f: Figures) -> str:
         line += f"\n  removed {key}: {why}"
     if f.get("gt_vertex_error_mm_mean") is not None:
         line += f"\nground truth: mean face-vertex error {f['gt_vertex_error_mm_mean']:.2f} mm"
+    if f.get("gt_canonical_vertex_error_mm_mean") is not None:
+        line += f" (canonical mesh: {f['gt_canonical_vertex_error_mm_mean']:.2f} mm)"
     if f.get("gt_surface_error_mm_mean") is not None:
         line += f"\nground truth: face vertices {f['gt_surface_error_mm_mean']:.2f} mm from the true surface (mean)"
     return line

@@ -82,6 +82,10 @@ class TrackResult:
     device: str
     gt_vertex_error_mm_mean: float | None = None  # only when the ground truth has the model's topology
     gt_surface_error_mm_mean: float | None = None
+    # The canonical mesh's face vertices against the true neutral head (same topology, track.canonical
+    # "subject"), mean mm: what the canonical maps inherit, which the posed error hides where the rigid
+    # pose absorbs a shift of the whole canonical head.
+    gt_canonical_vertex_error_mm_mean: float | None = None
     # Median over kept timestamps of CD-L1 per region (REGIONS) the masks file names, mm.
     cd_l1_mm_by_region: dict[str, float] = field(default_factory=dict)
     # Largest |mean over kept timestamps| of an expression coefficient, in prior standard deviations
@@ -587,7 +591,7 @@ def run_track(source, subject: str, cfg: PipelineConfig, work, device: str | Non
                          timestamp_detail_mm_mean=None if detail_mm is None else round(detail_mm, 4))
     gt = source.ground_truth(subject) if source is not None else None
     if gt is not None:
-        _ground_truth_errors(result, gt, assets, kept_obs, verts)
+        _ground_truth_errors(result, gt, assets, kept_obs, verts, canonical if tcfg.canonical == "subject" else None)
     kept_index = {o.key: i for i, o in enumerate(kept_obs)}
     for i, o in enumerate(obs):
         j = kept_index.get(o.key)
@@ -602,11 +606,13 @@ def run_track(source, subject: str, cfg: PipelineConfig, work, device: str | Non
     return result
 
 
-def _ground_truth_errors(result: TrackResult, gt, assets, kept_obs: list, verts: np.ndarray) -> None:
+def _ground_truth_errors(result: TrackResult, gt, assets, kept_obs: list, verts: np.ndarray,
+                         canonical: np.ndarray | None = None) -> None:
     """Face-region error of the tracked meshes ``verts`` (T, V, 3) m against the ground truth, in mm:
     ``gt_surface_error_mm_mean`` (tracked face vertices to the ground-truth head surface) always;
     ``gt_vertex_error_mm_mean`` (vertex to same vertex) only when the ground truth has the tracked
-    model's topology: with any other mesh, vertex ids do not correspond."""
+    model's topology: with any other mesh, vertex ids do not correspond; with the same topology and a
+    subject ``canonical`` mesh (V, 3) m also ``gt_canonical_vertex_error_mm_mean``."""
     from ..meshes import point_to_mesh_distance
 
     face = assets.masks.get("face", np.arange(verts.shape[1]))
@@ -620,6 +626,9 @@ def _ground_truth_errors(result: TrackResult, gt, assets, kept_obs: list, verts:
     result.gt_surface_error_mm_mean = round(float(np.mean(surface_errs)) * 1000, 4)
     if vertex_errs:
         result.gt_vertex_error_mm_mean = round(float(np.mean(vertex_errs)) * 1000, 4)
+    if same_topology and canonical is not None:
+        err = np.linalg.norm(canonical[face] - np.asarray(gt.canonical_vertices())[face], axis=1).mean()
+        result.gt_canonical_vertex_error_mm_mean = round(float(err) * 1000, 4)
 
 
 def _canonical(fitter: _Fitter, tcfg: TrackConfig):
