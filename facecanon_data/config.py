@@ -189,9 +189,8 @@ class TrackConfig:
     point_weight: float = 4.0  # per mm^2 of robust point-to-surface distance
     point_huber_mm: float = 1.0
     # Dense clouds (~400k points per timestamp) are fitted through a seeded subset of this many
-    # (sampling.bounded_subset; the store keeps the same subset); sparse ones (~2-3k) whole. One run each
-    # on a dense capture: 20000 measured worse than 5000 (README, stage reconstruct), possibly fit-to-fit
-    # variation; 5000 also keeps track near its sparse-era time.
+    # (sampling.bounded_subset; the store keeps the same subset); sparse ones (~2-3k) whole. With the
+    # scalp's one-sided term 20000 and 5000 measure the same (README, stage track); 5000 keeps track's time.
     max_points_per_timestamp: int = 5000
     point_max_distance_mm: float = 10.0  # points farther from the mesh are not the head (hair, shoulders)
     # ... at the end; the gate starts this generous in the first points stage and tightens to it, so far
