@@ -114,6 +114,13 @@ def test_points_over_the_scalp_pull_only_inward(cfg, observed, head_assets):
         assert f.corr[0][0].tolist() == [0, 1, 2]  # all within the gate; the sign decides, not the gate
         res = f.point_residual_mm(torch.as_tensor(v[None]))[0].numpy()
         np.testing.assert_allclose(res, expected_mm, atol=0.2)
+    # The statistics follow the fit: the point off the crown is not head (CD-L1 and the excluded share),
+    # while the scalp's own figure still shows it.
+    f.covered_vertices[:] = np.isin(np.arange(len(v)), head_assets.mask("scalp"))
+    errs = f.errors()
+    assert errs.cd_l1_mm[0] == pytest.approx((1.5 + 3.0) / 2, abs=0.2)
+    assert errs.excluded[0] == pytest.approx(1 / 3)
+    assert errs.by_region["scalp"][0] == pytest.approx((3.0 + 1.5) / 2, abs=0.2)
 
 
 def test_gradients_reach_every_optimized_group(cfg, observed, head_assets):

@@ -417,9 +417,10 @@ class _Fitter:
             for i, pts in enumerate(self.points):
                 if not len(pts):
                     continue
-                dist_mm, vertex = point_distances(v_np[i], self.faces, pts.cpu().numpy())
+                dist_mm, vertex, outside = point_distances(v_np[i], self.faces, pts.cpu().numpy())
                 near = dist_mm <= self.tcfg.stats_max_distance_mm
-                head = near & self.head_vertices[vertex]
+                # As in the fit: what stands outside a covered region (hair over the scalp) is not head.
+                head = near & self.head_vertices[vertex] & ~(self.covered_vertices[vertex] & outside)
                 cd[i] = dist_mm[head].mean() if head.any() else np.nan
                 excluded[i] = 1.0 - head.mean()
                 for name, in_region in self.regions.items():
@@ -440,9 +441,11 @@ class _Fitter:
 class FitErrors:
     """cd_l1_mm (T,): mean distance of the *head* points to the tracked mesh, mm (the paper's
     unidirectional L1 chamfer): points whose nearest mesh vertex is outside ``stats_exclude_masks`` and
-    within ``stats_max_distance_mm`` (torso and clothing snap to the neck; studio lies far).
+    within ``stats_max_distance_mm`` (torso and clothing snap to the neck; studio lies far), and not
+    outside a ``covered_masks`` region (hair over the scalp, which the fit does not chase either).
     landmark_px (T,): median landmark reprojection error. excluded (T,): fraction of points not head.
-    by_region {REGIONS name: (T,)}: the same mean over the points nearest each region (NaN where none).
+    by_region {REGIONS name: (T,)}: the mean over all points within ``stats_max_distance_mm`` nearest
+    each region (NaN where none): the scalp's includes the hair standing off it, the neck's the collar.
     vertex_residual (V,): mean distance of the points nearest each vertex over all timestamps, mm."""
 
     cd_l1_mm: np.ndarray
@@ -452,11 +455,16 @@ class FitErrors:
     vertex_residual: np.ndarray
 
 
-def point_distances(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distance of (N, 3) points to the mesh (V, 3) m, in mm (N,), and the mesh vertex (N,) nearest to
-    each point's closest surface point."""
+def point_distances(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distance of (N, 3) points to the mesh (V, 3) m, in mm (N,); the mesh vertex (N,) nearest to each
+    point's closest surface point; and (N,) bool whether the point lies outside (in front of that
+    triangle's outward normal)."""
     closest, tri, bary = closest_points(vertices, faces, points)
-    return np.linalg.norm(points - closest, axis=1) * 1000, faces[tri, np.argmax(bary, 1)]
+    corners = vertices[faces[tri]]  # (N, 3, 3)
+    normal = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    outside = ((points - closest) * normal).sum(1) > 0
+    return np.linalg.norm(points - closest, axis=1) * 1000, faces[tri, np.argmax(bary, 1)], outside
 
 
 def _huber(x, delta: float):
