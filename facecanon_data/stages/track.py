@@ -288,9 +288,10 @@ class _Fitter:
         for i, pts in enumerate(self.points):
             closest, tri, bary = closest_points(v_np[i], self.faces, pts.cpu().numpy())
             dist = np.linalg.norm(closest - pts.cpu().numpy(), axis=1)
-            head = self.head_vertices[self.faces[tri, np.argmax(bary, 1)]]
+            nearest_vertex = self.faces[tri, np.argmax(bary, 1)]
+            head = self.head_vertices[nearest_vertex]
             near = (dist < tight) | ((dist < limit) & head)
-            covered = self.covered_vertices[self.faces[tri, np.argmax(bary, 1)]]
+            covered = self.covered_vertices[nearest_vertex]
             t = self.torch
             self.corr.append((t.as_tensor(np.where(near)[0], device=self.device),
                               t.as_tensor(tri[near], device=self.device),
