@@ -80,7 +80,9 @@ def read_layout(array_dir: Path) -> _Layout:
         codecs = meta["codecs"]
     except FileNotFoundError:
         raise ChunkError(f"{meta_path}: array metadata missing") from None
-    except (ValueError, KeyError, TypeError) as exc:
+    except IsADirectoryError:
+        raise ChunkError(f"{meta_path}: a folder where the array metadata file belongs") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise ChunkError(f"{meta_path}: malformed array metadata ({exc})") from None
     if meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/") != "/":
         raise ChunkError(f"{meta_path}: only '/'-separated chunk keys are written by this store")
@@ -95,19 +97,31 @@ def read_layout(array_dir: Path) -> _Layout:
     return _Layout(shape, dtype, grid, None, _codec_names(codecs, str(meta_path)))
 
 
+def _read_tail(path: Path, n: int) -> bytes:
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        return os.pread(f.fileno(), min(n, size), max(size - n, 0))
+
+
 class ArrayReader:
     """Reads single chunks of one stored array, verifying each one.
 
     Args:
         array_dir: the array's folder (holding ``zarr.json`` and ``c/...``).
         label: how errors name the array, e.g. ``"subject 900, array rgb"``.
+        expected_checksums: the crc32c each chunk must carry, in C order of the chunk grid (the store's
+            integrity manifest): ties a chunk's content to its position, which its own checksum does not.
     """
 
-    def __init__(self, array_dir: str | Path, label: str | None = None):
+    def __init__(self, array_dir: str | Path, label: str | None = None, expected_checksums: list[int] | None = None):
         self.dir = Path(array_dir)
         self.label = label or str(self.dir)
         self.layout = read_layout(self.dir)
         self.grid = tuple(-(-s // c) for s, c in zip(self.layout.shape, self.layout.chunk_shape))  # chunks per axis
+        if expected_checksums is not None and len(expected_checksums) != int(np.prod(self.grid)):
+            raise ChunkError(f"{self.label}: the integrity manifest lists {len(expected_checksums)} chunks, the "
+                             f"array's metadata a grid of {int(np.prod(self.grid))}")
+        self.expected = expected_checksums
         self._index: dict[tuple[int, ...], np.ndarray] = {}  # shard coords -> (n, 2) uint64 offsets, sizes
 
     @property
@@ -137,6 +151,8 @@ class ArrayReader:
                 raw = f.read(size)
         except FileNotFoundError:
             raise ChunkError(f"{self.label}: shard {path} is missing") from None
+        except IsADirectoryError:
+            raise ChunkError(f"{self.label}: shard {path} is a folder, not a file") from None
         if crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
             raise ChunkError(f"{self.label}: shard {path} has a corrupt index (checksum mismatch)")
         index = np.frombuffer(raw[:-4], "<u8").reshape(n, 2)
@@ -147,14 +163,17 @@ class ArrayReader:
         self._index[shard] = index
         return index
 
-    def _encoded(self, coords: tuple[int, ...]) -> tuple[bytes, Path]:
+    def _encoded(self, coords: tuple[int, ...], tail: int | None = None) -> tuple[bytes, Path]:
+        """The stored bytes of one chunk (only its last ``tail`` bytes when given) and its file."""
         lay = self.layout
         if lay.shard_shape is None:
             path = self._key_path(coords)
             try:
-                return path.read_bytes(), path
+                return (path.read_bytes() if tail is None else _read_tail(path, tail)), path
             except FileNotFoundError:
                 raise ChunkError(f"{self.label}: chunk {coords} is missing ({path})") from None
+            except IsADirectoryError:
+                raise ChunkError(f"{self.label}: chunk {coords} is a folder, not a file ({path})") from None
         per_shard = tuple(s // c for s, c in zip(lay.shard_shape, lay.chunk_shape))
         shard = tuple(c // p for c, p in zip(coords, per_shard))
         local = tuple(c % p for c, p in zip(coords, per_shard))
@@ -163,17 +182,33 @@ class ArrayReader:
         offset, nbytes = index[int(np.ravel_multi_index(local, per_shard))]
         if offset == _EMPTY:
             raise ChunkError(f"{self.label}: chunk {coords} is missing from shard {path}")
+        if tail is not None:
+            offset, nbytes = offset + max(int(nbytes) - tail, 0), min(int(nbytes), tail)
         with open(path, "rb") as f:
             data = os.pread(f.fileno(), int(nbytes), int(offset))
         if len(data) != nbytes:
             raise ChunkError(f"{self.label}: chunk {coords} of shard {path} is truncated")
         return data, path
 
-    def read_chunk(self, coords: tuple[int, ...]) -> np.ndarray:
-        """One chunk, ``chunk_shape`` (clipped at the array's edge), in the array's dtype."""
+    def stored_checksum(self, coords: tuple[int, ...]) -> int:
+        """The crc32c a stored chunk carries (its last 4 bytes), read without the rest of the chunk."""
+        self._check_coords(coords)
+        data, _ = self._encoded(coords, tail=4)
+        return int.from_bytes(data[-4:], "little")
+
+    def _check_coords(self, coords: tuple[int, ...]) -> None:
         if len(coords) != len(self.grid) or any(not 0 <= c < g for c, g in zip(coords, self.grid)):
             raise IndexError(f"{self.label}: chunk {coords} outside the chunk grid {self.grid}")
+
+    def read_chunk(self, coords: tuple[int, ...]) -> np.ndarray:
+        """One chunk, ``chunk_shape`` (clipped at the array's edge), in the array's dtype."""
+        self._check_coords(coords)
         data, path = self._encoded(coords)
+        if self.expected is not None:
+            stored = int.from_bytes(data[-4:], "little") if len(data) >= 4 else None
+            if stored != self.expected[int(np.ravel_multi_index(coords, self.grid))]:
+                raise ChunkError(f"{self.label}: chunk {coords} in {path} is not the chunk written at that position "
+                                 "(its checksum differs from the integrity manifest)")
         lay = self.layout
         count = int(np.prod(lay.chunk_shape))
         out = np.empty(count, lay.dtype)  # writable, decoded into directly

@@ -25,13 +25,18 @@ chunk per view and a writer streams: it holds one timestamp of images at a time,
 length (each shard is written whole, never read back and rewritten). Every chunk is encoded ``bytes → zstd(1) → crc32c`` and
 written even when it holds only the fill value, so a chunk that is absent is always an error, never
 zeros (:mod:`facecanon_data.chunk_reader` reads and verifies them). The subject's attrs carry an
-``integrity`` manifest: every file of the subject group (array metadata and chunk files) with its size
-and crc32c, written last, so ``validate`` finds missing, extra, truncated or altered files.
+``integrity`` manifest, written last: every file of the group with its size and digest, every chunk's
+crc32c by array and position, and a sha256 ``digest`` of the attributes themselves (serials,
+timestamps, provenance, the manifest), so ``validate`` and the loader find missing, extra, truncated,
+altered or swapped files and chunks and edited metadata.
 
-Writes: a subject is written by exactly one process into ``.staging/{pid}-{uuid}`` and renamed into
-``subjects/{pid}`` when complete; an existing subject is moved aside first and deleted after, so a
-reader sees the old subject, then (briefly) none, then the new one — never a mixture. Concurrent
-writers of one subject retry the swap until their rename lands: the last to commit wins, whole.
+Writes: a subject is written by exactly one process into its own slot of ``.staging`` (locked while the
+writer lives) and committed by one rename; a subject already there is swapped out in one atomic
+exchange (Linux ``renameat2``), or, where the filesystem has none, in two renames under a journal that
+the next open finishes or rolls back (:func:`recover_staging`). A reader therefore sees the old
+subject or the new one, never a mixture and never none once recovery ran; what a killed writer left
+in ``.staging`` is removed on the next open. Concurrent writers of one subject retry until their commit
+lands: the last to commit wins, whole.
 """
 from __future__ import annotations
 
@@ -47,10 +52,22 @@ from pathlib import Path
 import numpy as np
 from .errors import InputError
 
-SCHEMA_VERSION = 3  # 2: crc32c per chunk, every chunk written, integrity manifest; 3: region
+SCHEMA_VERSION = 4  # 2: crc32c per chunk, every chunk written, integrity manifest; 3: region;
+# 4: the manifest ties every chunk to its position and a digest covers the subject's attributes
 IMAGE_ARRAYS = {"rgb": "uint8", "depth": "float32", "canonical": "float16", "mask": "bool", "region": "uint8"}
 TRAINING_ARRAYS = ("rgb", "depth", "canonical", "mask")  # what the loader reads unless asked for more
 CAMERA_ARRAYS = {"K": (3, 3), "world_2_cam": (4, 4)}
+POINT_ARRAYS = ("points/xyz", "points/canonical", "points/offsets")
+REQUIRED_ARRAYS = tuple(IMAGE_ARRAYS) + tuple(CAMERA_ARRAYS) + POINT_ARRAYS
+FINITE_ARRAYS = ("depth", "canonical", "K", "world_2_cam")  # NaN or inf in these is damage
+
+
+def schema_shapes(t: int, v: int, h: int, w: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{array: (shape, dtype)} of a subject's image and camera arrays: T timestamps, V views, H x W."""
+    trailing = {"rgb": (3,), "canonical": (3,)}
+    out = {n: ((t, v, h, w) + trailing.get(n, ()), dtype) for n, dtype in IMAGE_ARRAYS.items()}
+    out.update({n: ((t, v) + shape, "float32") for n, shape in CAMERA_ARRAYS.items()})
+    return out
 
 
 class StoreError(InputError, ValueError):
@@ -126,41 +143,236 @@ def _write_array(group, name: str, data: np.ndarray) -> None:
     arr[...] = data
 
 
-def _file_manifest(group_dir: Path) -> dict[str, list[int]]:
-    """{relative path: [bytes, crc32c]} of every file of a subject group but its own ``zarr.json``."""
-    from .chunk_reader import crc32c
+def file_digest(path: Path, block: int = 2**20) -> str:
+    """64-bit BLAKE2b of a file, read in blocks (memory independent of its size). Not crc32c: every chunk
+    file ends in its own crc32c, and a CRC over a message followed by its CRC is the same constant for
+    every message, so a whole-file crc32c could not tell two chunk files apart."""
+    import hashlib
 
+    h = hashlib.blake2b(digest_size=8)
+    buf = bytearray(block)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _file_manifest(group_dir: Path) -> dict[str, list]:
+    """{relative path: [bytes, blake2b-64 hex]} of every file of a subject group but its own ``zarr.json``."""
     out = {}
     for path in sorted(group_dir.rglob("*")):
         rel = path.relative_to(group_dir).as_posix()
         if path.is_file() and rel != "zarr.json":
-            data = path.read_bytes()
-            out[rel] = [len(data), crc32c(data)]
+            out[rel] = [path.stat().st_size, file_digest(path)]
     return out
 
 
-def _commit(staging: Path, final: Path, store: Path, subject: str) -> None:
-    """Rename ``staging`` to ``final``, moving a committed subject aside first. With concurrent writers
-    of the same subject, each retries until its own rename lands; the last one wins, whole."""
-    trash: list[Path] = []
-    try:
-        for _ in range(1000):
-            try:
-                os.rename(staging, final)  # the commit: one atomic rename
+def _array_names(group_dir: Path) -> list[str]:
+    """Every array of a subject group, as ``name`` or ``group/name``."""
+    return sorted(p.parent.relative_to(group_dir).as_posix() for p in group_dir.rglob("zarr.json")
+                  if p.parent != group_dir and json.loads(p.read_text()).get("node_type") == "array")
+
+
+def _chunk_manifest(group_dir: Path) -> dict[str, list[int]]:
+    """{array: [crc32c of each stored chunk, in C order of the chunk grid]}: ties every chunk's content
+    to its array and position (a chunk's own checksum does not: two chunks swapped both verify)."""
+    from .chunk_reader import ArrayReader
+
+    out = {}
+    for name in _array_names(group_dir):
+        reader = ArrayReader(group_dir / name)
+        out[name] = [reader.stored_checksum(tuple(int(c) for c in coords)) for coords in np.ndindex(*reader.grid)]
+    return out
+
+
+def metadata_digest(attrs: dict) -> str:
+    """sha256 of a subject's attributes, the ``integrity.digest`` itself left out: serials, timestamps,
+    provenance and the whole manifest are covered, so an edit of any of them is found."""
+    import hashlib
+
+    body = {k: v for k, v in attrs.items() if k != "integrity"}
+    body["integrity"] = {k: v for k, v in (attrs.get("integrity") or {}).items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# -- commit ----------------------------------------------------------------------------------------
+#
+# A writer works in its own *slot* of ``.staging``: ``{stem}/`` (the new group), ``{stem}.lock`` (held
+# with flock while the writer lives), and, only during a two-step commit, ``{stem}.commit`` (the
+# journal) and ``{stem}.old{n}/`` (the replaced subject). Recovery (:func:`recover_staging`, run when a
+# store is opened) takes each slot whose lock nobody holds: with a journal it finishes the commit (or
+# puts the old subject back when the new one is gone), then removes whatever the slot still holds.
+
+_COMMIT_HOOK = None  # tests: called between the two renames of a two-step commit (to SIGKILL there)
+_RENAME_EXCHANGE = 2
+_exchange_supported = True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    platform or the filesystem cannot (the caller then commits in two journaled steps)."""
+    global _exchange_supported
+    import ctypes
+    import sys
+
+    if not _exchange_supported or not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "renameat2"):
+        _exchange_supported = False
+        return False
+    at_fdcwd = -100
+    if libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        _exchange_supported = False
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _lock(path: Path, blocking: bool) -> int | None:
+    """An flock'ed descriptor of ``path`` (created when missing), or None when another process holds it
+    (non-blocking). Retries when the file was replaced or removed between open and lock."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+class _Slot:
+    """One writer's place in ``.staging`` (see the comment above), locked for the writer's lifetime."""
+
+    def __init__(self, store: Path, subject: str):
+        self.staging = store / ".staging"
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self.subject = subject
+        self.stem = f"{subject}-{uuid.uuid4().hex[:12]}"
+        self.fd = _lock(self.staging / f"{self.stem}.lock", blocking=True)
+        self.dir = self.staging / self.stem
+        self.journal = self.staging / f"{self.stem}.commit"
+
+    def aside(self, n: int) -> Path:
+        return self.staging / f"{self.stem}.old{n}"
+
+    def release(self) -> None:
+        _clear_slot(self.staging, self.stem)
+        os.close(self.fd)
+
+
+def _slot_entries(staging: Path, stem: str) -> list[Path]:
+    return [p for p in staging.iterdir() if p.name.split(".", 1)[0] == stem]
+
+
+def _clear_slot(staging: Path, stem: str) -> None:
+    """Remove a slot's group, replaced subjects and journal; the lock file last."""
+    for p in sorted(_slot_entries(staging, stem), key=lambda p: p.suffix == ".lock"):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _commit(slot: _Slot, final: Path) -> None:
+    """Make ``slot.dir`` the committed ``final``. A first commit is one rename. A replacement is one
+    atomic exchange where the filesystem offers it, else two renames under a journal, so an interruption
+    between them is finished by the next open (:func:`recover_staging`). With concurrent writers of one
+    subject, each retries until its own commit lands; the last one wins, whole."""
+    for attempt in range(1000):
+        try:
+            os.rename(slot.dir, final)  # nothing committed yet: one atomic rename
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        try:
+            if _exchange(slot.dir, final):  # slot.dir now holds the replaced subject; the slot removes it
                 return
-            except OSError as exc:
-                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise
-            aside = store / ".staging" / f"{subject}-old-{uuid.uuid4().hex[:8]}"
-            try:
-                os.rename(final, aside)
-                trash.append(aside)
-            except FileNotFoundError:  # another writer moved it aside first
-                pass
-        raise StoreError(f"{final}: could not commit subject {subject} (another writer kept replacing it)")
-    finally:
-        for t in trash:
-            shutil.rmtree(t, ignore_errors=True)
+        except FileNotFoundError:  # another writer moved it meanwhile
+            continue
+        tmp = slot.staging / f"{slot.stem}.commit-tmp"
+        tmp.write_text(json.dumps({"subject": slot.subject, "final": str(final)}))
+        os.replace(tmp, slot.journal)  # the journal exists before the subject leaves subjects/
+        try:
+            os.rename(final, slot.aside(attempt))
+        except FileNotFoundError:  # another writer moved it aside first
+            slot.journal.unlink(missing_ok=True)
+            continue
+        if _COMMIT_HOOK is not None:
+            _COMMIT_HOOK()
+        try:
+            os.rename(slot.dir, final)
+        except OSError as exc:  # another writer committed into the gap: theirs stays, ours retries
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            continue
+        slot.journal.unlink(missing_ok=True)
+        return
+    raise StoreError(f"{final}: could not commit subject {slot.subject} (another writer kept replacing it)")
+
+
+def recover_staging(store: str | Path) -> list[str]:
+    """Finish or roll back every interrupted commit of ``store`` and remove what dead writers left in
+    ``.staging`` (slots whose lock no live process holds). Returns what was done, one line each.
+    A store that cannot be written (read-only) is left as it is."""
+    staging = Path(store) / ".staging"
+    done: list[str] = []
+    try:
+        stems = sorted({p.name.split(".", 1)[0] for p in staging.iterdir()}) if staging.is_dir() else []
+    except OSError:
+        return done
+    for stem in stems:
+        if not stem:
+            continue
+        try:
+            fd = _lock(staging / f"{stem}.lock", blocking=False)
+        except OSError:  # read-only or no locks on this filesystem: leave it
+            return done
+        if fd is None:  # a live writer
+            continue
+        try:
+            journal = staging / f"{stem}.commit"
+            if journal.is_file():
+                done += _finish_commit(staging, stem, journal)
+            _clear_slot(staging, stem)
+            done.append(f"{staging / stem}: removed what an interrupted writer left")
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return done
+
+
+def _finish_commit(staging: Path, stem: str, journal: Path) -> list[str]:
+    try:
+        record = json.loads(journal.read_text())
+        final = Path(record["final"])
+    except (ValueError, KeyError, TypeError):
+        return [f"{journal}: unreadable commit journal ignored"]
+    if final.exists():
+        return []
+    new = staging / stem
+    olds = sorted((p for p in _slot_entries(staging, stem) if ".old" in p.name), key=lambda p: p.stat().st_mtime)
+    if new.is_dir():
+        os.rename(new, final)
+        return [f"{final}: interrupted commit finished"]
+    if olds:
+        os.rename(olds[-1], final)
+        return [f"{final}: interrupted commit rolled back"]
+    return []
 
 
 def write_subject(store: str | Path, data: SubjectData) -> Path:
@@ -170,9 +382,12 @@ def write_subject(store: str | Path, data: SubjectData) -> Path:
     data.validate()
     store = Path(store)
     ensure_store(store)
-    staging = store / ".staging" / f"{data.subject}-{uuid.uuid4().hex[:8]}"
+    final = store / "subjects" / data.subject
+    if final.is_symlink():
+        raise StoreError(f"{final}: is a symbolic link; a store's subjects are plain folders (remove the link)")
+    slot = _Slot(store, data.subject)
     try:
-        g = zarr.open_group(str(staging), mode="w", zarr_format=3)
+        g = zarr.open_group(str(slot.dir), mode="w", zarr_format=3)
         images = {name: _create_image_array(g, name, tuple(getattr(data, name).shape), dtype)
                   for name, dtype in IMAGE_ARRAYS.items()}
         for t in range(len(data.timestamps)):  # one timestamp in memory at a time: one shard per array
@@ -191,14 +406,15 @@ def write_subject(store: str | Path, data: SubjectData) -> Path:
         g.attrs.update({"schema_version": SCHEMA_VERSION, "subject": data.subject, "serials": list(data.serials),
                         "timestamps": _jsonable(data.timestamps),
                         "provenance": {**_jsonable(data.provenance), "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-                        "integrity": {"algorithm": "crc32c", "files": _file_manifest(staging)}})
-        final = store / "subjects" / data.subject
+                        "integrity": {"files": _file_manifest(slot.dir),
+                                      "chunks": _chunk_manifest(slot.dir)}})
+        attrs = json.loads((slot.dir / "zarr.json").read_text())["attributes"]  # exactly what a reader parses
+        g.attrs.update({"integrity": {**attrs["integrity"], "digest": metadata_digest(attrs)}})
         final.parent.mkdir(parents=True, exist_ok=True)
-        _commit(staging, final, store, data.subject)
+        _commit(slot, final)
         return final
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        slot.release()
 
 
 def _jsonable(obj):
@@ -206,61 +422,116 @@ def _jsonable(obj):
 
 
 def ensure_store(store: Path) -> None:
-    """Create the root group once (idempotent; safe with concurrent writers)."""
+    """Create the root group once (idempotent; safe with concurrent writers), and recover what
+    interrupted writers left in ``.staging``."""
     import zarr
 
     root = store / "zarr.json"
-    if root.is_file():
-        return
-    store.mkdir(parents=True, exist_ok=True)
-    tmp = store / f".zarr.json.{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps({"zarr_format": 3, "node_type": "group",
-                               "attributes": {"schema_version": SCHEMA_VERSION}}))
-    os.replace(tmp, root)
+    if not root.is_file():
+        if store.exists() and not store.is_dir():
+            raise StoreError(f"{store}: exists and is not a folder, so it cannot hold a store")
+        store.mkdir(parents=True, exist_ok=True)
+        tmp = store / f".zarr.json.{uuid.uuid4().hex[:8]}"
+        tmp.write_text(json.dumps({"zarr_format": 3, "node_type": "group",
+                                   "attributes": {"schema_version": SCHEMA_VERSION}}))
+        os.replace(tmp, root)
+        zarr.open_group(str(store), mode="r")  # the root parses
     (store / "subjects").mkdir(exist_ok=True)
-    zarr.open_group(str(store), mode="r")  # the root parses
+    recover_staging(store)
 
 
 def subjects(store: str | Path) -> list[str]:
-    """Committed subjects (never those still in ``.staging``)."""
+    """Committed subjects (never those still in ``.staging``); an interrupted commit is finished first."""
     folder = Path(store) / "subjects"
+    if (Path(store) / ".staging").is_dir():
+        recover_staging(store)
     if not folder.is_dir():
         return []
     return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file())
 
 
 def open_subject(store: str | Path, subject: str):
+    """A committed subject as a read-only zarr group, after :func:`subject_attrs` checked its metadata."""
     import zarr
 
-    path = Path(store) / "subjects" / subject
-    if not (path / "zarr.json").is_file():
-        raise StoreError(f"{path}: subject not in the store")
-    return zarr.open_group(str(path), mode="r")
+    subject_attrs(store, subject)
+    return zarr.open_group(str(Path(store) / "subjects" / subject), mode="r")
+
+
+MAX_GROUP_METADATA_BYTES = 64 * 2**20  # a subject's zarr.json (its manifest lists every file and chunk)
 
 
 def subject_attrs(store: str | Path, subject: str) -> dict:
-    """A committed subject's attributes, after checking its schema version."""
+    """A committed subject's attributes, after checking its schema version and that they are the ones
+    written (the integrity digest covers serials, timestamps, provenance and the manifest)."""
     path = Path(store) / "subjects" / subject / "zarr.json"
+    if not path.is_file() and (Path(store) / ".staging").is_dir():
+        recover_staging(store)  # an interrupted commit of this subject is finished (or rolled back)
     try:
-        attrs = json.loads(path.read_text()).get("attributes", {})
+        if path.stat().st_size > MAX_GROUP_METADATA_BYTES:
+            raise StoreError(f"{path}: {path.stat().st_size} bytes, larger than any group metadata this "
+                             f"store writes ({MAX_GROUP_METADATA_BYTES} bytes)")
+        attrs = json.loads(path.read_text())["attributes"]
     except FileNotFoundError:
         raise StoreError(f"{path.parent}: subject not in the store") from None
-    except (ValueError, AttributeError) as exc:
-        raise StoreError(f"{path}: malformed group metadata ({exc})") from None
+    except IsADirectoryError:
+        raise StoreError(f"{path}: a folder where the subject's metadata file belongs") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise StoreError(f"{path}: malformed group metadata ({type(exc).__name__}: {exc})") from None
+    if not isinstance(attrs, dict):
+        raise StoreError(f"{path}: malformed group metadata (attributes are not an object)")
     if attrs.get("schema_version") != SCHEMA_VERSION:
         raise StoreError(f"{path.parent}: schema_version {attrs.get('schema_version')}, this version reads "
                          f"{SCHEMA_VERSION} (rebuild it with `facecanon-data build` or `write`)")
+    integrity = attrs.get("integrity")
+    if not isinstance(integrity, dict) or not isinstance(integrity.get("files"), dict) \
+            or not isinstance(integrity.get("chunks"), dict):
+        raise StoreError(f"{path}: no integrity manifest in the subject's attributes")
+    if integrity.get("digest") != metadata_digest(attrs):
+        raise StoreError(f"{path}: the subject's attributes were altered after writing (serials, timestamps, "
+                         "provenance or the integrity manifest no longer match its digest)")
+    serials, timestamps = attrs.get("serials"), attrs.get("timestamps")
+    if not (isinstance(serials, list) and all(isinstance(x, str) for x in serials)
+            and isinstance(timestamps, list) and all(isinstance(x, dict) for x in timestamps)):
+        raise StoreError(f"{path}: serials must be a list of strings and timestamps a list of objects")
+    missing = [n for n in REQUIRED_ARRAYS if f"{n}/zarr.json" not in integrity["files"]]
+    if missing:
+        raise StoreError(f"{path.parent}: required array(s) {', '.join(missing)} are not in the subject")
     return attrs
 
 
 def subject_readers(store: str | Path, subject: str, names=tuple(IMAGE_ARRAYS) + tuple(CAMERA_ARRAYS)):
-    """{array name: :class:`~facecanon_data.chunk_reader.ArrayReader`} of a committed subject: verified
-    single-chunk reads that raise naming the subject, array and chunk instead of returning fill values."""
+    """{array name: :class:`~facecanon_data.chunk_reader.ArrayReader`} of a committed subject, each array
+    checked before it is read: its metadata file against the manifest's checksum, its dtype and shape
+    against the schema, and every chunk it reads against the manifest's checksum for that array and
+    position (besides the chunk's own). Errors name the subject, array and chunk."""
     from .chunk_reader import ArrayReader
 
-    subject_attrs(store, subject)
+    attrs = subject_attrs(store, subject)
     folder = Path(store) / "subjects" / subject
-    return {n: ArrayReader(folder / n, label=f"subject {subject}, array {n}") for n in names}
+    integrity = attrs["integrity"]
+    out = {}
+    for n in names:
+        meta = folder / n / "zarr.json"
+        size, digest = integrity["files"].get(f"{n}/zarr.json", (None, None))
+        try:
+            altered = meta.is_file() and file_digest(meta) != digest
+        except OSError as exc:
+            raise StoreError(f"{meta}: unreadable ({exc.strerror})") from None
+        if altered:
+            raise StoreError(f"subject {subject}, array {n}: {meta} was altered after writing (its digest differs "
+                             "from the integrity manifest)")
+        reader = ArrayReader(folder / n, label=f"subject {subject}, array {n}",
+                             expected_checksums=integrity["chunks"].get(n))
+        out[n] = reader
+    shapes = schema_shapes(len(attrs["timestamps"]), len(attrs["serials"]), *out[next(iter(out))].shape[2:4]) \
+        if out and next(iter(out)) in IMAGE_ARRAYS else None
+    for n, reader in out.items():
+        want = shapes.get(n) if shapes else None
+        if want is not None and (tuple(reader.shape), str(reader.dtype)) != want:
+            raise StoreError(f"subject {subject}, array {n}: {tuple(reader.shape)} {reader.dtype}, the schema "
+                             f"says {want[0]} {want[1]}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,12 +577,22 @@ def build_index(store: str | Path) -> Path:
 
 
 def read_index(store: str | Path):
+    """``index.parquet`` as a pyarrow table; a missing, unreadable or foreign index is a :class:`StoreError`."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = Path(store) / "index.parquet"
     if not path.is_file():
         raise StoreError(f"{path}: no index (run `facecanon-data index {store}`)")
-    return pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise StoreError(f"{path}: unreadable ({exc}); rebuild it with `facecanon-data index {store}`") from None
+    missing = [c for c in INDEX_COLUMNS if c not in table.column_names]
+    if missing:
+        raise StoreError(f"{path}: lacks the column(s) {', '.join(missing)}; rebuild it with "
+                         f"`facecanon-data index {store}`")
+    return table
 
 
 def validate_store(store: str | Path, quick: bool = False, sample: int = 8) -> list[str]:
@@ -319,15 +600,17 @@ def validate_store(store: str | Path, quick: bool = False, sample: int = 8) -> l
     every array's dtype and shape against the schema, every chunk decoded and checksum-verified (rgb and
     mask included), NaN/inf and negative depth, point offsets, and the index against the arrays.
 
-    Files are checked against the manifest by size, array metadata also by checksum; chunk contents are
-    verified by decoding them (each chunk carries its own crc32c), so no file is read twice.
-    ``quick``: ``sample`` seeded chunks per image array instead of all (the camera, track and point
-    arrays are always read whole).
+    The subject's attributes are checked against their digest (serials, timestamps, the manifest), the
+    required arrays against the schema, every file's digest against the manifest, and every chunk against
+    the checksum the manifest records for its array and position (so swapped chunks are found).
+    ``quick``: files by size (metadata still by checksum) and ``sample`` seeded chunks per image array
+    instead of all (the camera, track and point arrays are always read whole).
     """
     problems: list[str] = []
     store = Path(store)
     if not (store / "zarr.json").is_file():
         return [f"{store}: not a facecanon-data store (no zarr.json)"]
+    recover_staging(store)
     expected_rows = set()
     for pid in subjects(store):
         found, rows = _validate_subject(store, pid, quick, sample)
@@ -370,7 +653,7 @@ def _side_array_schema(name: str, t: int):
 
 
 def _validate_subject(store: Path, pid: str, quick: bool, sample: int) -> tuple[list[str], set]:
-    from .chunk_reader import ArrayReader, ChunkError, crc32c
+    from .chunk_reader import ArrayReader, ChunkError
 
     path = store / "subjects" / pid
     try:
@@ -378,9 +661,8 @@ def _validate_subject(store: Path, pid: str, quick: bool, sample: int) -> tuple[
     except StoreError as exc:
         return [str(exc)], set()
     problems: list[str] = []
-    manifest = (attrs.get("integrity") or {}).get("files")
-    if not isinstance(manifest, dict):
-        return [f"{path}: no integrity manifest in its attributes"], set()
+    manifest = attrs["integrity"]["files"]
+    chunk_sums = attrs["integrity"]["chunks"]
     present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {"zarr.json"}
     for rel in sorted(set(manifest) - present):
         problems.append(f"{path}/{rel}: missing (listed in the integrity manifest)")
@@ -391,12 +673,12 @@ def _validate_subject(store: Path, pid: str, quick: bool, sample: int) -> tuple[
         f = path / rel
         if f.stat().st_size != size:
             problems.append(f"{f}: {f.stat().st_size} bytes, the manifest says {size}")
-        elif f.name == "zarr.json" and crc32c(f.read_bytes()) != digest:
-            problems.append(f"{f}: content altered (crc32c differs from the manifest)")
+        elif (not quick or f.name == "zarr.json") and file_digest(f) != digest:
+            problems.append(f"{f}: content altered (its digest differs from the manifest)")
 
     def reader(name: str):
         try:
-            return ArrayReader(path / name, label=f"subject {pid}, array {name}")
+            return ArrayReader(path / name, label=f"subject {pid}, array {name}", expected_checksums=chunk_sums.get(name))
         except ChunkError as exc:
             problems.append(str(exc))
             return None
@@ -406,10 +688,7 @@ def _validate_subject(store: Path, pid: str, quick: bool, sample: int) -> tuple[
         problems.append(f"{path}/depth: missing or not (T, V, H, W)")
         return problems, set()
     t, v, h, w = depth.shape
-    schema = {"rgb": ((t, v, h, w, 3), "uint8"), "depth": ((t, v, h, w), "float32"),
-              "canonical": ((t, v, h, w, 3), "float16"), "mask": ((t, v, h, w), "bool"),
-              "region": ((t, v, h, w), "uint8"),
-              "K": ((t, v, 3, 3), "float32"), "world_2_cam": ((t, v, 4, 4), "float32")}
+    schema = schema_shapes(t, v, h, w)
     rng = np.random.default_rng(0)
     for name, (shape, dtype) in schema.items():
         arr = depth if name == "depth" else reader(name)
@@ -427,7 +706,7 @@ def _validate_subject(store: Path, pid: str, quick: bool, sample: int) -> tuple[
             except ChunkError as exc:
                 problems.append(str(exc))
                 break
-            if name in ("depth", "canonical", "K", "world_2_cam") and not np.isfinite(chunk.astype(np.float32)).all():
+            if name in FINITE_ARRAYS and not np.isfinite(chunk.astype(np.float32)).all():
                 problems.append(f"{path}/{name}: chunk {tuple(coords)} contains NaN or inf")
                 break
             if name == "depth" and (chunk < 0).any():

@@ -16,7 +16,7 @@ import torch
 from fakes import fake_subject
 from facecanon_data.store import build_index, subjects, validate_store, write_subject
 from facecanon_data.training import FaceCanonDataset, ShardedSampler, collate_samples
-from facecanon_data.training.dataset import IndexFilter
+from facecanon_data.training.dataset import BadSampleError, IndexFilter
 from facecanon_data.cameras import scale_intrinsics
 
 
@@ -195,7 +195,7 @@ def test_a_missing_chunk_of_each_array_is_found_and_never_read_as_zeros(store, t
                           filter=IndexFilter(subjects=["901"]), with_region=True)
     row = next(i for i, s in enumerate(ds.samples) if 2 in {int(ds.rows["t"][j]) for j in s})
     chunk = r"\(2, 3, " if name in ("rgb", "depth", "canonical", "mask", "region") else r"\(0, 0, "  # cameras: one chunk
-    with pytest.raises(ChunkError, match=rf"subject 901, array {name}: chunk {chunk}.* missing"):
+    with pytest.raises(BadSampleError, match=rf"subject 901, array {name}: chunk {chunk}.* missing"):
         ds[row]
 
 
@@ -212,7 +212,7 @@ def test_flipped_bytes_in_a_shard_and_a_deleted_shard_are_found(store, tmp_path)
     assert any("depth" in p and "altered" in p for p in problems), problems
     ds = FaceCanonDataset(bad, mode="views", images_per_sample=6, resolution=(30, 20),
                           filter=IndexFilter(subjects=["900"]))
-    with pytest.raises(ChunkError, match="subject 900, array depth"):
+    with pytest.raises(BadSampleError, match="subject 900, array depth"):
         for i in range(len(ds)):
             ds[i]
     gone = _copy(store, tmp_path, "gone")

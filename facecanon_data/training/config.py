@@ -46,6 +46,7 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes
     min_valid_fraction: float = 0.0  # index filter (0: off)
     max_cd_l1_mm: float = 0.0  # index filter on tracking quality (0: off)
+    on_bad_view: str = "raise"  # a view failing the loader's checks: "raise" (stop, naming it) or "skip" (counted)
 
 
 @dataclass
@@ -181,6 +182,8 @@ def _validate_train(cfg: TrainConfig, where: str) -> None:
         raise ConfigError(f"{where}: model.outputs must be a subset of {list(OUTPUTS)}")
     if any(x not in ("views", "time") for x in d.modes) or not d.modes:
         raise ConfigError(f"{where}: data.modes must be a non-empty subset of ['views', 'time']")
+    if cfg.data.on_bad_view not in ("raise", "skip"):
+        raise ConfigError(f"{where}: data.on_bad_view must be 'raise' or 'skip', got {cfg.data.on_bad_view!r}")
     if len(d.images_per_sample) != 2 or not 1 <= d.images_per_sample[0] <= d.images_per_sample[1] <= 16:
         raise ConfigError(f"{where}: data.images_per_sample must be [min, max] within 1..16")
     for r in d.resolutions:

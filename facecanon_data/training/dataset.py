@@ -39,7 +39,12 @@ import numpy as np
 import torch
 
 from ..cameras import scale_intrinsics
-from ..store import CAMERA_ARRAYS, TRAINING_ARRAYS, read_index, subject_readers
+from ..errors import InputError
+from ..store import CAMERA_ARRAYS, FINITE_ARRAYS, TRAINING_ARRAYS, StoreError, read_index, subject_readers
+
+
+class BadSampleError(StoreError):
+    """A stored view the loader refuses to feed a model; the message names subject, array and index."""
 
 
 @dataclass
@@ -105,9 +110,15 @@ class FaceCanonDataset(torch.utils.data.Dataset):
 
     def __init__(self, store: str | Path, mode: str = "views", images_per_sample: int | tuple[int, int] = 4,
                  resolution: tuple[int, int] = (518, 518), filter: IndexFilter | None = None,
-                 color_jitter: float = 0.0, seed: int = 0, epoch: int = 0, with_region: bool = False):
+                 color_jitter: float = 0.0, seed: int = 0, epoch: int = 0, with_region: bool = False,
+                 on_bad_view: str = "raise"):
         if mode not in ("views", "time"):
             raise ValueError(f"mode must be 'views' or 'time', got {mode!r}")
+        if on_bad_view not in ("raise", "skip"):
+            raise ValueError(f"on_bad_view must be 'raise' or 'skip', got {on_bad_view!r}")
+        # "raise": a view that fails a check (checksum, schema, NaN/inf) raises BadSampleError naming it;
+        # "skip": it is left out of its sample, counted in ``skipped`` and listed in the sample's "skipped"
+        self.on_bad_view, self.skipped = on_bad_view, 0
         lo, hi = (images_per_sample, images_per_sample) if isinstance(images_per_sample, int) else images_per_sample
         if not 1 <= lo <= hi <= 16:
             raise ValueError(f"images_per_sample must lie in 1..16, got {images_per_sample}")
@@ -170,18 +181,52 @@ class FaceCanonDataset(torch.utils.data.Dataset):
                                      **{k: readers[k].read_all() for k in CAMERA_ARRAYS}}
         return self._groups[subject]
 
+    def read_view(self, row: int) -> dict[str, np.ndarray]:
+        """One index row's stored arrays {name: (H, W, ...) or (3, 3) / (4, 4)}, every chunk decoded and
+        verified (its checksum, the manifest's checksum for its position, the schema) and depth,
+        canonical, K and world_2_cam checked finite. Raises :class:`BadSampleError` naming the subject,
+        array and index of anything that fails."""
+        subject = str(self.rows["subject"][row])
+        t, v = int(self.rows["t"][row]), int(self.rows["v"][row])
+        where = f"timestamp {t}, view {v} (index row {row})"
+        try:
+            g = self._group(subject)
+        except InputError as exc:
+            raise BadSampleError(f"{where}: {exc}") from None
+        out = {}
+        for k in self.image_arrays:
+            reader = g[k]
+            try:
+                out[k] = reader.read_chunk((t, v) + (0,) * (len(reader.shape) - 2))[0, 0]
+            except (InputError, IndexError) as exc:
+                raise BadSampleError(f"{exc} ({where})") from None
+        for k in CAMERA_ARRAYS:
+            out[k] = g[k][t, v]
+        for k in FINITE_ARRAYS:
+            if k in out and not np.isfinite(out[k]).all():
+                raise BadSampleError(f"subject {subject}, array {k}, {where}: contains NaN or inf")
+        if (out["depth"] < 0).any():
+            raise BadSampleError(f"subject {subject}, array depth, {where}: negative depth")
+        return out
+
     def read_raw(self, rows: list[int]) -> dict[str, list[np.ndarray]]:
-        """The stored chunks of some index rows, each decoded and checksum-verified (the loader's raw
-        bound); a missing or altered chunk raises naming the subject, array and chunk."""
+        """The stored, verified arrays of some index rows (:meth:`read_view`; the loader's raw bound),
+        {name: [one array per row]}; rows that fail are skipped (``on_bad_view="skip"``, listed in
+        ``out["skipped"]``) or raise :class:`BadSampleError`."""
         out = {k: [] for k in (*self.image_arrays, *CAMERA_ARRAYS)}
+        out["rows"], out["skipped"] = [], []
         for i in rows:
-            g = self._group(str(self.rows["subject"][i]))
-            t, v = int(self.rows["t"][i]), int(self.rows["v"][i])
-            for k in self.image_arrays:
-                reader = g[k]
-                out[k].append(reader.read_chunk((t, v) + (0,) * (len(reader.shape) - 2))[0, 0])
-            for k in CAMERA_ARRAYS:
-                out[k].append(g[k][t, v])
+            try:
+                view = self.read_view(i)
+            except BadSampleError as exc:
+                if self.on_bad_view == "raise":
+                    raise
+                self.skipped += 1
+                out["skipped"].append(str(exc))
+                continue
+            for k, arr in view.items():
+                out[k].append(arr)
+            out["rows"].append(i)
         return out
 
     def __getitem__(self, key: int | tuple[int, tuple[int, int]]) -> dict:
@@ -195,7 +240,10 @@ class FaceCanonDataset(torch.utils.data.Dataset):
         import cv2
 
         raw = self.read_raw(rows)
+        rows = raw["rows"]
         n = len(rows)
+        if n == 0:
+            raise BadSampleError(f"{self.store}: every view of the sample failed its checks: {raw['skipped'][0]}")
         images = np.empty((n, 3, h, w), np.float32)  # (N, 3, H, W) in [0, 1]
         depths = np.empty((n, h, w), np.float32)
         canons = np.empty((n, h, w, 3), np.float32)
@@ -236,6 +284,7 @@ class FaceCanonDataset(torch.utils.data.Dataset):
             "subject": [str(r["subject"][i]) for i in rows], "sequence": [str(r["sequence"][i]) for i in rows],
             "frame": torch.as_tensor([int(r["frame"][i]) for i in rows]),
             "serial": [str(r["serial"][i]) for i in rows],
+            **({"skipped": raw["skipped"]} if raw["skipped"] else {}),
         }
 
     def _jitter(self, image: torch.Tensor, index: int) -> torch.Tensor:
