@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 import shutil
 import subprocess
 import time
@@ -47,6 +48,29 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def subject_lock(work: str | Path, subject: str, on_wait: Callable[[Path], None] | None = None):
+    """Hold ``{work}/.locks/{subject}.lock`` (flock) while a process runs a subject's chain: a second run
+    of the same subject on the same work folder waits (``on_wait`` is told once) and then finds the
+    first one's outputs current, instead of one run's clean-up deleting files the other is reading.
+    The lock lives outside the subject's folder, which ``--keep-work none`` removes."""
+    import fcntl
+
+    path = Path(work) / ".locks" / f"{subject}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait(path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class StageDir:

@@ -7,6 +7,7 @@ Contract for every stage subcommand: ``--root DIR`` (capture root, default from 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import sys
@@ -221,7 +222,7 @@ def validate_cmd(store: Path = typer.Argument(..., help="Store folder."),
     _setup_logging()
     from .store import subjects, validate_store
 
-    problems = validate_store(store, quick=quick)
+    problems = _guarded(validate_store, store, quick=quick)
     mode = "quick: every file, sampled chunks" if quick else "full: every file and chunk verified"
     result = {"store": str(store), "valid": not problems, "mode": "quick" if quick else "full",
               "subjects": subjects(store), "problems": problems}
@@ -277,6 +278,8 @@ def build_cmd(subjects_file: Path = typer.Option(..., "--subjects", help="Manife
     env_root = os.environ.get("NERSEMBLE_ROOT") if cfg.name != "synthetic" else None
     cap, gt_path = capture_roots(cfg.capture, root or env_root)
     root_dir, gt = str(cap), (str(gt_path) if gt_path else None)
+    if Path(root_dir).exists() and not Path(root_dir).is_dir():  # checked before anything is rendered
+        _fail(f"{root_dir}: not a folder (the capture root is a folder of subject folders)")
     store = str(out or expand(cfg.store))
     work_dir = str(work or expand(cfg.work))
     from rich.console import Console
@@ -331,7 +334,7 @@ def report_cmd(store: Path = typer.Argument(..., help="Store folder."),
 
     if not (store / "zarr.json").is_file():
         _fail(f"{store}: not a facecanon-data store (no zarr.json)")
-    report = build_report(store)
+    report = _guarded(build_report, store)
     page = write_html(store, report, html_out or store / "report.html")
     report["html"] = str(page)
     if as_json:
@@ -493,8 +496,22 @@ def _stderr_console():
     return Console(stderr=True)
 
 
+# Errors of the machine rather than of the code: a read-only store, a full disk, a missing permission.
+_ENVIRONMENT_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                       errno.EISDIR, errno.EMFILE, errno.ENAMETOOLONG, errno.ELOOP}
+
+
 def main() -> None:
-    app()
+    """The console script: an environment error (read-only folder, full disk, permission) is one line
+    naming the file, exit status 2; the writers are atomic, so nothing half-written is left behind."""
+    try:
+        app()
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = exc.filename or "(unnamed file)"
+        typer.echo(f"error: {where}: {exc.strerror or exc}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -384,6 +384,12 @@ def load_toml_config(path: str | Path, cfg: Any, overrides: dict[str, Any] | Non
     return cfg
 
 
+def getattr_path(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def load_pipeline(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """Read a pipeline TOML over the defaults; ``overrides`` is a nested dict applied last."""
     cfg = load_toml_config(path, PipelineConfig(), overrides)
@@ -402,13 +408,43 @@ def first_frames(mode: str) -> int | None:
     raise ValueError(f"{mode!r} is neither 'select' nor 'first:N' with N >= 1")
 
 
+MAX_DOWNSCALE = 64  # a working image of a 2200 x 3208 frame still 34 x 50 pixels
+MAX_THREADS = 1024
+MAX_EXPRESSION_DIM = 478 * 3  # the FaceMesh backend's descriptor: PCA of 478 3-D landmark residuals
+
+
+def _non_finite(obj, prefix: str = ""):
+    """Dotted key of the first float field (or list item) of a config tree that is NaN or inf, else None."""
+    import math
+
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            found = _non_finite(value, key + ".")
+            if found:
+                return found
+        for item in (value if isinstance(value, list) else [value]):
+            if isinstance(item, float) and not math.isfinite(item):
+                return key
+    return None
+
+
 def _validate(cfg: PipelineConfig, where: str) -> None:
-    if cfg.capture.downscale < 1:
-        raise ConfigError(f"{where}: capture.downscale must be >= 1")
-    for name, value in (("select.downscale", cfg.select.downscale), ("reconstruct.downscale", cfg.reconstruct.downscale),
-                        ("threads", cfg.threads)):
-        if value < 0:
-            raise ConfigError(f"{where}: {name} must be >= 0 (0 = the default), got {value}")
+    bad = _non_finite(cfg)
+    if bad:
+        raise ConfigError(f"{where}: {bad} must be a finite number, got {getattr_path(cfg, bad)}")
+    if not 1 <= cfg.capture.downscale <= MAX_DOWNSCALE:
+        raise ConfigError(f"{where}: capture.downscale must lie in 1..{MAX_DOWNSCALE}, got {cfg.capture.downscale}")
+    for name, value, top in (("select.downscale", cfg.select.downscale, MAX_DOWNSCALE),
+                             ("reconstruct.downscale", cfg.reconstruct.downscale, MAX_DOWNSCALE),
+                             ("threads", cfg.threads, MAX_THREADS)):
+        if not 0 <= value <= top:
+            raise ConfigError(f"{where}: {name} must lie in 0..{top} (0 = the default), got {value}")
+    if not 1 <= cfg.select.expression_dim <= MAX_EXPRESSION_DIM:
+        raise ConfigError(f"{where}: select.expression_dim must lie in 1..{MAX_EXPRESSION_DIM}, got "
+                          f"{cfg.select.expression_dim}")
+    if not cfg.track.learning_rate > 0:
+        raise ConfigError(f"{where}: track.learning_rate must be > 0, got {cfg.track.learning_rate}")
     try:
         first_frames(cfg.select.timestamps)
     except ValueError as exc:

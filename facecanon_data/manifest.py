@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from .errors import InputError
 
-_ID = re.compile(r"^\d{3}$")
+_ID = re.compile(r"^[0-9]{3}$")  # ASCII digits only: \d also matches the digits of other scripts
 _SEQUENCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+\-]{0,127}$")  # NeRSemble's longest name is ~35 characters
 MAX_LINE = 4096  # characters; a manifest line is an id and a few sequence names
 MAX_BYTES = 16 << 20  # a manifest of every NeRSemble subject is a few kilobytes
@@ -101,7 +101,7 @@ def subjects_from_metadata(csv_path: str | Path) -> list[str]:
         ids = []
         for n, row in enumerate(reader, 2):
             value = (row["ID"] or "").strip()
-            if not value.isdigit() or int(value) > 999:
+            if not (value.isascii() and value.isdigit()) or int(value) > 999:
                 raise ManifestError(f"{path}:{n}: participant id {value!r} is not a number below 1000")
             ids.append(f"{int(value):03d}")
     return sorted(set(ids))

@@ -88,6 +88,8 @@ def write_html(store: str | Path, report: dict, path: str | Path) -> Path:
             f"{report['views']} view-samples; medians over timestamps.</p><table><tr>{head}</tr>{body}</table>{img}"
             + "".join(f"<h2>evaluation: {html.escape(p)}</h2><pre>{html.escape(t)}</pre>"
                       for p, t in report.get("evaluations", {}).items()))
+    from .artifacts import atomic_write
+
     path = Path(path)
-    path.write_text(page)
+    atomic_write(path, lambda p: p.write_text(page))  # a full disk leaves the previous report, whole
     return path

@@ -571,8 +571,11 @@ def build_index(store: str | Path) -> Path:
     table = pa.table(rows).replace_schema_metadata({b"schema_version": str(SCHEMA_VERSION).encode()})
     out = store / "index.parquet"
     tmp = store / f".index.{uuid.uuid4().hex[:8]}.parquet"
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, out)  # a failed write (full disk) leaves the previous index, whole
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 

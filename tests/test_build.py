@@ -19,7 +19,8 @@ EXE = Path(sys.executable).parent / "facecanon-data"
 
 
 @pytest.mark.parametrize("line, message", [("../x", "is not a 3-digit"), ("17", "is not a 3-digit"),
-                                           ("900 ../../etc", "invalid sequence"), ("900\n900", "listed twice")])
+                                           ("900 ../../etc", "invalid sequence"), ("900\n900", "listed twice"),
+                                           ("\u0660\u0661\u0667", "is not a 3-digit")])
 def test_bad_manifests_are_refused_with_file_and_line(tmp_path, line, message):
     path = tmp_path / "m.txt"
     path.write_text("# subjects\n" + line + "\n")

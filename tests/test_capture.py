@@ -220,6 +220,10 @@ def _centre_off(p):
     p["intrinsics"][0][2] = 5000.0
 
 
+def _w2c_as_list(p):
+    p["world_2_cam"] = list(p["world_2_cam"].values())
+
+
 @pytest.mark.parametrize("edit, message", [
     (_nan_translation, "world_2_cam of camera 222200044 is not finite"),
     (_reflection, "world_2_cam of camera 222200044 is a reflection"),
@@ -227,6 +231,7 @@ def _centre_off(p):
     (_nan_k, "intrinsics must be finite with positive focal lengths"),
     (_no_frontal, f"no calibration for camera\\(s\\) {FRONTAL_SERIAL} whose videos are in"),
     (_centre_off, "principal point \\(5000, .*\\) is far from the centre of the 832x1216 frames"),
+    (_w2c_as_list, "expected 'world_2_cam' as an object \\{serial: 4x4 matrix\\}"),
 ])
 def test_bad_calibrations_are_refused_naming_the_file(synth_capture, tmp_path, edit, message):
     root, calib = _subject_copy(synth_capture, tmp_path)
@@ -249,13 +254,21 @@ def test_cameras_disagreeing_in_size_or_frame_count_are_named(synth_capture, tmp
     video = root / "900" / "sequences" / "EXP-2-eyes" / "images" / "cam_222200046.mp4"
     _rewrite_video(video, 8, (416, 608))
     src = NeRSembleSource(root)
-    with pytest.raises(CaptureFileError, match=r"cam_222200046.mp4: 416x608 frames, but cam_\d+.mp4 has 832x1216"):
+    with pytest.raises(CaptureFileError, match=r"cam_222200046.mp4: 416x608 frames, but cam_\d+.mp4 and 14 other "
+                                               r"camera\(s\) have 832x1216"):
         src.num_frames("900", "EXP-2-eyes")
     assert src.num_frames("900", "EXP-1-head") == 8  # the other sequence is unaffected
     _rewrite_video(video, 5, (832, 1216))
     src = NeRSembleSource(root)
-    with pytest.raises(CaptureFileError, match=r"cam_222200046.mp4: 5 frames, but cam_\d+.mp4 has 8"):
+    with pytest.raises(CaptureFileError, match=r"cam_222200046.mp4: 5 frames, but cam_\d+.mp4 and 14 other "
+                                               r"camera\(s\) have 8"):
         next(src.timestamps("900", "EXP-2-eyes", [6]))
+    _rewrite_video(video, 8, (832, 1216))
+    first = root / "900" / "sequences" / "EXP-2-eyes" / "images" / f"cam_{src.serials('900')[0]}.mp4"
+    _rewrite_video(first, 8, (416, 608))  # the first camera read is the odd one: it is named, not K
+    src = NeRSembleSource(root)
+    with pytest.raises(CaptureFileError, match=rf"{first.name}: 416x608 frames, but cam_\d+.mp4 and 14 other"):
+        src.num_frames("900", "EXP-2-eyes")
 
 
 def _truncate_frontal(root):
@@ -424,3 +437,53 @@ def test_ground_truth_sequence_with_an_array_not_per_frame_is_named(tmp_path):
     np.savez(tmp_path / "EXP-2-eyes.npz", vertices=vertices, expression=np.zeros((4, 10)), faces=np.zeros((7, 3)))
     with pytest.raises(InputError, match=r"EXP-2-eyes\.npz: array 'faces' of shape \(7, 3\) is not per frame"):
         gt.frame("EXP-2-eyes", 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# files a hostile or unlucky user hands over: one line naming the file, before any stage runs
+
+
+def _nested(path):
+    path.write_text("[" * 200_000 + "]" * 200_000)
+    return "not a calibration \\(JSON nested too deeply"
+
+
+def _oversized(path):
+    with open(path, "r+b") as f:  # sparse: 300 MB on paper, nothing on disk
+        f.truncate(300 * 2**20)
+    return "314572800 bytes, larger than any calibration"
+
+
+@pytest.mark.parametrize("damage", [_nested, _oversized])
+def test_hostile_calibration_files_are_refused_naming_them(synth_capture, tmp_path, damage):
+    root, calib = _subject_copy(synth_capture, tmp_path)
+    message = damage(calib)
+    with pytest.raises(CaptureFileError, match=f"900/calibration/camera_params.json: {message}"):
+        NeRSembleSource(root).check_subject("900")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2, 3]", "expected a JSON object at the top level, got a list"),
+    ('{"222200037": [["a", "b"], ["c", "d"], ["e", "f"]]}', "CCM of camera 222200037 is not a matrix of numbers"),
+    ('{"222200037": [[NaN, 0, 0], [0, 1, 0], [0, 0, 1]]}', "CCM of camera 222200037 holds NaN or inf"),
+])
+def test_a_malformed_colour_calibration_is_named_before_any_frame_is_read(synth_capture, tmp_path, content, message):
+    root, calib = _subject_copy(synth_capture, tmp_path)
+    (calib.parent / "color_calibration.json").write_text(content)
+    with pytest.raises(CaptureFileError, match=f"900/calibration/color_calibration.json: {message}"):
+        NeRSembleSource(root).check_subject("900")
+
+
+def test_one_missing_background_plate_fails_naming_it(synth_capture, tmp_path):
+    root, _ = _subject_copy(synth_capture, tmp_path)
+    plate = root / "900" / "sequences" / "BACKGROUND" / "image_222200044.jpg"
+    plate.unlink()
+    src = NeRSembleSource(root)
+    with pytest.raises(CaptureFileError, match=r"BACKGROUND/image_222200044.jpg: background plate missing \(1 of 16"):
+        src.check_subject("900")
+    with pytest.raises(CaptureFileError, match="image_222200044.jpg: background plate missing"):
+        src.background_plates("900", 2)
+    for p in plate.parent.glob("image_*.jpg"):  # none at all: no plates, no error (mattes or nothing)
+        p.unlink()
+    NeRSembleSource(root).check_subject("900")
+    assert NeRSembleSource(root).background_plates("900", 2) is None

@@ -24,11 +24,18 @@ def test_shipped_pipelines_load_and_hash_differs():
     ("[nonsense]\nx = 1\n", r"bad.toml: unknown key 'nonsense'"),
     ("[capture\n", r"bad.toml: not valid TOML"),
     ("[flame]\nkind = 'smplx'\n", r"flame.kind must be"),
-    ("threads = -2\n", r"threads must be >= 0"),
-    ("[select]\ndownscale = -1\n", r"select.downscale must be >= 0"),
-    ("[reconstruct]\ndownscale = -4\n", r"reconstruct.downscale must be >= 0"),
+    ("threads = -2\n", r"threads must lie in 0..1024"),
+    ("threads = 1000000000\n", r"threads must lie in 0..1024 \(0 = the default\), got 1000000000"),
+    ("[select]\ndownscale = -1\n", r"select.downscale must lie in 0..64"),
+    ("[select]\ndownscale = 1000000000\n", r"select.downscale must lie in 0..64"),
+    ("[reconstruct]\ndownscale = -4\n", r"reconstruct.downscale must lie in 0..64"),
     ("[select]\nqueue_frames = 0\n", r"select.queue_frames must be >= 1"),
-    ("[capture]\ndownscale = -4\n", r"capture.downscale must be >= 1"),
+    ("[capture]\ndownscale = -4\n", r"capture.downscale must lie in 1..64"),
+    ("[capture]\ndownscale = 1000000000\n", r"capture.downscale must lie in 1..64, got 1000000000"),
+    ("[select]\nexpression_dim = 1000000000\n", r"select.expression_dim must lie in 1..1434"),
+    ("[track]\nlearning_rate = nan\n", r"track.learning_rate must be a finite number, got nan"),
+    ("[track]\nlearning_rate = -0.1\n", r"track.learning_rate must be > 0"),
+    ("[reconstruct.foreground]\nlow_floor = inf\n", r"reconstruct.foreground.low_floor must be a finite number"),
 ])
 def test_config_errors_name_file_and_key(tmp_path, text, message):
     path = tmp_path / "bad.toml"

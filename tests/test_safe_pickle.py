@@ -124,3 +124,23 @@ def test_reconstructor_of_any_other_class_is_refused(tmp_path):
     path.write_bytes(b"ccopy_reg\n_reconstructor\n(c__builtin__\nset\nc__builtin__\nobject\nNtR.")
     with pytest.raises(UnsafePickleError, match="recon.pkl: copy_reg._reconstructor for <class 'set'>"):
         safe_load_pickle(path)
+
+
+class _HugeNdarray:
+    """Pickles as a REDUCE of numpy.ndarray((2**29,), float64): 4 GiB asked of the constructor."""
+
+    def __reduce__(self):
+        return (np.ndarray, ((2**29,), np.dtype("float64")))
+
+
+def test_an_ndarray_constructor_asking_for_gigabytes_is_refused_before_allocation(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "reduce.pkl"
+    path.write_bytes(pickle.dumps({"v_template": _HugeNdarray()}, protocol=2))
+    tracemalloc.start()
+    with pytest.raises(UnsafePickleError, match=r"reduce.pkl: an array of shape \(536870912,\).*larger than the file"):
+        safe_load_pickle(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 50 * 2**20, peak

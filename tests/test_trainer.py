@@ -219,9 +219,10 @@ def test_checkpoint_loading_never_runs_code(tmp_path):
 
     path = tmp_path / "evil.pt"
     path.write_bytes(pickle.dumps({"model": Evil(), "config": {}}, protocol=2))
-    with pytest.raises(ValueError, match="evil.pt: not a readable checkpoint"):
+    with pytest.raises(ValueError, match="evil.pt: not a readable checkpoint") as info:
         load_checkpoint(path)
     assert not (tmp_path / "pwned").exists()
+    assert "system" in str(info.value) and "weights_only" not in str(info.value)  # the reason, not the advice
 
 
 # -- evaluation ---------------------------------------------------------------------------------------

@@ -100,6 +100,10 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def _bounded_reconstruct(self, cls: type, shape: Any, dtype: Any) -> np.ndarray:
         """``numpy.core.multiarray._reconstruct``, refusing shapes larger than the file could fill."""
+        if cls == self._bounded_ndarray:  # the pickle's ``numpy.ndarray`` global, passed as the class
+            cls = np.ndarray
+        if cls is not np.ndarray:
+            raise UnsafePickleError(f"array reconstruction of {cls!r} is not allowed")
         try:
             dims = [int(x) for x in (shape if isinstance(shape, (tuple, list)) else (shape,))]
             nbytes = int(np.prod(dims, dtype=object)) * np.dtype(dtype).itemsize
@@ -109,6 +113,13 @@ class RestrictedUnpickler(pickle.Unpickler):
             raise UnsafePickleError(f"an array of shape {tuple(dims)} ({nbytes} bytes) is larger than the file "
                                     "could hold")
         return np.core.multiarray._reconstruct(cls, tuple(dims), dtype)
+
+    def _bounded_ndarray(self, shape: Any, dtype: Any = float, *args: Any, **kwargs: Any) -> np.ndarray:
+        """``numpy.ndarray(shape, dtype)`` as a pickle's REDUCE calls it, refused before allocating when it
+        asks for more than the file could fill (the constructor allocates at once, data or not)."""
+        if args or kwargs:
+            raise UnsafePickleError("numpy.ndarray with a buffer, offset or strides is not allowed")
+        return self._bounded_reconstruct(np.ndarray, shape, dtype)
 
     def _bounded_bytes(self, *args: Any) -> bytes:
         if args and isinstance(args[0], int) and not 0 <= args[0] <= self.max_array_bytes:
@@ -121,6 +132,8 @@ class RestrictedUnpickler(pickle.Unpickler):
                 return self._bounded_reconstruct
             if name == "scalar":
                 return np.core.multiarray.scalar
+            if name == "ndarray":
+                return self._bounded_ndarray
             return getattr(np, name)
         if module in _SPARSE_MODULES and name in _SPARSE_NAMES:
             return _sparse_class(name)

@@ -145,16 +145,20 @@ def run_subject_inline(spec: "SourceSpec", subject: str, cfg: PipelineConfig, wo
                        force=(), keep_work: str = "all") -> SubjectOutcome:
     """The whole chain of one subject in this process (batch jobs: one subject per job), then the
     work-folder policy (:mod:`~facecanon_data.stages.prune`)."""
+    from ..artifacts import subject_lock
+
     out = SubjectOutcome(subject)
     ctx = _context(spec, subject, cfg, work, store)
-    for stage in CHAIN:
-        try:
-            out.record(_report(runner.run_stage(stage, ctx, stage.name in force)))
-        except Exception as exc:  # noqa: BLE001 - fault isolation: record and go on
-            out.fail(stage.name, exc)
-            log.debug("subject %s failed in %s:\n%s", subject, stage.name, traceback.format_exc())
-            break
-    out.prune(work, keep_work)
+    wait = lambda path: log.info("subject %s is being built by another process; waiting for it (%s)", subject, path)
+    with subject_lock(work, subject, on_wait=wait):
+        for stage in CHAIN:
+            try:
+                out.record(_report(runner.run_stage(stage, ctx, stage.name in force)))
+            except Exception as exc:  # noqa: BLE001 - fault isolation: record and go on
+                out.fail(stage.name, exc)
+                log.debug("subject %s failed in %s:\n%s", subject, stage.name, traceback.format_exc())
+                break
+        out.prune(work, keep_work)
     return out
 
 

@@ -27,7 +27,7 @@ from ..errors import InputValueError
 NON_PERFORMANCE_SEQUENCES = ("BACKGROUND",)
 FRAMES_IN_FLIGHT = 3  # frames of one video post-processed while the next decodes
 PRINCIPAL_POINT_TOLERANCE = 0.2  # fraction of the frame size the principal point may lie off its centre
-_SUBJECT_RE = re.compile(r"^\d{3}$")
+_SUBJECT_RE = re.compile(r"^[0-9]{3}$")
 
 
 def _resize(image: np.ndarray, downscale: float) -> np.ndarray:
@@ -47,13 +47,26 @@ def _decode_pool():
     return ThreadPoolExecutor(max_workers=pool_size(16), thread_name_prefix="decode")
 
 
+MAX_CALIBRATION_BYTES = 16 * 2**20  # a real calibration is a few kB; the manifests' cap too
+
+
 def _read_json(path: Path) -> dict:
+    """A calibration JSON object; a missing, oversized, malformed, too deeply nested or non-object file
+    is a :class:`CaptureFileError` naming it."""
     if not path.is_file():
         raise CaptureFileError(f"{path}: file not found")
+    size = path.stat().st_size
+    if size > MAX_CALIBRATION_BYTES:
+        raise CaptureFileError(f"{path}: {size} bytes, larger than any calibration ({MAX_CALIBRATION_BYTES} bytes at most)")
     try:
-        return json.loads(path.read_text())
+        table = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CaptureFileError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise CaptureFileError(f"{path}: not a calibration (JSON nested too deeply to read)") from None
+    if not isinstance(table, dict):
+        raise CaptureFileError(f"{path}: expected a JSON object at the top level, got a {type(table).__name__}")
+    return table
 
 
 class NeRSembleSource(CaptureSource):
@@ -110,8 +123,9 @@ class NeRSembleSource(CaptureSource):
         try:
             w2c = {str(s): np.asarray(m, dtype=np.float64) for s, m in raw["world_2_cam"].items()}
             k = np.asarray(raw["intrinsics"], dtype=np.float64)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CaptureFileError(f"{path}: expected keys 'world_2_cam' and 'intrinsics' ({exc})") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CaptureFileError(f"{path}: expected 'world_2_cam' as an object {{serial: 4x4 matrix}} and "
+                                   f"'intrinsics' as a 3x3 matrix ({type(exc).__name__}: {exc})") from None
         if k.shape != (3, 3) or any(m.shape != (4, 4) for m in w2c.values()) or not w2c:
             raise CaptureFileError(f"{path}: intrinsics must be 3x3 and every world_2_cam 4x4")
         if not np.isfinite(k).all() or k[0, 0] <= 0 or k[1, 1] <= 0 or not np.allclose(k[2], [0, 0, 1]):
@@ -134,9 +148,14 @@ class NeRSembleSource(CaptureSource):
         raw = _read_json(path)
         out = {}
         for serial, m in raw.items():
-            m = np.asarray(m, dtype=np.float64)
-            if m.ndim != 2 or m.shape[0] != 3:
+            try:
+                m = np.asarray(m, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise CaptureFileError(f"{path}: CCM of camera {serial} is not a matrix of numbers") from None
+            if m.ndim != 2 or m.shape[0] != 3 or not 1 <= m.shape[1] <= 64:
                 raise CaptureFileError(f"{path}: CCM of camera {serial} has shape {m.shape}, expected (3, terms)")
+            if not np.isfinite(m).all():
+                raise CaptureFileError(f"{path}: CCM of camera {serial} holds NaN or inf")
             out[str(serial)] = m
         return out
 
@@ -168,31 +187,35 @@ class NeRSembleSource(CaptureSource):
         present belong to calibrated cameras and that all agree in size and frame count (a calibrated
         camera without a video is allowed here: :meth:`missing_cameras` names it, readers of that camera
         fail naming its file, and ``select`` skips the sequence)."""
-        ref = None
+        headers = {}
         for serial in self._present(subject, sequence):
             path = self.video_path(subject, sequence, serial)
             with VideoReader(path) as r:  # a missing video: "video file not found" naming it
-                header = (r.width, r.height, r.num_frames)
-            if header[2] <= 0:
+                headers[path] = (r.width, r.height, r.num_frames)
+            if headers[path][2] <= 0:
                 raise CaptureFileError(f"{path}: the video header gives no frame count")
-            if ref is None:
-                ref, ref_path = header, path
-                _, k = self._calibration(subject)
-                w, h = header[:2]
-                # K belongs to the full-size frames: a principal point far from their centre means the
-                # videos were resized (a downscaled release) and K would be scaled wrong.
-                if abs(k[0, 2] - w / 2) > PRINCIPAL_POINT_TOLERANCE * w or \
-                        abs(k[1, 2] - h / 2) > PRINCIPAL_POINT_TOLERANCE * h:
-                    raise CaptureFileError(f"{self.subject_dir(subject) / 'calibration' / 'camera_params.json'}: "
-                                           f"principal point ({k[0, 2]:.0f}, {k[1, 2]:.0f}) is far from the "
-                                           f"centre of the {w}x{h} frames of {path} (more than "
-                                           f"{PRINCIPAL_POINT_TOLERANCE:.0%} of the size): were the videos resized?")
-            elif header[:2] != ref[:2]:
-                raise CaptureFileError(f"{path}: {header[0]}x{header[1]} frames, but {ref_path.name} has "
-                                       f"{ref[0]}x{ref[1]} (every camera of a sequence must have one size)")
-            elif header[2] != ref[2]:
-                raise CaptureFileError(f"{path}: {header[2]} frames, but {ref_path.name} has {ref[2]} "
-                                       "(every camera of a sequence must have one frame count)")
+        # the size and frame count most cameras share is the sequence's: the odd camera out is named,
+        # whichever camera comes first
+        for field, what in ((lambda h: h[:2], "{0}x{1} frames"), (lambda h: h[2], "{2} frames")):
+            values = [field(h) for h in headers.values()]
+            common = max(set(values), key=values.count)
+            for path, header in headers.items():
+                if field(header) != common:
+                    other = next(p for p, h in headers.items() if field(h) == common)
+                    raise CaptureFileError(f"{path}: {what.format(*header)}, but {other.name} and "
+                                           f"{values.count(common) - 1} other camera(s) have "
+                                           f"{what.format(*headers[other])} (every camera of a sequence must "
+                                           f"agree in size and frame count)")
+        ref = next(iter(headers.values()))
+        _, k = self._calibration(subject)
+        w, h = ref[:2]
+        # K belongs to the full-size frames: a principal point far from their centre means the videos
+        # were resized (a downscaled release) and K would be scaled wrong.
+        if abs(k[0, 2] - w / 2) > PRINCIPAL_POINT_TOLERANCE * w or abs(k[1, 2] - h / 2) > PRINCIPAL_POINT_TOLERANCE * h:
+            raise CaptureFileError(f"{self.subject_dir(subject) / 'calibration' / 'camera_params.json'}: "
+                                   f"principal point ({k[0, 2]:.0f}, {k[1, 2]:.0f}) is far from the centre of the "
+                                   f"{w}x{h} frames of {sequence} (more than {PRINCIPAL_POINT_TOLERANCE:.0%} of the "
+                                   "size): were the videos resized?")
         return ref
 
     def check_subject(self, subject: str) -> None:
@@ -201,6 +224,8 @@ class NeRSembleSource(CaptureSource):
         from some sequences is allowed (``select`` skips those); missing from every sequence, it is an
         error naming its file, since no timestamp of the subject has all views."""
         self._calibration(subject)
+        self._ccm(subject)  # a malformed colour calibration is named before any frame is read
+        self._check_plates(subject)
         sequences = self.sequences(subject)
         if not sequences:
             raise CaptureFileError(f"{self.subject_dir(subject) / 'sequences'}: no performance sequences")
@@ -324,13 +349,27 @@ class NeRSembleSource(CaptureSource):
     def plate_path(self, subject: str, serial: str) -> Path:
         return self.subject_dir(subject) / "sequences" / "BACKGROUND" / f"image_{serial}.jpg"
 
+    def _check_plates(self, subject: str) -> dict[str, Path] | None:
+        """The BACKGROUND stills by serial; None when the capture has none. Some but not all is an error
+        naming the missing files: segmenting only some views would silently change every label."""
+        paths = {s: self.plate_path(subject, s) for s in self.serials(subject)}
+        missing = [p for p in paths.values() if not p.is_file()]
+        if not missing:
+            return paths
+        if len(missing) == len(paths):
+            return None
+        raise CaptureFileError(f"{missing[0]}: background plate missing ({len(missing)} of {len(paths)} cameras lack "
+                               f"one: {', '.join(p.name for p in missing)}); foreground comes from the plates of "
+                               "every camera or of none: add the missing stills, remove them all, or set "
+                               "reconstruct.use_masks = false")
+
     def background_plates(self, subject: str, downscale: float = 1) -> dict[str, np.ndarray] | None:
-        """The BACKGROUND stills, colour-corrected and resized exactly like the frames; None unless every
-        calibrated camera has one (a still that cannot be read, or of another size, names its file)."""
+        """The BACKGROUND stills, colour-corrected and resized exactly like the frames; None when the
+        capture has none (some missing, a still that cannot be read, or of another size, names its file)."""
         import cv2
 
-        paths = {s: self.plate_path(subject, s) for s in self.serials(subject)}
-        if not all(p.is_file() for p in paths.values()):
+        paths = self._check_plates(subject)
+        if paths is None:
             return None
         width, height = self.image_size(subject)
         plates = {}

@@ -242,6 +242,20 @@ class FaceAnythingModel(nn.Module):
         return out
 
 
+def load_weights_only(path: Path, what: str):
+    """``torch.load(weights_only=True)`` (no code in the file runs); any failure is an
+    :class:`InputValueError` naming the file and the unpickler's own reason, without PyTorch's advice
+    to retry with ``weights_only=False`` (which would run the file's code)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - the unpickler's errors are many; name the file
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        reason = next((ln.split("error:", 1)[1].strip() for ln in lines if "WeightsUnpickler error:" in ln), None)
+        if reason is None:
+            reason = next((ln for ln in lines if "weights_only" not in ln and "Re-running" not in ln), type(exc).__name__)
+        raise InputValueError(f"{path}: not {what} ({reason}); refused without running any code from it") from None
+
+
 def load_pretrained_backbone(model: FaceAnythingModel, path: str | Path) -> list[str]:
     """Load a DINOv2-format state dict from a local file into the backbone (never a download).
 
@@ -252,10 +266,7 @@ def load_pretrained_backbone(model: FaceAnythingModel, path: str | Path) -> list
     path = Path(path)
     if not path.is_file():
         raise InputFileNotFound(f"{path}: pretrained backbone weights not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - the unpickler's errors are many; name the file
-        raise InputValueError(f"{path}: not a loadable weights-only state dict ({exc})") from None
+    state = load_weights_only(path, "a loadable weights-only state dict")
     for key in ("model", "state_dict", "teacher"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

@@ -139,10 +139,9 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise InputFileNotFound(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - name the file whatever the unpickler says
-        raise InputValueError(f"{path}: not a readable checkpoint ({exc})") from None
+    from .model import load_weights_only
+
+    ckpt = load_weights_only(path, "a readable checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise InputValueError(f"{path}: not a facecanon-data checkpoint (no model / config)")
     return ckpt
