@@ -130,8 +130,8 @@ def test_concurrent_builds_of_one_subject_all_succeed(synth_capture, tmp_path):
     args = [str(EXE), "build", "--subjects", str(manifest), "--pipeline", str(pipeline), "--root", str(cap),
             "--out", str(tmp_path / "store"), "--work", str(tmp_path / "work"), "--subject", "900", "--json"]
     procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-             for _ in range(3)]
+             for _ in range(2)]
     results = [p.communicate(timeout=900) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], [err[-1500:] for _, err in results]
+    assert [p.returncode for p in procs] == [0, 0], [err[-1500:] for _, err in results]
     assert sum("being built by another process" in err for _, err in results) >= 1
     assert _run("validate", tmp_path / "store").returncode == 0
