@@ -97,6 +97,40 @@ def _has_color_calibration(source: CaptureSource, subject: str) -> bool:
         (source.subject_dir(subject) / "calibration" / "color_calibration.json").is_file()
 
 
+def bench_color(source: CaptureSource, subject: str, cfg: PipelineConfig) -> dict:
+    """Cross-view colour agreement at shared surface points (:mod:`facecanon_data.color_consistency`)
+    with the subject's ``color_calibration.json`` applied, against the same frames read uncorrected
+    (the baseline). Needs ground truth: the embedded synthetic capture. ``ratio`` = corrected median
+    Delta E / uncorrected; two timestamps of the first sequence, every camera against the frontal one."""
+    import numpy as np
+
+    from .color_consistency import cross_view_color_difference
+    from .sources.nersemble import NeRSembleSource
+
+    if not isinstance(source, NeRSembleSource) or source.ground_truth(subject) is None:
+        raise InputValueError(f"subject {subject}: bench color needs a capture with ground truth (`facecanon-data synth`)")
+    corrected = NeRSembleSource(source.root, source.ground_truth_root, color_correction=True)
+    if not corrected.color_correction_applied(subject):
+        raise InputValueError(f"{source.subject_dir(subject) / 'calibration' / 'color_calibration.json'}: missing; "
+                              "bench color compares frames with and without it")
+    plain = NeRSembleSource(source.root, source.ground_truth_root, color_correction=False)
+    sequence = source.sequences(subject)[0]
+    frames = sorted({0, source.num_frames(subject, sequence) // 2})
+    downscale = cfg.capture.downscale
+    out = {"bench": "color", "subject": subject, "sequence": sequence, "frames": frames,
+           "reference_camera": cfg.capture.frontal_serial, "baseline": "same frames without colour correction"}
+    for name, src in (("uncorrected", plain), ("corrected", corrected)):
+        per_frame = [cross_view_color_difference(src, subject, sequence, f, downscale, cfg.capture.frontal_serial)
+                     for f in frames]
+        out[name] = {k: (round(float(np.mean([r[k] for r in per_frame])), 3) if isinstance(per_frame[0][k], float)
+                         else int(sum(r[k] for r in per_frame))) for k in ("points", "pairs", "delta_e_median",
+                                                                             "delta_e_p90", "rgb_distance_median",
+                                                                             "bias_levels_mean")}
+    out["ratio"] = round(out["corrected"]["delta_e_median"] / out["uncorrected"]["delta_e_median"], 3)
+    out["bias_ratio"] = round(out["corrected"]["bias_levels_mean"] / out["uncorrected"]["bias_levels_mean"], 3)
+    return out
+
+
 def bench_reconstruct(source: CaptureSource, subject: str, cfg: PipelineConfig, count: int = 8) -> dict:
     """Time inside COLMAP calls vs the whole ``reconstruct`` stage (decode, image writing, clean-up,
     depth maps, outputs), per timestamp, on ``count`` timestamps spread over the sequences (8: a
@@ -594,6 +628,7 @@ def bench_subject(cfg: PipelineConfig, subject: str = "900") -> dict:
 # name -> (function, what it needs: "capture" (source, subject, cfg), "store" (store path) or "config" (cfg))
 BENCHES = {
     "select": (bench_select, "capture"),
+    "color": (bench_color, "capture"),
     "dense": (bench_dense, "capture"),
     "reconstruct": (bench_reconstruct, "capture"),
     "track": (bench_track, "config"),  # generates its observations from the head model: no capture needed

@@ -341,12 +341,13 @@ def report_cmd(store: Path = typer.Argument(..., help="Store folder."),
         typer.echo(json.dumps(report, default=str))
         return
     table = Table(title=f"{store}: {len(report['subjects'])} subjects, {report['views']} view-samples (medians)")
-    for col in ["subject", "timestamps (expr/pose)", "dense"] + [label for _, label in FIGURES]:
+    for col in ["subject", "timestamps (expr/pose)", "dense", "colour corr."] + [label for _, label in FIGURES]:
         table.add_column(col)
     for r in report["subjects"]:
         table.add_row(r["subject"], f"{r['timestamps']} ({r['reasons']['expression']}/{r['reasons']['pose']}"
                       + (f", {r['reasons']['first']} first" if r["reasons"]["first"] else "") + ")",
-                      r["dense_backend"], *["-" if r[k] is None else f"{r[k]:.4g}" for k, _ in FIGURES])
+                      r["dense_backend"], r["color_correction"],
+                      *["-" if r[k] is None else f"{r[k]:.4g}" for k, _ in FIGURES])
     from rich.console import Console
 
     Console().print(table)
@@ -458,8 +459,8 @@ def visualize_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", help="A c
 
 
 @app.command("bench")
-def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, reconstruct, track, transfer, loader, "
-                                          "build, train."),
+def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, color, dense, reconstruct, track, "
+                                          "transfer, loader, build, train, subject."),
               root: Optional[Path] = RootOpt, subject: Optional[str] = SubjectOpt,
               store: Optional[Path] = typer.Option(None, "--store", help="Store folder (bench loader)."),
               real_size: bool = typer.Option(False, "--real-size", help="bench select: on the frontal camera "

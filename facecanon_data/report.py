@@ -28,6 +28,7 @@ def subject_summary(store: str | Path, subject: str) -> dict:
            "reasons": {r: sum(t.get("reason") == r for t in stamps) for r in ("expression", "pose", "first")},
            "resolution": list(g["depth"].shape[2:4]),
            "dense_backend": attrs.get("provenance", {}).get("dense_backend", "none"),
+           "color_correction": "applied" if attrs.get("provenance", {}).get("color_correction") else "none",
            "code_version": attrs.get("provenance", {}).get("code_version", ""),
            "config_hash": attrs.get("provenance", {}).get("config_hash", "")}
     for key, _ in FIGURES:
@@ -77,7 +78,7 @@ def _plot_png(store: str | Path, names: list[str]) -> str:
 def write_html(store: str | Path, report: dict, path: str | Path) -> Path:
     """A self-contained HTML page: the table and the plots."""
     names = [r["subject"] for r in report["subjects"]]
-    cols = ["subject", "timestamps", "views", "resolution", "dense_backend"] + [k for k, _ in FIGURES]
+    cols = ["subject", "timestamps", "views", "resolution", "dense_backend", "color_correction"] + [k for k, _ in FIGURES]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in cols) + "</tr>"
                    for r in report["subjects"])

@@ -41,6 +41,7 @@ def test_outputs_and_counts(selected):
     assert (result.selected_expression, result.selected_pose) == (6, 2)
     assert result.frames_processed == 16
     assert result.frontal_detect_rate == pytest.approx(13 / 16)  # the three blank frames
+    assert result.color_correction is True and result.figures()["color_correction"] is True
     folder = work / "900" / "select"
     assert not (folder / "_DONE.json").exists()  # markers are the runner's, never a stage's
     feats = {k: np.asarray(v) for k, v in pq.read_table(folder / "features.parquet").to_pydict().items()}
@@ -115,6 +116,7 @@ def test_first_frames_mode_keeps_consecutive_frames_without_detection(synth_capt
     rows = read_selection(tmp_path, "900")
     assert rows == [("EXP-2-eyes", f, "first", f) for f in range(5)]
     assert (result.mode, result.selected_first, result.frontal_detect_rate) == ("first:5", 5, None)
+    assert result.color_correction  # the embedded capture ships color_calibration.json, like NeRSemble v2
     assert not (tmp_path / "900" / "select" / "features.parquet").exists()  # no detector ran
     cfg = load_pipeline(default_pipeline(), {"select": {"timestamps": "first:100"}})  # longer than the sequences
     run_select(source, "900", cfg, tmp_path)

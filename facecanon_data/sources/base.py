@@ -45,6 +45,11 @@ class CaptureSource(ABC):
         """Calibrated cameras without a video in ``sequence`` (real releases miss one now and then)."""
         return []
 
+    def color_correction_applied(self, subject: str) -> bool:
+        """Whether frames of ``subject`` are colour-corrected as they are read (a calibration exists and
+        correction is on). Sources without colour calibrations say False."""
+        return False
+
     def check_subject(self, subject: str) -> None:
         """Fail early, naming the file, when a subject's calibration or videos are unusable."""
         for sequence in self.sequences(subject):

@@ -159,6 +159,9 @@ class NeRSembleSource(CaptureSource):
             out[str(serial)] = m
         return out
 
+    def color_correction_applied(self, subject: str) -> bool:
+        return self._ccm(subject) is not None
+
     def serials(self, subject: str) -> list[str]:
         w2c, _ = self._calibration(subject)
         order = {s: i for i, s in enumerate(NERSEMBLE_SERIALS)}

@@ -28,16 +28,19 @@ def _select(ctx: StageContext) -> Figures:
 
 def _describe_select(subject: str, f: Figures) -> str:
     if f.get("mode", "select") != "select":
-        sequences = len({row[0] for row in f["selection"]})
-        return (f"subject {subject}: {f['selected_first']} consecutive timestamps ({f['mode']}) of {sequences} "
+        sequences = len({row[0] for row in f.get("selection", [])})
+        line = (f"subject {subject}: {f['selected_first']} consecutive timestamps ({f['mode']}) of {sequences} "
                 f"sequence(s), no selection")
-    line = (f"subject {subject}: {f['selected_expression']} expression + {f['selected_pose']} pose timestamps from "
-            f"{f['frames_processed']} frames ({f['backend']}, face found in {f['frontal_detect_rate']:.1%}, "
-            f"{f['frames_per_second']:.0f} frames/s)")
+    else:
+        line = (f"subject {subject}: {f['selected_expression']} expression + {f['selected_pose']} pose timestamps "
+                f"from {f['frames_processed']} frames ({f['backend']}, face found in {f['frontal_detect_rate']:.1%}, "
+                f"{f['frames_per_second']:.0f} frames/s)")
     if f.get("gt_coverage_gain") is not None:
         line += (f"\nground truth: expression picks cover the expression space {f['gt_coverage_gain']:.2f}x (p95) / "
                  f"{f['gt_coverage_gain_mean']:.2f}x (mean) better than uniform-in-time picks; all picks "
                  f"{f['gt_coverage_gain_all']:.2f}x / {f['gt_coverage_gain_all_mean']:.2f}x")
+    line += ("\nframes colour-corrected (color_calibration.json)" if f.get("color_correction") else
+             "\nno colour correction (the subject has no color_calibration.json, or capture.color_correction is off)")
     return line
 
 

@@ -56,6 +56,7 @@ class SelectResult:
     mode: str = "select"  # select.timestamps
     selected_first: int = 0  # "first:N" mode: consecutive frames kept over all sequences
     selection: list[tuple[str, int, str, int]] = field(default_factory=list)  # (sequence, frame, reason, rank)
+    color_correction: bool = False  # frames colour-corrected with the subject's color_calibration.json
 
     def figures(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "selection"}
@@ -175,7 +176,7 @@ def run_select(source: CaptureSource, subject: str, cfg: PipelineConfig, work,
                           frontal_detect_rate=float(detected.mean()), selected_expression=len(pick_e),
                           selected_pose=len(pick_p), seconds=round(seconds, 2),
                           frames_per_second=round(len(obs) / max(seconds, 1e-9), 2), skipped_sequences=skipped,
-                          selection=selection)
+                          selection=selection, color_correction=source.color_correction_applied(subject))
     gt = source.ground_truth(subject)
     if gt is not None:
         gt_space = ground_truth_expression_space(gt, keys)
@@ -209,7 +210,7 @@ def run_first_frames(source: CaptureSource, subject: str, cfg: PipelineConfig, w
     return SelectResult(subject=subject, backend="none", frames_processed=0, frontal_detect_rate=None,
                         selected_expression=0, selected_pose=0, seconds=0.0, frames_per_second=0.0,
                         skipped_sequences=skipped, mode=cfg.select.timestamps, selected_first=len(selection),
-                        selection=selection)
+                        selection=selection, color_correction=source.color_correction_applied(subject))
 
 
 def read_selection(work, subject: str) -> list[tuple[str, int, str, int]]:

@@ -113,6 +113,8 @@ def subject_data_from_work(work, subject: str, cfg: PipelineConfig, source=None)
         provenance={"source": str(cfg.capture.root), "pipeline": cfg.name, "pipeline_file": cfg.source_file,
                     "dense_backend": (StageDir(work, subject, "reconstruct").done() or {})
                     .get("figures", {}).get("dense_backend", "none"),
+                    "color_correction": bool((StageDir(work, subject, "select").done() or {})
+                                             .get("figures", {}).get("color_correction", False)),
                     "config_hash": cfg.hash(), "config": cfg.to_dict(), "code_version": code_version()})
 
 

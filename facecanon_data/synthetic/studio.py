@@ -144,6 +144,25 @@ def camera_response(rng: np.random.Generator, count: int) -> np.ndarray:
     return (rng.uniform(0.94, 1.06, (count, 1)) * rng.uniform(0.97, 1.03, (count, 3))).astype(np.float32)
 
 
+CCM_TERMS = 10  # Cheung 2004's quadratic terms: within half an 8-bit level on average (3 or 4 terms: ~0.45)
+CCM_FIT_SAMPLES = 20000
+
+
+def response_correction(response: np.ndarray, terms: int = CCM_TERMS) -> np.ndarray:
+    """(3, terms) colour-correction matrix in NeRSemble's ``color_calibration.json`` format that maps a
+    camera with ``response`` (3,) (:func:`expose`, applied to sRGB-encoded values) back to the reference
+    (response 1): least squares in linear RGB over colours spread through the sRGB cube, those the camera
+    does not clip. Deterministic (its own fixed sample, no random stream consumed)."""
+    from ..sources.color import augment_cheung2004, srgb_to_linear
+
+    reference = np.random.default_rng(0).uniform(0, 1, (CCM_FIT_SAMPLES, 3))
+    seen = reference * response.astype(np.float64)
+    unclipped = (seen <= 1).all(axis=1)
+    design = augment_cheung2004(srgb_to_linear(seen[unclipped]), terms)
+    solution, *_ = np.linalg.lstsq(design, srgb_to_linear(reference[unclipped]), rcond=None)
+    return solution.T
+
+
 def expose(image: np.ndarray, response: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
     """Through the camera: (H, W, 3) float [0, 1] x response (3,) + Gaussian sensor noise -> uint8."""
     out = image * response

@@ -244,6 +244,7 @@ def _subject_tasks(pid: str, rng: np.random.Generator, s: SynthConfig, layer, as
     canonical = canonical_of(offsets)
     response = camera_response(rng, len(cameras))
     calib_digest = _write_calibration(stage_cap / "calibration", cameras)
+    _write_color_calibration(stage_cap / "calibration", cameras, response)
     still = stage_cap / "sequences" / "BACKGROUND"  # NeRSemble v2's empty-rig stills
     still.mkdir(parents=True)
     for k, cam in enumerate(cameras):
@@ -294,6 +295,15 @@ def _check_new_subjects(subjects: list[str], capture_root: Path, gt_root: Path) 
             if folder.exists():
                 raise SynthError(f"{folder}: already exists; synth never replaces a subject "
                                  "(remove the folder to render it again, or choose another --out)")
+
+
+def _write_color_calibration(folder: Path, cameras: list[Camera], response: np.ndarray) -> None:
+    """``color_calibration.json`` as NeRSemble v2 ships it: per serial the (3, terms) polynomial
+    correction that undoes that camera's simulated response (:func:`studio.response_correction`)."""
+    from .studio import response_correction
+
+    table = {cam.serial: np.round(response_correction(response[k]), 8).tolist() for k, cam in enumerate(cameras)}
+    (folder / "color_calibration.json").write_text(json.dumps(table))
 
 
 def _write_calibration(folder: Path, cameras: list[Camera]) -> str:
