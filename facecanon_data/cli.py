@@ -458,6 +458,30 @@ def visualize_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", help="A c
     typer.echo("\n".join(str(p) for p in paths))
 
 
+@app.command("figure")
+def figure_cmd(store: Path = typer.Argument(..., help="Store folder."),
+               out: Path = typer.Option(..., "--out", help="PNG to write."),
+               subject: Optional[str] = typer.Option(None, "--subject", help="Subject (default: the first)."),
+               timestamp: int = typer.Option(0, "--timestamp", min=0, help="Timestamp index in the subject."),
+               view: Optional[str] = typer.Option(None, "--view", help="Camera serial (default: the frontal one)."),
+               scale: float = typer.Option(0.5, "--scale", min=0.05, max=4.0, help="Resize factor of the figure."),
+               as_json: bool = JsonOpt) -> None:
+    """One stored view beside its depth map and canonical map (a PNG): what the labels look like."""
+    _setup_logging()
+    import cv2
+
+    from .artifacts import atomic_write
+    from .figures import label_figure
+
+    _require_store(store)
+    image, shown = _guarded(label_figure, store, subject, timestamp, view, scale)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda p: cv2.imwrite(str(p), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)) or
+                 _fail(f"{out}: could not write a PNG there"))
+    _emit({**shown, "png": str(out)}, as_json, f"{out}: subject {shown['subject']} {shown['sequence']}/"
+          f"{shown['frame']} camera {shown['serial']}: view, depth, canonical map")
+
+
 @app.command("bench")
 def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, color, dense, reconstruct, track, "
                                           "transfer, loader, build, train, subject."),

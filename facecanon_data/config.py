@@ -108,7 +108,7 @@ class ForegroundConfig:
 @dataclass
 class MvsConfig:
     """``reconstruct.dense = "torch"``: multi-view stereo with the known cameras in torch (``mvs.py``).
-    Measured on the synthetic capture (README, stage reconstruct)."""
+    Measured on the synthetic capture (docs/pipeline.md, stage reconstruct)."""
 
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda"
     source_views: int = 4  # per reference view, the best by co-observed sparse points and angle
@@ -138,7 +138,7 @@ class ReconstructConfig:
     max_num_features: int = 8192
     peak_threshold: float = 0.004  # below COLMAP's 0.0067: skin is low-contrast, we want its features
     # Re-match under the verified two-view geometry: 24 % more points, but on the harder capture twice the
-    # COLMAP time and less accurate points (README, "The embedded synthetic capture"), so off.
+    # COLMAP time and less accurate points (docs/pipeline.md, "The embedded synthetic capture"), so off.
     guided_matching: bool = False
     ignore_two_view_tracks: bool = True  # points seen by two views only are the least reliable
     min_observations_per_view: int = 50  # a view counts as registered with at least this many ...
@@ -150,7 +150,7 @@ class ReconstructConfig:
     # "none" (sparse points only), "auto": colmap where pycolmap has CUDA and a device exists, else torch
     dense: str = "auto"
     mvs: MvsConfig = field(default_factory=MvsConfig)
-    # COLMAP PatchMatch / fusion, tuned for faces and hair (see README): a lower NCC filter and fewer
+    # COLMAP PatchMatch / fusion, tuned for faces and hair (see docs/pipeline.md): a lower NCC filter and fewer
     # required views keep hair, which is low-textured and seen by few cameras at a time.
     patch_match_window_radius: int = 5
     patch_match_num_iterations: int = 5
@@ -190,7 +190,7 @@ class TrackConfig:
     point_huber_mm: float = 1.0
     # Dense clouds (~400k points per timestamp) are fitted through a seeded subset of this many
     # (sampling.bounded_subset; the store keeps the same subset); sparse ones (~2-3k) whole. With the
-    # scalp's one-sided term 20000 and 5000 measure the same (README, stage track); 5000 keeps track's time.
+    # scalp's one-sided term 20000 and 5000 measure the same (docs/pipeline.md, stage track); 5000 keeps track's time.
     max_points_per_timestamp: int = 5000
     point_max_distance_mm: float = 10.0  # points farther from the mesh are not the head (hair, shoulders)
     # ... at the end; the gate starts this generous in the first points stage and tightens to it, so far
@@ -201,7 +201,7 @@ class TrackConfig:
     expression_prior: float = 0.02
     # On each expression coefficient's mean over the subject's timestamps (performances are mostly
     # near-neutral): identity the shape basis lacks cannot hide in a constant expression. Measured on the
-    # harder demo capture (README, stage track): 0 / 0.3 / 1 / 3 -> expression_bias 0.36 / 0.08 / 0.03 /
+    # harder demo capture (docs/pipeline.md, stage track): 0 / 0.3 / 1 / 3 -> expression_bias 0.36 / 0.08 / 0.03 /
     # 0.01, canonical error over all head pixels 2.68 / 2.35 / 2.29 / 2.25 mm.
     expression_mean_prior: float = 1.0
     jaw_prior: float = 1.0  # per rad^2
@@ -211,17 +211,17 @@ class TrackConfig:
     offset_laplacian: float = 2000.0  # ... and smooth (uniform graph Laplacian, sparse)
     # Coarse static offsets first (with the points), on the mesh's smoothest eigenfunctions: regularised
     # by smoothness, hardly by size, so a centimetre of identity the shape basis lacks is reachable.
-    offset_coarse_basis: int = 0  # eigenfunctions (0: no coarse field; 32-64 measured worse, README)
+    offset_coarse_basis: int = 0  # eigenfunctions (0: no coarse field; 32-64 measured worse, docs/pipeline.md)
     offset_coarse_laplacian: float = 200.0  # per mm^2 of the field's Laplacian (mean over vertices)
     offset_coarse_l2: float = 0.1  # per mm^2: only pins the field's mean, which the pose also expresses
     # Per-timestamp offsets for expression detail the basis lacks, fitted with the static offsets; the
     # posed meshes (and so canonicalize) include them, the canonical mesh does not. Small and smooth:
-    timestamp_detail: bool = False  # measured on the harder capture (README, stage track)
+    timestamp_detail: bool = False  # measured on the harder capture (docs/pipeline.md, stage track)
     timestamp_detail_l2: float = 200.0  # per mm^2 (mean over vertices and timestamps)
     timestamp_detail_laplacian: float = 20000.0  # per mm^2 of the Laplacian
     # Regions a volume the model lacks may cover from outside (hair over the scalp): points matched there
     # pull the surface only inward (a one-sided term), so hair cannot inflate the skull and, through the
-    # shape, shift the face in canonical space (measured: README, stage track). [] = two-sided everywhere.
+    # shape, shift the face in canonical space (measured: docs/pipeline.md, stage track). [] = two-sided everywhere.
     covered_masks: list[str] = field(default_factory=lambda: ["scalp"])
     # FLAME_masks.pkl keys (or a union: eyeballs, ears) held at zero offset: the eyeballs keep their shape
     offset_free_masks: list[str] = field(default_factory=lambda: ["left_eyeball", "right_eyeball"])

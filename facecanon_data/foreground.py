@@ -15,7 +15,7 @@ Real releases ship no mattes: one still per camera of the studio without the sub
    dropped.
 4. **Refinement** (``refine = "grabcut"``): OpenCV GrabCut in a band of ``refine_band_px`` around the
    boundary, the rest fixed: the coarse scale leaves the boundary a few pixels wide of the subject.
-   Chosen by measurement on the synthetic capture (README, "Foreground from the plates").
+   Chosen by measurement on the synthetic capture (docs/pipeline.md, "Foreground from the plates").
 
 The torso is foreground (it is in front of the plate); head versus torso comes from the tracked head.
 """

@@ -88,7 +88,7 @@ def view_images(source, subject: str, cfg: PipelineConfig, work, sequence: str, 
     """serial -> (H, W, 3) uint8 RGB of a reconstructed timestamp at the working resolution: the PNGs
     ``reconstruct`` wrote, or, once a ``light`` build pruned them, decoded again from the capture (the
     same decoding, so the same pixels), one camera at a time: 16 decoders open at once on 2200 x 3208
-    videos peak at ~1.9 GB, one at a time at ~0.3 GB (README, ``bench subject``)."""
+    videos peak at ~1.9 GB, one at a time at ~0.3 GB (docs/pipeline.md, ``bench subject``)."""
     import cv2
 
     folder = timestamp_dir(work, subject, sequence, frame) / "images"
