@@ -482,6 +482,20 @@ def figure_cmd(store: Path = typer.Argument(..., help="Store folder."),
           f"{shown['frame']} camera {shown['serial']}: view, depth, canonical map")
 
 
+@app.command("docs")
+def docs_cmd(out: Path = typer.Option(Path("docs"), "--out", help="Folder of the generated pages."),
+             check: bool = typer.Option(False, "--check", help="Write nothing; exit 1 naming every page that "
+                                        "differs from what the code generates.")) -> None:
+    """Generate the reference pages (cli.md, configuration.md, store.md) from the code."""
+    from .docgen import PAGES, write_pages
+
+    stale = _guarded(write_pages, out, check)
+    if check and stale:
+        typer.echo(f"stale: {', '.join(str(out / n) for n in stale)} (regenerate with `facecanon-data docs`)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{out}: {len(PAGES)} pages " + ("current" if check else f"written ({len(stale)} changed)"))
+
+
 @app.command("bench")
 def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, color, dense, reconstruct, track, "
                                           "transfer, loader, build, train, subject."),

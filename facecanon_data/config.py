@@ -22,87 +22,103 @@ class ConfigError(InputError, ValueError):
     """A pipeline file is unreadable or has an unknown / mistyped key; names the file and key."""
 
 
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING):
+    """A configuration field with its help text (``docs/configuration.md`` is generated from it):
+    ``opt(4, "what it does")``, or ``opt(factory=list, help=...)`` for a mutable default."""
+    if not help:
+        raise TypeError("every configuration field states its help")
+    return field(default=default, default_factory=factory, metadata={"help": help})
+
+
 @dataclass
 class CaptureConfig:
     """Where the capture is and how images are read."""
 
-    root: str = "synth-out/capture"  # NeRSemble v2 root ({pid}/calibration, {pid}/sequences)
-    ground_truth: str = ""  # synthetic ground-truth folder; empty for real captures
-    downscale: int = 4  # working resolution = full / downscale (the paper: 4)
-    color_correction: bool = True  # apply color_calibration.json where present
-    frontal_serial: str = FRONTAL_SERIAL
+    root: str = opt("synth-out/capture", "NeRSemble v2 root ({pid}/calibration, {pid}/sequences)")
+    ground_truth: str = opt("", "synthetic ground-truth folder; empty for real captures")
+    downscale: int = opt(4, "working resolution = full / downscale (the paper: 4)")
+    color_correction: bool = opt(True, "apply color_calibration.json where present")
+    frontal_serial: str = opt(
+        FRONTAL_SERIAL,
+        "the camera select reads and the evaluation pairs frames of (NeRSemble v2: 222200037)")
 
 
 @dataclass
 class FlameConfig:
     """The head model. ``kind = "synthetic"`` generates the project's own head on first use."""
 
-    kind: str = "synthetic"  # "synthetic" | "flame"
-    model: str = ""  # FLAME: generic_model.pkl / flame2023.pkl
-    masks: str = ""  # FLAME: FLAME_masks.pkl
-    embedding: str = ""  # FLAME: mediapipe_landmark_embedding.npz
-    synthetic_dir: str = "{project}/flame_assets/synthetic"
+    kind: str = opt("synthetic", "'synthetic' | 'flame'")
+    model: str = opt("", "FLAME: generic_model.pkl / flame2023.pkl")
+    masks: str = opt("", "FLAME: FLAME_masks.pkl")
+    embedding: str = opt("", "FLAME: mediapipe_landmark_embedding.npz")
+    synthetic_dir: str = opt("{project}/flame_assets/synthetic", "where the generated synthetic head lives")
 
 
 @dataclass
 class SynthConfig:
     """The embedded synthetic capture (``facecanon-data synth``)."""
 
-    out: str = "synth-out"  # writes {out}/capture and {out}/ground_truth
-    subjects: int = 1
-    sequences: int = 2
-    frames: int = 30
-    seed: int = 0
-    width: int = 832  # full-resolution image size; the working size is width / capture.downscale
-    height: int = 1216
-    focal: float = 2900.0  # pixels at full resolution
-    camera_distance: float = 1.05  # meters
-    max_yaw_deg: float = 40.0
-    fps: float = 25.0
-    alpha_maps: bool = False  # also write foreground mattes (NeRSemble v2 ships BACKGROUND plates instead)
-    detail_mm: float = 0.8  # identity detail off the model: amplitude along the normals, 1-2.5 cm wavelength
-    sensor_noise: float = 0.006  # Gaussian sensor noise, std in [0, 1] units (1.5 of 255)
-    workers: int = 0  # render processes; 0 = one per core
+    out: str = opt("synth-out", "writes {out}/capture and {out}/ground_truth")
+    subjects: int = opt(1, "subjects rendered")
+    sequences: int = opt(2, "performance sequences per subject")
+    frames: int = opt(30, "frames per sequence")
+    seed: int = opt(0, "random seed (identical seeds give identical outputs)")
+    width: int = opt(832, "full-resolution image size; the working size is width / capture.downscale")
+    height: int = opt(1216, "full-resolution image height in pixels")
+    focal: float = opt(2900.0, "pixels at full resolution")
+    camera_distance: float = opt(1.05, "meters")
+    max_yaw_deg: float = opt(40.0, "the rig's outermost cameras, degrees left and right of frontal")
+    fps: float = opt(25.0, "frame rate of the rendered sequences")
+    alpha_maps: bool = opt(False, "also write foreground mattes (NeRSemble v2 ships BACKGROUND plates instead)")
+    detail_mm: float = opt(
+        0.8,
+        "identity detail off the model: amplitude along the normals, 1-2.5 cm wavelength")
+    sensor_noise: float = opt(0.006, "Gaussian sensor noise, std in [0, 1] units (1.5 of 255)")
+    workers: int = opt(0, "render processes; 0 = one per core")
 
 
 @dataclass
 class SelectConfig:
     """Stage ``select``: MediaPipe features on the frontal camera, farthest-point timestamp selection."""
 
-    # "select": farthest-point picks (training subjects, the paper's Sec. 3.3); "first:N": the first N
-    # consecutive frames of every sequence, no MediaPipe (test subjects: the paper evaluates the first 40)
-    timestamps: str = "select"
-    num_expression: int = 40  # picks on the expression features (the paper: 40)
-    num_pose: int = 10  # further picks on the pose features, disjoint from the above (the paper: 10)
-    frame_stride: int = 1  # process every n-th frame of each sequence
-    include_sequences: list[str] = field(default_factory=list)  # empty = all performance sequences
-    exclude_sequences: list[str] = field(default_factory=lambda: ["BACKGROUND"])
-    # MediaPipe Tasks FaceLandmarker model (blendshapes backend). Empty: $FACECANON_FACE_LANDMARKER,
-    # and if that is unset too, the offline FaceMesh backend.
-    face_landmarker_task: str = ""
-    expression_dim: int = 16  # FaceMesh backend: PCA dimension of the aligned landmark residuals
-    min_detection_confidence: float = 0.5
-    downscale: int = 0  # resolution MediaPipe sees; 0 = capture.downscale
-    queue_frames: int = 16  # decoded frames buffered ahead of the detector
+    timestamps: str = opt(
+        "select",
+        "'select': farthest-point picks (training subjects, the paper's Sec. 3.3); 'first:N': the first N "
+        "consecutive frames of every sequence, no MediaPipe (test subjects: the paper evaluates the first 40)")
+    num_expression: int = opt(40, "picks on the expression features (the paper: 40)")
+    num_pose: int = opt(10, "further picks on the pose features, disjoint from the above (the paper: 10)")
+    frame_stride: int = opt(1, "process every n-th frame of each sequence")
+    include_sequences: list[str] = opt(factory=list, help="empty = all performance sequences")
+    exclude_sequences: list[str] = opt(
+        factory=lambda: ["BACKGROUND"], help="sequences never selected from (NeRSemble's background plates)")
+    face_landmarker_task: str = opt(
+        "",
+        "MediaPipe Tasks FaceLandmarker model (blendshapes backend). Empty: $FACECANON_FACE_LANDMARKER, and if"
+        " that is unset too, the offline FaceMesh backend.")
+    expression_dim: int = opt(16, "FaceMesh backend: PCA dimension of the aligned landmark residuals")
+    min_detection_confidence: float = opt(0.5, "MediaPipe's detection threshold; frames below it are skipped")
+    downscale: int = opt(0, "resolution MediaPipe sees; 0 = capture.downscale")
+    queue_frames: int = opt(16, "decoded frames buffered ahead of the detector")
 
 
 @dataclass
 class ForegroundConfig:
     """Foreground from the BACKGROUND plates when a capture has no mattes (``foreground.py``)."""
 
-    blur_sigma_px: float = 1.0
-    coarse_sigma_px: float = 3.0  # weak evidence: the difference of images blurred this much
-    noise_quantile: float = 0.3  # pixels below this quantile of the difference are surely studio
-    low_sigmas: float = 1.5  # weak difference (coarse scale), in noise levels: a region of it is kept ...
-    high_sigmas: float = 10.0  # ... where it holds a strong difference (fine scale)
-    low_floor: float = 0.02  # absolute floors (fraction of full scale) for very clean plates
-    high_floor: float = 0.06
-    close_px: int = 5  # closing kernel size
-    min_component_fraction: float = 0.1  # of the largest component's area
-    refine: str = "grabcut"  # "none" | "grabcut" | "trim": the boundary refined in a band (foreground.py)
-    refine_band_px: int = 6  # the band's half-width, either refinement
-    grabcut_iterations: int = 3
-    trim_sigmas: float = 3.0  # refine = "trim": fine-scale difference kept in the boundary band
+    blur_sigma_px: float = opt(1.0, "fine-scale blur of image and plate before differencing")
+    coarse_sigma_px: float = opt(3.0, "weak evidence: the difference of images blurred this much")
+    noise_quantile: float = opt(0.3, "pixels below this quantile of the difference are surely studio")
+    low_sigmas: float = opt(
+        1.5, "weak difference (coarse scale), in noise levels: a region of it is kept where it holds a strong one")
+    high_sigmas: float = opt(10.0, "strong difference (fine scale), in noise levels: seeds the kept regions")
+    low_floor: float = opt(0.02, "absolute floors (fraction of full scale) for very clean plates")
+    high_floor: float = opt(0.06, "absolute floor of the strong difference (fraction of full scale)")
+    close_px: int = opt(5, "closing kernel size")
+    min_component_fraction: float = opt(0.1, "of the largest component's area")
+    refine: str = opt("grabcut", "'none' | 'grabcut' | 'trim': the boundary refined in a band (foreground.py)")
+    refine_band_px: int = opt(6, "the band's half-width, either refinement")
+    grabcut_iterations: int = opt(3, "refine = 'grabcut': OpenCV GrabCut iterations")
+    trim_sigmas: float = opt(3.0, "refine = 'trim': fine-scale difference kept in the boundary band")
 
 
 @dataclass
@@ -110,58 +126,65 @@ class MvsConfig:
     """``reconstruct.dense = "torch"``: multi-view stereo with the known cameras in torch (``mvs.py``).
     Measured on the synthetic capture (docs/pipeline.md, stage reconstruct)."""
 
-    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda"
-    source_views: int = 4  # per reference view, the best by co-observed sparse points and angle
-    angle_deg: float = 20.0  # preferred triangulation angle when choosing them
-    planes: int = 64  # coarse plane sweep, uniform in inverse depth over the sparse points' range
-    coarse_scale: int = 4  # the sweep runs at 1 / this of the working resolution
-    coarse_window_radius: int = 3  # NCC window (2r+1)^2 of the sweep
-    refine_scales: list[int] = field(default_factory=lambda: [2, 1])  # one refinement per entry, at 1 / scale
-    window_radius: int = 3  # NCC window of the refinements
-    refine_hypotheses: int = 7  # per-pixel depths tried per refinement (+-1.5 current steps)
-    depth_margin_m: float = 0.02  # the depth range: the sparse points' widened by this
-    min_ncc: float = 0.3  # a pixel's aggregated NCC must reach this ...
-    min_consistent_views: int = 1  # ... and this many other views' depth maps agree with it ...
-    max_reprojection_px: float = 1.0  # ... reprojecting within this ...
-    max_relative_depth: float = 0.005  # ... at this relative depth
-    fusion_voxel_m: float = 0.0007  # fused points merged per cell of this size (~1 pixel at 1 m)
+    device: str = opt("auto", "'auto' (cuda when available), 'cpu', 'cuda'")
+    source_views: int = opt(4, "per reference view, the best by co-observed sparse points and angle")
+    angle_deg: float = opt(20.0, "preferred triangulation angle when choosing them")
+    planes: int = opt(64, "coarse plane sweep, uniform in inverse depth over the sparse points' range")
+    coarse_scale: int = opt(4, "the sweep runs at 1 / this of the working resolution")
+    coarse_window_radius: int = opt(3, "NCC window (2r+1)^2 of the sweep")
+    refine_scales: list[int] = opt(factory=lambda: [2, 1], help="one refinement per entry, at 1 / scale")
+    window_radius: int = opt(3, "NCC window of the refinements")
+    refine_hypotheses: int = opt(7, "per-pixel depths tried per refinement (+-1.5 current steps)")
+    depth_margin_m: float = opt(0.02, "the depth range: the sparse points' widened by this")
+    min_ncc: float = opt(0.3, "a depth is kept where its aggregated NCC reaches this ...")
+    min_consistent_views: int = opt(1, "... and this many other views' depth maps agree with it ...")
+    max_reprojection_px: float = opt(1.0, "... reprojecting within this many pixels ...")
+    max_relative_depth: float = opt(0.005, "... and this relative depth")
+    fusion_voxel_m: float = opt(0.0007, "fused points merged per cell of this size (~1 pixel at 1 m)")
 
 
 @dataclass
 class ReconstructConfig:
     """Stage ``reconstruct``: COLMAP with the calibrated cameras, per selected timestamp."""
 
-    downscale: int = 0  # working resolution = full / downscale; 0 = capture.downscale (the paper: 4)
-    use_masks: bool = True  # pass the foreground to COLMAP: mattes (alpha maps) when the capture has them,
-    # else segmented from its BACKGROUND plates (``foreground``), else none
+    downscale: int = opt(0, "working resolution = full / downscale; 0 = capture.downscale (the paper: 4)")
+    use_masks: bool = opt(
+        True,
+        "pass the foreground to COLMAP: mattes (alpha maps) when the capture has them, else segmented from its "
+        "BACKGROUND plates ([reconstruct.foreground]), else none")
     foreground: ForegroundConfig = field(default_factory=ForegroundConfig)
-    max_num_features: int = 8192
-    peak_threshold: float = 0.004  # below COLMAP's 0.0067: skin is low-contrast, we want its features
-    # Re-match under the verified two-view geometry: 24 % more points, but on the harder capture twice the
-    # COLMAP time and less accurate points (docs/pipeline.md, "The embedded synthetic capture"), so off.
-    guided_matching: bool = False
-    ignore_two_view_tracks: bool = True  # points seen by two views only are the least reliable
-    min_observations_per_view: int = 50  # a view counts as registered with at least this many ...
-    max_mean_reprojection_error_px: float = 1.0  # ... triangulated observations, under this mean error
-    outlier_neighbors: int = 16  # open3d statistical outlier removal
-    outlier_std_ratio: float = 2.5
-    head_box_half_size_m: float = 0.25  # crop to a cube around the cameras' common focus
-    # Dense backend: "colmap" (PatchMatch stereo, CUDA builds only), "torch" (``mvs``, any device),
-    # "none" (sparse points only), "auto": colmap where pycolmap has CUDA and a device exists, else torch
-    dense: str = "auto"
+    max_num_features: int = opt(8192, "SIFT features per image at most (COLMAP)")
+    peak_threshold: float = opt(0.004, "below COLMAP's 0.0067: skin is low-contrast, we want its features")
+    guided_matching: bool = opt(
+        False,
+        "Re-match under the verified two-view geometry: 24 % more points, but on the harder capture twice the "
+        "COLMAP time and less accurate points (docs/pipeline.md, 'The embedded synthetic capture'), so off.")
+    ignore_two_view_tracks: bool = opt(True, "points seen by two views only are the least reliable")
+    min_observations_per_view: int = opt(50, "a view counts as registered with this many triangulated ...")
+    max_mean_reprojection_error_px: float = opt(1.0, "... observations at least, under this mean error (px)")
+    outlier_neighbors: int = opt(16, "open3d statistical outlier removal")
+    outlier_std_ratio: float = opt(2.5, "open3d statistical outlier removal: standard deviations kept")
+    head_box_half_size_m: float = opt(0.25, "crop to a cube around the cameras' common focus")
+    dense: str = opt(
+        "auto",
+        "dense backend: 'colmap' (PatchMatch stereo, CUDA builds only), 'torch' ([reconstruct.mvs], any "
+        "device), 'none' (sparse points only), 'auto': colmap where pycolmap has CUDA and a device exists, else "
+        "torch")
     mvs: MvsConfig = field(default_factory=MvsConfig)
-    # COLMAP PatchMatch / fusion, tuned for faces and hair (see docs/pipeline.md): a lower NCC filter and fewer
-    # required views keep hair, which is low-textured and seen by few cameras at a time.
-    patch_match_window_radius: int = 5
-    patch_match_num_iterations: int = 5
-    patch_match_filter_min_ncc: float = 0.05
-    patch_match_geom_consistency: bool = True
-    fusion_min_num_pixels: int = 3
-    fusion_max_reproj_error: float = 2.0
-    fusion_max_depth_error: float = 0.01
-    fusion_max_normal_error: float = 15.0
-    dense_timeout_s: int = 1200
-    keep_database: bool = False  # the COLMAP database (descriptors) is large; the sparse model is kept
+    patch_match_window_radius: int = opt(
+        5,
+        "COLMAP PatchMatch window radius. The PatchMatch / fusion settings are tuned for faces and hair "
+        "(docs/pipeline.md): a lower NCC filter and fewer required views keep hair, which is low-textured and "
+        "seen by few cameras at a time")
+    patch_match_num_iterations: int = opt(5, "COLMAP PatchMatch iterations")
+    patch_match_filter_min_ncc: float = opt(0.05, "COLMAP PatchMatch filter: minimum NCC of a kept depth")
+    patch_match_geom_consistency: bool = opt(True, "COLMAP PatchMatch geometric consistency pass")
+    fusion_min_num_pixels: int = opt(3, "COLMAP fusion: views a fused point must come from at least")
+    fusion_max_reproj_error: float = opt(2.0, "COLMAP fusion: reprojection error in pixels at most")
+    fusion_max_depth_error: float = opt(0.01, "COLMAP fusion: relative depth error at most")
+    fusion_max_normal_error: float = opt(15.0, "COLMAP fusion: normal disagreement in degrees at most")
+    dense_timeout_s: int = opt(1200, "COLMAP PatchMatch child process: seconds before it is killed (timestamp dropped)")
+    keep_database: bool = opt(False, "the COLMAP database (descriptors) is large; the sparse model is kept")
 
 
 @dataclass
@@ -172,67 +195,84 @@ class TrackConfig:
     points in millimetres; priors are on unit-variance coefficients and on radians.
     """
 
-    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda"
-    # FLAME's whole basis, as public trackers fit it: what a smaller basis cannot express would end up in
-    # the labels. `bench track` measured its cost against 100 / 50 on CPU: 1.00-1.04x the time, peak
-    # memory within 8 MiB (GPU not measured: no device was lent).
-    num_shape: int = 300  # identity coefficients fitted (capped at the model's)
-    num_expression: int = 100  # expression coefficients fitted (capped at the model's)
-    iterations: list[int] = field(default_factory=lambda: [150, 200, 400, 400])  # rigid, +shape/expr, +points, +offsets
-    learning_rate: float = 0.01
-    early_stop_rel: float = 1e-5  # stop a stage when the loss changes less than this (relative) over 10 steps
-    landmark_weight: float = 1.0  # per px^2 of robust (Huber) reprojection error
-    landmark_huber_px: float = 3.0
-    # Once the points join (stages 3-4) landmarks only guide: FaceMesh's detections carry biases of a
-    # few pixels (mm at 1 m), the reconstructed points are sub-millimetre.
-    landmark_weight_with_points: float = 0.05
-    point_weight: float = 4.0  # per mm^2 of robust point-to-surface distance
-    point_huber_mm: float = 1.0
-    # Dense clouds (~400k points per timestamp) are fitted through a seeded subset of this many
-    # (sampling.bounded_subset; the store keeps the same subset); sparse ones (~2-3k) whole. With the
-    # scalp's one-sided term 20000 and 5000 measure the same (docs/pipeline.md, stage track); 5000 keeps track's time.
-    max_points_per_timestamp: int = 5000
-    point_max_distance_mm: float = 10.0  # points farther from the mesh are not the head (hair, shoulders)
-    # ... at the end; the gate starts this generous in the first points stage and tightens to it, so far
-    # regions are pulled in first (beyond the tight gate only points nearest the head, not the neck, count)
-    point_gate_start_mm: float = 10.0  # 30 measured worse on the harder capture: hair pulls the scalp out
-    refresh_every: int = 20  # closest-point correspondences recomputed every n steps
-    shape_prior: float = 0.02
-    expression_prior: float = 0.02
-    # On each expression coefficient's mean over the subject's timestamps (performances are mostly
-    # near-neutral): identity the shape basis lacks cannot hide in a constant expression. Measured on the
-    # harder demo capture (docs/pipeline.md, stage track): 0 / 0.3 / 1 / 3 -> expression_bias 0.36 / 0.08 / 0.03 /
-    # 0.01, canonical error over all head pixels 2.68 / 2.35 / 2.29 / 2.25 mm.
-    expression_mean_prior: float = 1.0
-    jaw_prior: float = 1.0  # per rad^2
-    neck_prior: float = 0.1
-    eye_prior: float = 1.0
-    offset_l2: float = 20.0  # per mm^2 (mean over vertices): static offsets stay small ...
-    offset_laplacian: float = 2000.0  # ... and smooth (uniform graph Laplacian, sparse)
-    # Coarse static offsets first (with the points), on the mesh's smoothest eigenfunctions: regularised
-    # by smoothness, hardly by size, so a centimetre of identity the shape basis lacks is reachable.
-    offset_coarse_basis: int = 0  # eigenfunctions (0: no coarse field; 32-64 measured worse, docs/pipeline.md)
-    offset_coarse_laplacian: float = 200.0  # per mm^2 of the field's Laplacian (mean over vertices)
-    offset_coarse_l2: float = 0.1  # per mm^2: only pins the field's mean, which the pose also expresses
-    # Per-timestamp offsets for expression detail the basis lacks, fitted with the static offsets; the
-    # posed meshes (and so canonicalize) include them, the canonical mesh does not. Small and smooth:
-    timestamp_detail: bool = False  # measured on the harder capture (docs/pipeline.md, stage track)
-    timestamp_detail_l2: float = 200.0  # per mm^2 (mean over vertices and timestamps)
-    timestamp_detail_laplacian: float = 20000.0  # per mm^2 of the Laplacian
-    # Regions a volume the model lacks may cover from outside (hair over the scalp): points matched there
-    # pull the surface only inward (a one-sided term), so hair cannot inflate the skull and, through the
-    # shape, shift the face in canonical space (measured: docs/pipeline.md, stage track). [] = two-sided everywhere.
-    covered_masks: list[str] = field(default_factory=lambda: ["scalp"])
-    # FLAME_masks.pkl keys (or a union: eyeballs, ears) held at zero offset: the eyeballs keep their shape
-    offset_free_masks: list[str] = field(default_factory=lambda: ["left_eyeball", "right_eyeball"])
-    # Fit statistics (CD-L1, the outlier rule) count only head points: those whose nearest mesh point is
-    # outside these masks (FLAME_masks.pkl keys or unions) and within stats_max_distance_mm. Points that
-    # snap to the neck (torso, collar, clothing) or lie far off (studio) are excluded and counted.
-    stats_exclude_masks: list[str] = field(default_factory=lambda: ["neck"])
-    stats_max_distance_mm: float = 30.0  # far beyond any fit error; a bad fit still scores badly
-    outlier_mad_k: float = 3.5  # drop timestamps beyond median + k * MAD of CD-L1 or landmark error
-    outlier_mad_floor: float = 0.2  # MAD at least this fraction of the median: good fits cluster tightly
-    canonical: str = "subject"  # "subject": shape + offsets; "template": mean shape (shared by all subjects)
+    device: str = opt("auto", "'auto' (cuda when available), 'cpu', 'cuda'")
+    num_shape: int = opt(
+        300,
+        "identity coefficients fitted (capped at the model's). FLAME's whole basis, as public trackers fit it: "
+        "what a smaller basis cannot express would end up in the labels; `bench track` measured its cost "
+        "against 100 / 50 on CPU: 1.00-1.04x the time, peak memory within 8 MiB")
+    num_expression: int = opt(100, "expression coefficients fitted (capped at the model's)")
+    iterations: list[int] = opt(
+        factory=lambda: [150, 200, 400, 400],
+        help="steps of the four tracking stages: rigid, +shape/expression, +points, +offsets")
+    learning_rate: float = opt(0.01, "Adam step size of every tracking stage")
+    early_stop_rel: float = opt(
+        1e-5,
+        "stop a stage when the loss changes less than this (relative) over 10 steps")
+    landmark_weight: float = opt(1.0, "per px^2 of robust (Huber) reprojection error")
+    landmark_huber_px: float = opt(3.0, "Huber threshold of the landmark residual, pixels")
+    landmark_weight_with_points: float = opt(
+        0.05,
+        "landmark weight once the points join (stages 3-4): landmarks only guide, FaceMesh's detections carry "
+        "biases of a few pixels (mm at 1 m), the reconstructed points are sub-millimetre")
+    point_weight: float = opt(4.0, "per mm^2 of robust point-to-surface distance")
+    point_huber_mm: float = opt(1.0, "Huber threshold of the point-to-surface residual, mm")
+    max_points_per_timestamp: int = opt(
+        5000,
+        "dense clouds (~400k points per timestamp) are fitted through a seeded subset of this many "
+        "(sampling.bounded_subset; the store keeps the same subset), sparse ones (~2-3k) whole; with the "
+        "scalp's one-sided term 20000 and 5000 measure the same (docs/pipeline.md, stage track)")
+    point_max_distance_mm: float = opt(
+        10.0, "final gate: points farther from the mesh are not the head (hair, shoulders)")
+    point_gate_start_mm: float = opt(
+        10.0,
+        "the gate in the first points stage, tightened to point_max_distance_mm by the end, so far regions are "
+        "pulled in first (30 measured worse on the harder capture: hair pulls the scalp out)")
+    refresh_every: int = opt(20, "closest-point correspondences recomputed every n steps")
+    shape_prior: float = opt(0.02, "per unit-variance identity coefficient, squared")
+    expression_prior: float = opt(0.02, "per unit-variance expression coefficient, squared")
+    expression_mean_prior: float = opt(
+        1.0,
+        "prior on each expression coefficient's mean over the subject's timestamps (performances are mostly "
+        "near-neutral): identity the shape basis lacks cannot hide in a constant expression; 0 / 0.3 / 1 / 3 "
+        "measured canonical error 2.68 / 2.35 / 2.29 / 2.25 mm over all head pixels (docs/pipeline.md)")
+    jaw_prior: float = opt(1.0, "per rad^2 of jaw rotation")
+    neck_prior: float = opt(0.1, "per rad^2 of neck rotation")
+    eye_prior: float = opt(1.0, "per rad^2 of eyeball rotation")
+    offset_l2: float = opt(20.0, "per mm^2 (mean over vertices): static offsets stay small ...")
+    offset_laplacian: float = opt(2000.0, "... and smooth (uniform graph Laplacian, sparse)")
+    offset_coarse_basis: int = opt(
+        0,
+        "eigenfunctions of a coarse static offset field fitted first (with the points), regularised by "
+        "smoothness, hardly by size (0: none; 32-64 measured worse, docs/pipeline.md)")
+    offset_coarse_laplacian: float = opt(200.0, "per mm^2 of the field's Laplacian (mean over vertices)")
+    offset_coarse_l2: float = opt(0.1, "per mm^2: only pins the field's mean, which the pose also expresses")
+    timestamp_detail: bool = opt(
+        False,
+        "per-timestamp offsets for expression detail the basis lacks, small and smooth; the posed meshes (and so "
+        "canonicalize) include them, the canonical mesh does not (measured: docs/pipeline.md, stage track)")
+    timestamp_detail_l2: float = opt(200.0, "per mm^2 (mean over vertices and timestamps)")
+    timestamp_detail_laplacian: float = opt(20000.0, "per mm^2 of the Laplacian")
+    covered_masks: list[str] = opt(
+        factory=lambda: ["scalp"],
+        help="Regions a volume the model lacks may cover from outside (hair over the scalp): points matched there "
+        "pull the surface only inward (a one-sided term), so hair cannot inflate the skull and, through the "
+        "shape, shift the face in canonical space (measured: docs/pipeline.md, stage track). [] = two-sided "
+        "everywhere.")
+    offset_free_masks: list[str] = opt(
+        factory=lambda: ["left_eyeball", "right_eyeball"],
+        help="FLAME_masks.pkl keys (or a union: eyeballs, ears) held at zero offset: the eyeballs keep their shape")
+    stats_exclude_masks: list[str] = opt(
+        factory=lambda: ["neck"],
+        help="Fit statistics (CD-L1, the outlier rule) count only head points: those whose nearest mesh point is "
+        "outside these masks (FLAME_masks.pkl keys or unions) and within stats_max_distance_mm. Points that "
+        "snap to the neck (torso, collar, clothing) or lie far off (studio) are excluded and counted.")
+    stats_max_distance_mm: float = opt(30.0, "far beyond any fit error; a bad fit still scores badly")
+    outlier_mad_k: float = opt(3.5, "drop timestamps beyond median + k * MAD of CD-L1 or landmark error")
+    outlier_mad_floor: float = opt(0.2, "MAD at least this fraction of the median: good fits cluster tightly")
+    canonical: str = opt(
+        "subject",
+        "'subject': shape + offsets; 'template': mean shape (shared by all subjects)")
 
 
 TRANSFER_MODES = ("translate", "local_frame")  # canonicalize.transfer (see stages/canonicalize.py)
@@ -243,28 +283,32 @@ DENSE_BACKENDS = ("auto", "colmap", "torch", "none")  # reconstruct.dense
 class CanonicalizeConfig:
     """Stage ``canonicalize``: nearest-surface deformation transfer into FLAME's canonical space."""
 
-    max_distance_mm: float = 10.0  # points farther from the tracked surface are flagged "far" ...
-    far_points: str = "keep"  # ... and kept (flagged) or dropped: "keep" | "drop"
-    # Head versus torso: a point whose nearest tracked surface point lies in these regions (where
-    # clothing meets the head model) and that is farther than body_max_distance_mm from it is body
-    # (collar, shoulders, chest), never labelled. Hair stands off the scalp, not the neck, and is kept.
-    body_masks: list[str] = field(default_factory=lambda: ["neck"])
-    body_max_distance_mm: float = 4.0
-    # A point's offset from its nearest surface point: carried as is ("translate") or rotated with the
-    # nearest triangle into canonical orientation ("local_frame"); render measures both against ground truth.
-    transfer: str = "local_frame"
+    max_distance_mm: float = opt(10.0, "points farther from the tracked surface are flagged 'far' ...")
+    far_points: str = opt("keep", "... and kept (flagged) or dropped: 'keep' | 'drop'")
+    body_masks: list[str] = opt(
+        factory=lambda: ["neck"],
+        help="Head versus torso: a point whose nearest tracked surface point lies in these regions (where clothing "
+        "meets the head model) and that is farther than body_max_distance_mm from it is body (collar, "
+        "shoulders, chest), never labelled. Hair stands off the scalp, not the neck, and is kept.")
+    body_max_distance_mm: float = opt(4.0, "see body_masks: farther than this from those regions is body")
+    transfer: str = opt(
+        "local_frame",
+        "A point's offset from its nearest surface point: carried as is ('translate') or rotated with the "
+        "nearest triangle into canonical orientation ('local_frame'); render measures both against ground "
+        "truth.")
 
 
 @dataclass
 class RenderConfig:
     """Stage ``render``: per-view depth, canonical and validity maps."""
 
-    splat_radius_px: int = 0  # sparse points cover (2r+1)^2 pixels; 0 = the pixel they project to
-    canonical_dtype: str = "float16"  # storage dtype of canonical maps (error reported per run)
-    consistency_depth_mm: float = 3.0  # depth agreement for "two views see the same surface point"
-    # cross_view_canonical_mm reprojects each view's valid pixels into every other view (O(V^2) passes):
-    # a seeded sample of this many per view bounds it on dense maps (sparse ones have fewer: all used).
-    cross_view_pixels_per_view: int = 2000
+    splat_radius_px: int = opt(0, "sparse points cover (2r+1)^2 pixels; 0 = the pixel they project to")
+    canonical_dtype: str = opt("float16", "storage dtype of canonical maps (error reported per run)")
+    consistency_depth_mm: float = opt(3.0, "depth agreement for 'two views see the same surface point'")
+    cross_view_pixels_per_view: int = opt(
+        2000,
+        "cross_view_canonical_mm reprojects each view's valid pixels into every other view (O(V^2) passes): a "
+        "seeded sample of this many per view bounds it on dense maps (sparse ones have fewer: all used).")
 
 
 @dataclass
@@ -273,30 +317,30 @@ class SlurmConfig:
     separate GPU jobs (``--gres=gpu:N``, Dask resource ``GPU=N``) run track. Not part of the config hash:
     where a stage runs does not change its outputs."""
 
-    queue: str = ""  # partition of the CPU jobs ("" = the cluster's default)
-    account: str = ""
-    walltime: str = "04:00:00"
-    cores: int = 8  # per CPU job
-    memory: str = "32GB"  # per CPU job
-    processes: int = 2  # Dask worker processes per CPU job
-    cpu_jobs: int = 4
-    gpu_queue: str = ""  # partition of the GPU jobs ("" = queue)
-    gpu_jobs: int = 1
-    gpus_per_job: int = 1
-    gpu_cores: int = 8
-    gpu_memory: str = "64GB"
-    job_extra_directives: list[str] = field(default_factory=list)  # extra "#SBATCH" lines for every job
-    prologue: list[str] = field(default_factory=list)  # shell lines before the worker starts (module load, venv)
-    interface: str = ""  # network interface of the workers and scheduler (e.g. "ib0"); "" = default
-    log_directory: str = "slurm-logs"
+    queue: str = opt("", "partition of the CPU jobs ('' = the cluster's default)")
+    account: str = opt("", "SLURM account charged ('' = the user's default)")
+    walltime: str = opt("04:00:00", "per job, HH:MM:SS")
+    cores: int = opt(8, "per CPU job")
+    memory: str = opt("32GB", "per CPU job")
+    processes: int = opt(2, "Dask worker processes per CPU job")
+    cpu_jobs: int = opt(4, "CPU jobs submitted")
+    gpu_queue: str = opt("", "partition of the GPU jobs ('' = queue)")
+    gpu_jobs: int = opt(1, "GPU jobs submitted (they run track)")
+    gpus_per_job: int = opt(1, "GPUs per GPU job")
+    gpu_cores: int = opt(8, "CPU cores per GPU job")
+    gpu_memory: str = opt("64GB", "memory per GPU job")
+    job_extra_directives: list[str] = opt(factory=list, help="extra '#SBATCH' lines for every job")
+    prologue: list[str] = opt(factory=list, help="shell lines before the worker starts (module load, venv)")
+    interface: str = opt("", "network interface of the workers and scheduler (e.g. 'ib0'); '' = default")
+    log_directory: str = opt("slurm-logs", "where the jobs' logs go")
 
 
 @dataclass
 class PipelineConfig:
-    name: str = "synthetic"
-    work: str = "work"  # per-subject stage outputs: {work}/{subject}/{stage}/
-    store: str = "store"  # the dataset store `build` writes
-    threads: int = 0  # threads per stage (COLMAP, torch); 0 = the libraries' default (all cores)
+    name: str = opt("synthetic", "name of the pipeline, recorded in the store's provenance")
+    work: str = opt("work", "per-subject stage outputs: {work}/{subject}/{stage}/")
+    store: str = opt("store", "the dataset store `build` writes")
+    threads: int = opt(0, "threads per stage (COLMAP, torch); 0 = the libraries' default (all cores)")
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     flame: FlameConfig = field(default_factory=FlameConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)

@@ -6,18 +6,8 @@ Layout (schema version ``SCHEMA_VERSION``)::
     STORE/subjects/{pid}/                 one subject, a complete Zarr v3 group
         attrs: schema_version, provenance {source, pipeline, config_hash, code_version, written},
                timestamps [{sequence, frame, reason, quality...}], serials [V]
-        rgb          (T, V, H, W, 3) uint8
-        depth        (T, V, H, W)    float32  metres along the optical axis, 0 = no data
-        canonical    (T, V, H, W, 3) float16  metres, FLAME canonical space
-        mask         (T, V, H, W)    bool     depth and canonical valid
-        region       (T, V, H, W)    uint8    codes of regions.REGION_LABELS (face + hair = evaluation region)
-        K            (T, V, 3, 3)    float32  pixels of the stored images
-        world_2_cam  (T, V, 4, 4)    float32  metres, OpenCV convention
-        track/expression (T, E), track/global_rot|neck|jaw|left_eye|right_eye|translation (T, 3)
-        track/tracked_vertices (T, Vtx, 3) float32, track/canonical_vertices (Vtx, 3), track/shape (S,),
-        track/offsets (Vtx, 3), track/faces (F, 3)
-        points/xyz (P, 3) float32, points/canonical (P, 3) float32, points/offsets (T + 1,) int64
-    STORE/index.parquet                   one row per view-sample
+        arrays: :data:`SCHEMA` (shape, dtype, unit and meaning of each; ``docs/store.md`` lists them)
+    STORE/index.parquet                   one row per view-sample (:data:`INDEX_COLUMNS`)
     STORE/.staging/                       subjects being written (never read)
 
 Image arrays have one view-image per chunk and one shard per timestamp, so a reader fetches exactly one
@@ -54,20 +44,97 @@ from .errors import InputError
 
 SCHEMA_VERSION = 4  # 2: crc32c per chunk, every chunk written, integrity manifest; 3: region;
 # 4: the manifest ties every chunk to its position and a digest covers the subject's attributes
-IMAGE_ARRAYS = {"rgb": "uint8", "depth": "float32", "canonical": "float16", "mask": "bool", "region": "uint8"}
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of a stored subject, stated once: validation, the loader and ``docs/store.md`` read it.
+
+    ``shape`` holds axis symbols (``T`` timestamps, ``V`` views, ``H`` x ``W`` pixels, ``P`` points,
+    ``Vtx`` mesh vertices, ``F`` faces, ``E`` / ``S`` expression / identity coefficients, ``T+1``) or
+    fixed sizes; a symbol not bound when checking matches any size."""
+
+    name: str  # path inside the subject's group
+    kind: str  # "image" (one chunk per view), "camera", "track" or "points"
+    shape: tuple
+    dtype: str  # what the writer stores
+    unit: str
+    meaning: str
+    required: bool = True
+    finite: bool = False  # NaN or inf in it is damage
+    accepts: tuple[str, ...] = ()  # further dtypes a reader accepts
+
+    def shape_text(self) -> str:
+        return "(" + ", ".join(str(a) for a in self.shape) + ("," if len(self.shape) == 1 else "") + ")"
+
+    def expected_shape(self, dims: dict[str, int]) -> tuple[int, ...]:
+        """The shape with ``dims`` bound; raises KeyError when an axis symbol is not among them."""
+        return tuple(a if isinstance(a, int) else (dims["T"] + 1 if a == "T+1" else dims[a]) for a in self.shape)
+
+    def fits(self, shape: tuple[int, ...], dtype: str, dims: dict[str, int]) -> bool:
+        if dtype not in (self.dtype, *self.accepts) or len(shape) != len(self.shape):
+            return False
+        for axis, size in zip(self.shape, shape):
+            want = axis if isinstance(axis, int) else (dims["T"] + 1 if axis == "T+1" and "T" in dims
+                                                         else dims.get(axis))
+            if want is not None and size != want:
+                return False
+        return True
+
+
+_IMAGE, _TV = ("T", "V", "H", "W"), ("T", "V")
+SCHEMA: tuple[ArraySpec, ...] = (
+    ArraySpec("rgb", "image", _IMAGE + (3,), "uint8", "sRGB levels",
+              "the view at the working resolution, colour-corrected where the capture has a calibration"),
+    ArraySpec("depth", "image", _IMAGE, "float32", "metres",
+              "distance along the optical axis; 0 where there is no label", finite=True),
+    ArraySpec("canonical", "image", _IMAGE + (3,), "float16", "metres",
+              "each pixel's point in the head model's canonical (neutral) space; 0 where there is no label",
+              finite=True),
+    ArraySpec("mask", "image", _IMAGE, "bool", "", "depth and canonical are labels here"),
+    ArraySpec("region", "image", _IMAGE, "uint8", "code",
+              "region of the pixel (regions.REGION_LABELS; face + hair is the evaluation region)"),
+    ArraySpec("K", "camera", _TV + (3, 3), "float32", "pixels", "intrinsics of the stored images", finite=True),
+    ArraySpec("world_2_cam", "camera", _TV + (4, 4), "float32", "metres",
+              "extrinsics, OpenCV convention (x right, y down, z forward)", finite=True),
+    ArraySpec("points/xyz", "points", ("P", 3), "float32", "metres",
+              "the reconstructed points the tracker fitted, all timestamps concatenated"),
+    ArraySpec("points/canonical", "points", ("P", 3), "float32", "metres", "the same points in canonical space"),
+    ArraySpec("points/offsets", "points", ("T+1",), "int64", "index",
+              "timestamp t's points are rows offsets[t]:offsets[t+1]"),
+    ArraySpec("track/shape", "track", ("S",), "float32", "unit variance", "identity coefficients",
+              required=False),
+    ArraySpec("track/expression", "track", ("T", "E"), "float32", "unit variance", "expression coefficients",
+              required=False),
+    *(ArraySpec(f"track/{joint}", "track", ("T", 3), "float32", "radians", f"{what} rotation (axis-angle)",
+                required=False) for joint, what in (("global_rot", "head"), ("neck", "neck"), ("jaw", "jaw"),
+                                                    ("left_eye", "left eyeball"), ("right_eye", "right eyeball"))),
+    ArraySpec("track/translation", "track", ("T", 3), "float32", "metres", "head translation after skinning",
+              required=False),
+    ArraySpec("track/offsets", "track", ("Vtx", 3), "float32", "metres", "static per-vertex offsets of the subject",
+              required=False),
+    ArraySpec("track/timestamp_offsets", "track", ("T", "Vtx", 3), "float32", "metres",
+              "per-timestamp vertex offsets (only with track.timestamp_detail)", required=False),
+    ArraySpec("track/tracked_vertices", "track", ("T", "Vtx", 3), "float32", "metres",
+              "the fitted mesh of every timestamp, world space", required=False),
+    ArraySpec("track/canonical_vertices", "track", ("Vtx", 3), "float32", "metres",
+              "the subject's canonical mesh (what canonical labels lie on or near)", required=False),
+    ArraySpec("track/faces", "track", ("F", 3), "int32", "index", "triangles of both meshes", required=False,
+              accepts=("int64",)),
+)
+SPECS = {spec.name: spec for spec in SCHEMA}
+IMAGE_ARRAYS = {s.name: s.dtype for s in SCHEMA if s.kind == "image"}
+CAMERA_ARRAYS = {s.name: s.shape[2:] for s in SCHEMA if s.kind == "camera"}
+POINT_ARRAYS = tuple(s.name for s in SCHEMA if s.kind == "points")
+REQUIRED_ARRAYS = tuple(s.name for s in SCHEMA if s.required)
+FINITE_ARRAYS = tuple(s.name for s in SCHEMA if s.finite)
 TRAINING_ARRAYS = ("rgb", "depth", "canonical", "mask")  # what the loader reads unless asked for more
-CAMERA_ARRAYS = {"K": (3, 3), "world_2_cam": (4, 4)}
-POINT_ARRAYS = ("points/xyz", "points/canonical", "points/offsets")
-REQUIRED_ARRAYS = tuple(IMAGE_ARRAYS) + tuple(CAMERA_ARRAYS) + POINT_ARRAYS
-FINITE_ARRAYS = ("depth", "canonical", "K", "world_2_cam")  # NaN or inf in these is damage
 
 
 def schema_shapes(t: int, v: int, h: int, w: int) -> dict[str, tuple[tuple[int, ...], str]]:
     """{array: (shape, dtype)} of a subject's image and camera arrays: T timestamps, V views, H x W."""
-    trailing = {"rgb": (3,), "canonical": (3,)}
-    out = {n: ((t, v, h, w) + trailing.get(n, ()), dtype) for n, dtype in IMAGE_ARRAYS.items()}
-    out.update({n: ((t, v) + shape, "float32") for n, shape in CAMERA_ARRAYS.items()})
-    return out
+    dims = {"T": t, "V": v, "H": h, "W": w}
+    return {s.name: (s.expected_shape(dims), s.dtype) for s in SCHEMA if s.kind in ("image", "camera")}
 
 
 class StoreError(InputError, ValueError):
@@ -538,8 +605,20 @@ def subject_readers(store: str | Path, subject: str, names=tuple(IMAGE_ARRAYS) +
 # index
 
 
-INDEX_COLUMNS = ("subject", "sequence", "frame", "serial", "t", "v", "reason", "valid_fraction",
-                 "cd_l1_mm", "landmark_px", "height", "width")
+INDEX_COLUMNS = {  # column: (type, meaning); one row per view-sample
+    "subject": ("string", "subject id (the group under subjects/)"),
+    "sequence": ("string", "capture sequence"),
+    "frame": ("int64", "frame number in the sequence"),
+    "serial": ("string", "camera id"),
+    "t": ("int64", "timestamp index into the subject's arrays"),
+    "v": ("int64", "view index into the subject's arrays"),
+    "reason": ("string", "why the timestamp was kept: expression / pose pick or first:N"),
+    "valid_fraction": ("double", "fraction of the view's pixels with labels"),
+    "cd_l1_mm": ("double", "the timestamp's tracking error (CD-L1, head points), mm"),
+    "landmark_px": ("double", "the timestamp's landmark reprojection error, pixels"),
+    "height": ("int64", "stored image height, pixels"),
+    "width": ("int64", "stored image width, pixels"),
+}
 
 
 def build_index(store: str | Path) -> Path:
@@ -634,27 +713,6 @@ def validate_store(store: str | Path, quick: bool = False, sample: int = 8) -> l
     return problems
 
 
-_PER_TIMESTAMP = {"track/expression", "track/global_rot", "track/neck", "track/jaw", "track/left_eye",
-                  "track/right_eye", "track/translation", "track/tracked_vertices"}
-_SIDE_SCHEMA_TEXT = {"points/xyz": "(P, 3) float32", "points/canonical": "(P, 3) float32",
-                     "points/offsets": "(T + 1,) int64", "track/faces": "(F, 3) integer"}
-
-
-def _side_array_schema(name: str, t: int):
-    """A check ``(shape, dtype) -> bool`` for a track/ or points/ array, or None for arrays it does not know."""
-    if name in ("points/xyz", "points/canonical"):
-        return lambda shape, dtype: len(shape) == 2 and shape[1] == 3 and dtype == "float32"
-    if name == "points/offsets":
-        return lambda shape, dtype: shape == (t + 1,) and dtype == "int64"
-    if name == "track/faces":
-        return lambda shape, dtype: len(shape) == 2 and shape[1] == 3 and dtype in ("int32", "int64")
-    if name in _PER_TIMESTAMP:
-        return lambda shape, dtype: len(shape) >= 2 and shape[0] == t and dtype == "float32"
-    if name.startswith("track/"):
-        return lambda shape, dtype: dtype == "float32"
-    return None
-
-
 def _validate_subject(store: Path, pid: str, quick: bool, sample: int) -> tuple[list[str], set]:
     from .chunk_reader import ArrayReader, ChunkError
 
@@ -723,10 +781,13 @@ def _validate_subject(store: Path, pid: str, quick: bool, sample: int) -> tuple[
             arr = reader(name)
             if arr is None:
                 continue
-            expected = _side_array_schema(name, t)
-            if expected is not None and not expected(tuple(arr.shape), str(arr.dtype)):
+            spec = SPECS.get(name)
+            if spec is None:
+                problems.append(f"{path}/{name}: an array the schema does not know")
+                continue
+            if not spec.fits(tuple(arr.shape), str(arr.dtype), {"T": t}):
                 problems.append(f"{path}/{name}: {tuple(arr.shape)} {arr.dtype} does not fit the schema "
-                                f"({_SIDE_SCHEMA_TEXT.get(name, 'float32, first axis T')})")
+                                f"({spec.shape_text()} {spec.dtype})")
                 continue
             try:
                 side[name] = arr.read_all()

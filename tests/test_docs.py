@@ -51,3 +51,61 @@ def test_figure_draws_a_view_its_depth_and_its_canonical_map(tmp_path):
     bad = subprocess.run([str(EXE), "figure", str(store), "--out", str(out), "--view", "123"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "has no view 123" in bad.stderr
+
+
+def test_the_reference_pages_are_what_the_code_generates():
+    r = subprocess.run([str(EXE), "docs", "--check"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr + "\nregenerate with `facecanon-data docs`"
+
+
+def test_docs_check_fails_on_a_stale_page_and_docs_regenerates_it(tmp_path):
+    import shutil
+
+    from facecanon_data.docgen import PAGES
+
+    out = tmp_path / "docs"
+    out.mkdir()
+    for name in PAGES:
+        shutil.copy(ROOT / "docs" / name, out / name)
+    page = out / "configuration.md"
+    page.write_text(page.read_text().replace("| `downscale` | int | `4` |", "| `downscale` | int | `2` |"))
+    (out / "store.md").unlink()
+    r = subprocess.run([str(EXE), "docs", "--check", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert "configuration.md" in r.stderr and "store.md" in r.stderr and "cli.md" not in r.stderr
+    assert not (out / "store.md").exists()  # --check writes nothing
+    assert subprocess.run([str(EXE), "docs", "--out", str(out)], capture_output=True).returncode == 0
+    assert subprocess.run([str(EXE), "docs", "--check", "--out", str(out)], capture_output=True).returncode == 0
+    assert (out / "configuration.md").read_text() == (ROOT / "docs" / "configuration.md").read_text()
+
+
+def test_every_configuration_key_and_stored_array_is_documented():
+    import dataclasses
+
+    from facecanon_data.config import PipelineConfig, opt
+    from facecanon_data.store import SCHEMA
+    from facecanon_data.training.config import EvalConfig, TrainConfig
+
+    config_page = (ROOT / "docs" / "configuration.md").read_text()
+
+    def keys(cls):
+        for f in dataclasses.fields(cls):
+            if f.name == "source_file":
+                continue
+            if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+                yield from keys(f.default_factory)
+            else:
+                assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+                yield f.name
+
+    for cls in (PipelineConfig, TrainConfig, EvalConfig):
+        for key in keys(cls):
+            assert f"| `{key}` |" in config_page, key
+    store_page = (ROOT / "docs" / "store.md").read_text()
+    assert all(f"| `{spec.name}` | `{spec.shape_text()}` | {spec.dtype}" in store_page for spec in SCHEMA)
+    try:
+        opt(1, "")
+    except TypeError:
+        pass
+    else:
+        raise AssertionError("a configuration field without help was accepted")

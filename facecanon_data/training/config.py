@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cameras import FRONTAL_SERIAL
-from ..config import ConfigError, load_toml_config
+from ..config import ConfigError, load_toml_config, opt
 
 OUTPUTS = ("depth", "ray", "canonical")
 
@@ -18,71 +18,75 @@ OUTPUTS = ("depth", "ray", "canonical")
 class ModelConfig:
     """A DINOv2-style ViT (patch 14) with alternating per-image / across-image attention, DPT heads."""
 
-    patch_size: int = 14
-    dim: int = 96  # token width (ViT-S 384, ViT-L 1024)
-    depth: int = 6  # transformer blocks
-    heads: int = 3
-    mlp_ratio: float = 4.0
-    global_every: int = 2  # block i attends across the sample's images when i % global_every == global_every - 1
-    out_layers: list[int] = field(default_factory=lambda: [1, 3, 4, 5])  # blocks feeding the DPT heads
-    head_features: int = 48  # DPT fusion width
-    head_channels: list[int] = field(default_factory=lambda: [24, 48, 96, 96])  # DPT reassemble widths
-    outputs: list[str] = field(default_factory=lambda: list(OUTPUTS))  # heads present in the model
-    pretrained: str = ""  # local DINOv2-format backbone state dict (.pt / .pth), never a hub
-    init_from: str = ""  # a checkpoint whose matching weights start training (e.g. depth-only stage 1)
-    grad_checkpoint: bool = True  # activation checkpointing per block (CUDA only)
+    patch_size: int = opt(14, "ViT patch size in pixels")
+    dim: int = opt(96, "token width (ViT-S 384, ViT-L 1024)")
+    depth: int = opt(6, "transformer blocks")
+    heads: int = opt(3, "attention heads per block")
+    mlp_ratio: float = opt(4.0, "MLP width / token width")
+    global_every: int = opt(
+        2,
+        "block i attends across the sample's images when i % global_every == global_every - 1")
+    out_layers: list[int] = opt(factory=lambda: [1, 3, 4, 5], help="blocks feeding the DPT heads")
+    head_features: int = opt(48, "DPT fusion width")
+    head_channels: list[int] = opt(factory=lambda: [24, 48, 96, 96], help="DPT reassemble widths")
+    outputs: list[str] = opt(factory=lambda: list(OUTPUTS), help="heads present in the model")
+    pretrained: str = opt("", "local DINOv2-format backbone state dict (.pt / .pth), never a hub")
+    init_from: str = opt("", "a checkpoint whose matching weights start training (e.g. depth-only stage 1)")
+    grad_checkpoint: bool = opt(True, "activation checkpointing per block (CUDA only)")
 
 
 @dataclass
 class DataConfig:
-    store: str = ""  # the dataset store (``train --store`` overrides)
-    subjects: list[str] = field(default_factory=list)  # empty: every subject not excluded
-    exclude_subjects: list[str] = field(default_factory=list)  # held-out subjects, never trained on
-    modes: list[str] = field(default_factory=lambda: ["views", "time"])  # alternated batch by batch
-    images_per_sample: list[int] = field(default_factory=lambda: [2, 4])  # (min, max) per sample
-    resolutions: list[list[int]] = field(default_factory=lambda: [[112, 84]])  # (height, width), x patch
-    batch_size: int = 2  # samples per micro-batch (per rank)
-    color_jitter: float = 0.2  # joint brightness / contrast / saturation jitter (0: off)
-    num_workers: int = 0  # DataLoader worker processes
-    min_valid_fraction: float = 0.0  # index filter (0: off)
-    max_cd_l1_mm: float = 0.0  # index filter on tracking quality (0: off)
-    on_bad_view: str = "raise"  # a view failing the loader's checks: "raise" (stop, naming it) or "skip" (counted)
+    store: str = opt("", "the dataset store (``train --store`` overrides)")
+    subjects: list[str] = opt(factory=list, help="empty: every subject not excluded")
+    exclude_subjects: list[str] = opt(factory=list, help="held-out subjects, never trained on")
+    modes: list[str] = opt(factory=lambda: ["views", "time"], help="alternated batch by batch")
+    images_per_sample: list[int] = opt(factory=lambda: [2, 4], help="(min, max) per sample")
+    resolutions: list[list[int]] = opt(factory=lambda: [[112, 84]], help="(height, width), x patch")
+    batch_size: int = opt(2, "samples per micro-batch (per rank)")
+    color_jitter: float = opt(0.2, "joint brightness / contrast / saturation jitter (0: off)")
+    num_workers: int = opt(0, "DataLoader worker processes")
+    min_valid_fraction: float = opt(0.0, "index filter (0: off)")
+    max_cd_l1_mm: float = opt(0.0, "index filter on tracking quality (0: off)")
+    on_bad_view: str = opt(
+        "raise",
+        "a view failing the loader's checks: 'raise' (stop, naming it) or 'skip' (counted)")
 
 
 @dataclass
 class LossConfig:
     """Sec. 3.2: per output L1 regression, confidence-weighted L1 with a log-confidence term, gradient L1."""
 
-    regression: float = 1.0
-    confidence: float = 1.0
-    gradient: float = 1.0
-    alpha: float = 0.2  # weight of -log(confidence)
-    depth: float = 1.0  # per-output weights; ``canonical`` is the paper's lambda
-    ray: float = 1.0
-    canonical: float = 1.0
-    canonical_scale: float = 10.0  # canonical targets are FLAME metres x this (a face spans about +-1)
+    regression: float = opt(1.0, "weight of the L1 regression term")
+    confidence: float = opt(1.0, "weight of the confidence-weighted L1 term")
+    gradient: float = opt(1.0, "weight of the gradient L1 term")
+    alpha: float = opt(0.2, "weight of -log(confidence)")
+    depth: float = opt(1.0, "per-output weights; ``canonical`` is the paper's lambda")
+    ray: float = opt(1.0, "weight of the ray output")
+    canonical: float = opt(1.0, "weight of the canonical output (the paper's lambda)")
+    canonical_scale: float = opt(10.0, "canonical targets are FLAME metres x this (a face spans about +-1)")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
-    weight_decay: float = 0.05
-    warmup_steps: int = 20
-    max_steps: int = 600  # optimizer steps (the fixed budget)
-    max_minutes: float = 0.0  # wall-clock cap in minutes (0: none); a capped run is not reproducible
-    grad_clip: float = 1.0
-    accumulate: int = 1  # micro-batches per optimizer step
-    bf16: bool = True  # bf16 autocast (CUDA only)
-    device: str = "auto"  # auto | cpu | cuda
-    seed: int = 0
+    lr: float = opt(3e-4, "AdamW peak learning rate")
+    weight_decay: float = opt(0.05, "AdamW weight decay")
+    warmup_steps: int = opt(20, "linear warm-up before the cosine decay")
+    max_steps: int = opt(600, "optimizer steps (the fixed budget)")
+    max_minutes: float = opt(0.0, "wall-clock cap in minutes (0: none); a capped run is not reproducible")
+    grad_clip: float = opt(1.0, "gradient norm clipped to this (0: off)")
+    accumulate: int = opt(1, "micro-batches per optimizer step")
+    bf16: bool = opt(True, "bf16 autocast (CUDA only)")
+    device: str = opt("auto", "auto | cpu | cuda")
+    seed: int = opt(0, "seed of initialisation and sampling")
 
 
 @dataclass
 class TrainConfig:
-    name: str = "tiny"
-    out: str = "train-out"  # checkpoints, metrics.jsonl, loss plot
-    log_every: int = 10
-    checkpoint_every: int = 100
+    name: str = opt("tiny", "name of the run (in its metrics and checkpoints)")
+    out: str = opt("train-out", "checkpoints, metrics.jsonl, loss plot")
+    log_every: int = opt(10, "steps between metric lines")
+    checkpoint_every: int = opt(100, "steps between checkpoints")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -110,20 +114,20 @@ class TrainConfig:
 class EvalConfig:
     """An evaluation protocol (Sec. 4.2): which subjects, at what resolution, which correspondence pairs."""
 
-    name: str = "synthetic"
-    subjects: list[str] = field(default_factory=list)  # evaluated subjects (held out from training)
-    manifest: str = ""  # alternatively a manifest (subject + sequence filter per line)
-    resolution: list[int] = field(default_factory=lambda: [112, 84])  # (height, width)
-    views_per_sample: int = 16  # images per forward pass: all 16 views of a timestamp (multi-view depth)
-    frontal_serial: str = FRONTAL_SERIAL  # the camera of correspondences and monocular depth (the paper)
-    first_frames: int = 40  # timestamps with frame < this are evaluated (the paper: the first 40 frames)
-    margins: list[int] = field(default_factory=lambda: [2, 8])  # temporal margins in frames (Tab. 2: 2 and 8)
-    margins_average: list[int] = field(default_factory=lambda: [1, 10])  # [first, last]: Tab. 4's "1-10" column
-    cross_view: bool = False  # also two cameras at one timestamp (margin 0; not in the paper's tables)
-    gt_match_mm: float = 2.0  # a ground-truth correspondence: stored canonical points this close
-    max_queries: int = 400  # query pixels per image pair (deterministic subsample)
-    max_pairs: int = 200  # image pairs per margin
-    seed: int = 0
+    name: str = opt("synthetic", "name of the protocol (in its tables and JSON)")
+    subjects: list[str] = opt(factory=list, help="evaluated subjects (held out from training)")
+    manifest: str = opt("", "alternatively a manifest (subject + sequence filter per line)")
+    resolution: list[int] = opt(factory=lambda: [112, 84], help="(height, width)")
+    views_per_sample: int = opt(16, "images per forward pass: all 16 views of a timestamp (multi-view depth)")
+    frontal_serial: str = opt(FRONTAL_SERIAL, "the camera of correspondences and monocular depth (the paper)")
+    first_frames: int = opt(40, "timestamps with frame < this are evaluated (the paper: the first 40 frames)")
+    margins: list[int] = opt(factory=lambda: [2, 8], help="temporal margins in frames (Tab. 2: 2 and 8)")
+    margins_average: list[int] = opt(factory=lambda: [1, 10], help="[first, last]: Tab. 4's '1-10' column")
+    cross_view: bool = opt(False, "also two cameras at one timestamp (margin 0; not in the paper's tables)")
+    gt_match_mm: float = opt(2.0, "a ground-truth correspondence: stored canonical points this close")
+    max_queries: int = opt(400, "query pixels per image pair (deterministic subsample)")
+    max_pairs: int = opt(200, "image pairs per margin")
+    seed: int = opt(0, "seed of the query-pixel and pair subsampling")
     source_file: str = ""
 
 
