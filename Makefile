@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test sysdeps clean
+.PHONY: demo test check sysdeps clean
 
 # open3d needs libusb-1.0 at import time; install it when missing and we are root, else say what to do.
 sysdeps:
@@ -30,8 +30,14 @@ demo: $(STAMP)
 	$(BIN)/facecanon-data validate synth-out/store
 	$(BIN)/facecanon-data report synth-out/store
 
+# Every test, in TEST_JOBS worker processes (pytest-xdist, whole files per worker). Tiers: tests/conftest.py.
+TEST_JOBS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile
+
+# The developer's loop: the unit tier only (pure functions, fakes, small stores; no rendering, no build).
+check: $(STAMP)
+	$(BIN)/python -m pytest -q -m unit
 
 clean:
 	rm -rf $(VENV) demo-out synth-out bench-out .pytest_cache flame_assets/synthetic

@@ -333,6 +333,10 @@ class SlurmConfig:
     prologue: list[str] = opt(factory=list, help="shell lines before the worker starts (module load, venv)")
     interface: str = opt("", "network interface of the workers and scheduler (e.g. 'ib0'); '' = default")
     log_directory: str = opt("slurm-logs", "where the jobs' logs go")
+    wait_for_workers: int = opt(0, "start scheduling once this many workers have joined (0 = at once: tasks "
+                                   "start as workers join); at most the workers the jobs start")
+    wait_timeout_s: float = opt(1800.0, "how long `build` waits for `wait_for_workers` before it stops, naming "
+                                        "the jobs' log folder")
 
 
 @dataclass
@@ -524,5 +528,12 @@ def _validate(cfg: PipelineConfig, where: str) -> None:
     if m.source_views < 1 or m.planes < 2 or m.coarse_scale < 1 or m.refine_hypotheses < 3 or min(m.refine_scales, default=1) < 1:
         raise ConfigError(f"{where}: reconstruct.mvs needs source_views >= 1, planes >= 2, coarse_scale >= 1, "
                           f"refine_hypotheses >= 3 and refine_scales >= 1")
+    sl = cfg.slurm
+    most = sl.cpu_jobs * sl.processes + sl.gpu_jobs
+    if not 0 <= sl.wait_for_workers <= most:
+        raise ConfigError(f"{where}: slurm.wait_for_workers must lie in 0..{most} (the workers cpu_jobs x processes + "
+                          f"gpu_jobs start), got {sl.wait_for_workers}")
+    if not sl.wait_timeout_s > 0:
+        raise ConfigError(f"{where}: slurm.wait_timeout_s must be > 0, got {sl.wait_timeout_s}")
     if s.width % 2 or s.height % 2:
         raise ConfigError(f"{where}: synth.width and synth.height must be even (video encoding)")

@@ -64,9 +64,11 @@ install_when_missing() {
   fi
 }
 
+cores() { env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc; }  # nproc obeys OMP_NUM_THREADS; SLURM needs the cores
+
 write_config() {
   local cpus mem_mb
-  cpus=$(nproc)
+  cpus=$(cores)
   mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))  # leave 1 GiB to the system
   mkdir -p "$DIR/state" "$DIR/spool" "$DIR/logs"
   chmod 700 "$DIR"
@@ -122,7 +124,7 @@ start() {
   for _ in $(seq 60); do
     state=$(in_ns sinfo -h -N -o %T 2>/dev/null || true)
     if [ "$state" = idle ]; then
-      echo "SLURM up: partition local on localhost ($(nproc) CPUs), network namespace $NETNS;" \
+      echo "SLURM up: partition local on localhost ($(cores) CPUs), network namespace $NETNS;" \
            "clients: $0 run sbatch ..."
       return
     fi
@@ -134,6 +136,10 @@ start() {
 }
 
 stop() {
+  if running slurmctld; then  # end this instance's jobs first: a job step outlives its daemons otherwise
+    in_ns scancel --quiet --partition=local 2>/dev/null || true
+    for _ in $(seq 50); do [ -z "$(in_ns squeue -h 2>/dev/null)" ] && break; sleep 0.2; done
+  fi
   for name in "${DAEMONS[@]}"; do
     if running "$name"; then
       pid=$(cat "$DIR/$name.pid")
@@ -144,6 +150,7 @@ stop() {
     fi
     rm -f "$DIR/$name.pid"
   done
+  pkill -9 -f "$DIR/spool/" 2>/dev/null || true  # job scripts (and so their steps) of jobs still running
   if [ -e "$DIR/netns.created" ]; then
     ip netns delete "$NETNS" 2>/dev/null || true
     rm -f "$DIR/netns.created"

@@ -38,6 +38,7 @@ def test_build_refuses_a_malicious_manifest_before_any_work(tmp_path):
     assert read_manifest(Path(__file__).parent.parent / "manifests" / "synthetic.txt")[0].subject == "900"
 
 
+@pytest.mark.e2e
 def test_failing_subjects_fail_alone_naming_the_file(synth_capture, tmp_path):
     cap = tmp_path / "capture"
     shutil.copytree(synth_capture["out"] / "capture", cap)
@@ -159,6 +160,7 @@ def _arrays(store: Path) -> dict:
     return {n: np.asarray(g[n][...]) for n in names}
 
 
+@pytest.mark.e2e
 def test_sigkill_at_three_stages_then_resume_gives_identical_arrays(synth_capture, tmp_path):
     import numpy as np
 
@@ -254,6 +256,7 @@ def test_training_manifest_from_nersemble_metadata(tmp_path):
     assert [e.subject for e in read_manifest(out)] == ["017", "240"]  # the previous manifest is untouched
 
 
+@pytest.mark.e2e
 def test_a_subject_that_produced_nothing_fails_the_build(synth_capture, tmp_path):
     """select keeping no timestamp is a failed subject (exit 1) on the Dask path, never "1 ok"."""
     pipeline = _pipeline(tmp_path, synth_capture["out"] / "capture")
@@ -269,6 +272,7 @@ def test_a_subject_that_produced_nothing_fails_the_build(synth_capture, tmp_path
     assert not (tmp_path / "store" / "subjects" / "900").exists()
 
 
+@pytest.mark.e2e
 def test_an_empty_reconstruction_drops_the_timestamp_with_its_reason(synth_capture, tmp_path):
     pipeline = _pipeline(tmp_path, synth_capture["out"] / "capture")
     pipeline.write_text(pipeline.read_text().replace("[reconstruct]\n", "[reconstruct]\nhead_box_half_size_m = 0.000001\n"))
@@ -281,6 +285,7 @@ def test_an_empty_reconstruction_drops_the_timestamp_with_its_reason(synth_captu
     assert "no point left after clean-up" in reason and "triangulated" in reason
 
 
+@pytest.mark.e2e
 def test_a_test_subject_line_builds_its_first_frames_through_the_same_chain(synth_capture, tmp_path):
     """`900 timestamps=first:3 EXP-2-eyes`: the batch mode (`--subject`) builds frames 0, 1, 2 of that
     sequence, no selection, with the chain's labels and the region map; the report counts them."""
@@ -325,6 +330,7 @@ def test_a_test_subject_line_builds_its_first_frames_through_the_same_chain(synt
         assert np.array_equal(np.asarray(h[name][:]), np.asarray(g[name][:])), name
 
 
+@pytest.mark.e2e
 def test_bench_subject_measures_every_stage_in_its_own_process(tmp_path):
     """`bench subject` at a small size: per-stage seconds and peak RSS, store and work bytes, projection."""
     out = tmp_path / "bench"

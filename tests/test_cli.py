@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 EXE = Path(sys.executable).parent / "facecanon-data"
 
 
@@ -38,6 +40,7 @@ def test_bad_pipeline_is_a_clear_error(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.e2e
 def test_synth_json_is_last_stdout_line(tmp_path):
     r = subprocess.run([str(EXE), "synth", "--out", str(tmp_path / "s"), "--frames", "1", "--sequences", "1",
                         "--no-verify", "--workers", "1", "--json"], capture_output=True, text=True, check=True)

@@ -30,6 +30,7 @@ def test_shipped_pipelines_load_and_hash_differs():
     ("[select]\ndownscale = 1000000000\n", r"select.downscale must lie in 0..64"),
     ("[reconstruct]\ndownscale = -4\n", r"reconstruct.downscale must lie in 0..64"),
     ("[select]\nqueue_frames = 0\n", r"select.queue_frames must be >= 1"),
+    ("[slurm]\ncpu_jobs = 2\nprocesses = 1\ngpu_jobs = 0\nwait_for_workers = 3\n", r"slurm.wait_for_workers must lie in 0..2"),
     ("[capture]\ndownscale = -4\n", r"capture.downscale must lie in 1..64"),
     ("[capture]\ndownscale = 1000000000\n", r"capture.downscale must lie in 1..64, got 1000000000"),
     ("[select]\nexpression_dim = 1000000000\n", r"select.expression_dim must lie in 1..1434"),

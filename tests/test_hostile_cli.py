@@ -120,6 +120,7 @@ def test_a_second_run_of_one_subject_waits_for_the_first(tmp_path):
     assert len(waited) == 1
 
 
+@pytest.mark.e2e
 def test_concurrent_builds_of_one_subject_all_succeed(synth_capture, tmp_path):
     from fakes import small_pipeline
 

@@ -19,6 +19,8 @@ import pytest
 
 from facecanon_data.paths import PROJECT_ROOT
 
+pytestmark = pytest.mark.cluster
+
 EXE = Path(sys.executable).parent / "facecanon-data"
 SCRIPT = PROJECT_ROOT / "scripts" / "local-slurm.sh"
 
@@ -57,6 +59,8 @@ cores = 1
 memory = "{memory_gb}GB"
 processes = 1
 cpu_jobs = {cpu_jobs}
+wait_for_workers = {cpu_jobs}
+wait_timeout_s = 600
 gpu_jobs = 0
 log_directory = "{tmp_path / 'slurm-logs'}"
 interface = "lo"

@@ -72,6 +72,7 @@ def test_rewrite_replaces_a_subject_whole(store, tmp_path):
     assert validate_store(copy) == [] and not list((copy / ".staging").iterdir())
 
 
+@pytest.mark.e2e
 def test_sigkill_mid_subject_leaves_a_valid_store_without_it(store, tmp_path):
     import shutil
 

@@ -33,6 +33,7 @@ def _tiny_cfg():
                                                          "workers": 2}})
 
 
+@pytest.mark.e2e
 def test_missing_synthetic_subject_is_rendered_alone_and_identical(tmp_path):
     from facecanon_data.orchestration.run import ensure_synthetic_capture
     from facecanon_data.synthetic.synth import synthesize
@@ -100,6 +101,7 @@ def test_present_subject_without_calibration_fails_naming_the_file_and_is_untouc
     assert not (tmp_path / "out" / "store" / "subjects" / "900").exists()
 
 
+@pytest.mark.e2e
 def test_build_from_an_empty_folder_renders_the_capture_and_ends_in_a_valid_store(tmp_path):
     """`facecanon-data build --subjects M` in an empty folder, as the README's `make demo` runs it."""
     (tmp_path / "m.txt").write_text("# the embedded default\n900\n")

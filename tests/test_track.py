@@ -145,6 +145,7 @@ def test_gradients_reach_every_optimized_group(cfg, observed, head_assets):
             assert t.grad is not None and t.grad.abs().sum() > 0, names[id(t)]
 
 
+@pytest.mark.stage
 def test_fit_from_perturbed_start_recovers_known_parameters(cfg, observed, head_assets, tmp_path):
     obs, gt = observed
     result = run_track(None, "999", cfg, tmp_path, device="cpu", observations=obs)
@@ -185,6 +186,7 @@ def _torso_points(vertices: np.ndarray, neck: np.ndarray, count: int, rng) -> np
     return np.stack([xc + r * np.sin(theta), y, zc + 0.7 * r * np.cos(theta)], 1)
 
 
+@pytest.mark.stage
 def test_corrupted_timestamp_is_removed_as_outlier_and_torso_points_do_not_count(cfg, observed, head_assets,
                                                                                  tmp_path):
     """Timestamp 5 is corrupted (6 mm noise): the only outlier. Timestamps 1 and 3 also see a torso

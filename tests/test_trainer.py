@@ -285,6 +285,7 @@ def test_evaluate_reports_the_metrics(store, tmp_path):
         evaluate_model(model, str(store), EvalConfig(subjects=["999"], resolution=[42, 28]))
 
 
+@pytest.mark.e2e
 def test_cli_train_evaluate_visualize(store, tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "facecanon-data")
     cfg = tmp_path / "tiny.toml"
@@ -321,7 +322,7 @@ def test_cli_train_evaluate_visualize(store, tmp_path):
     assert r.returncode == 2 and "model.dim must be a multiple of model.heads" in r.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_ddp_on_two_cpu_processes(store, tmp_path):
     """torchrun with 2 gloo ranks: each rank gets a disjoint share; the ranks end with the same weights."""
     cfg = tmp_path / "ddp.toml"

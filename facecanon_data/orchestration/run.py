@@ -75,7 +75,19 @@ def make_client(cluster: str, workers: int = 0, threads: int = 0, slurm=None):
             log.info("SLURM %s job script (submitted):\n%s", kind, script)
         log.info("SLURM: %d CPU job(s) and %d GPU job(s) queued; tasks start as workers join", slurm.cpu_jobs,
                  slurm.gpu_jobs)
-        return Client(sc), slurm.gpu_jobs > 0
+        client = Client(sc)
+        if slurm.wait_for_workers:
+            log.info("SLURM: waiting for %d worker(s) to join", slurm.wait_for_workers)
+            try:
+                client.wait_for_workers(slurm.wait_for_workers, timeout=slurm.wait_timeout_s)
+            except TimeoutError:
+                joined = len(client.scheduler_info().get("workers", {}))
+                client.close()
+                sc.close()
+                raise InputValueError(f"SLURM: {joined} of slurm.wait_for_workers = {slurm.wait_for_workers} worker(s) "
+                                      f"joined within {slurm.wait_timeout_s:g} s; see the jobs' logs in "
+                                      f"{slurm.log_directory} and `squeue`") from None
+        return client, slurm.gpu_jobs > 0
     raise InputValueError(f"--cluster must be 'local', 'slurm' or tcp://host:port, got {cluster!r}")
 
 
