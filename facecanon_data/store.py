@@ -67,19 +67,26 @@ class ArraySpec:
     def shape_text(self) -> str:
         return "(" + ", ".join(str(a) for a in self.shape) + ("," if len(self.shape) == 1 else "") + ")"
 
+    @staticmethod
+    def _size(axis, dims: dict[str, int]) -> int | None:
+        """An axis' size with ``dims`` bound, or None when its symbol is not among them."""
+        if isinstance(axis, int):
+            return axis
+        if axis == "T+1":
+            return dims["T"] + 1 if "T" in dims else None
+        return dims.get(axis)
+
     def expected_shape(self, dims: dict[str, int]) -> tuple[int, ...]:
         """The shape with ``dims`` bound; raises KeyError when an axis symbol is not among them."""
-        return tuple(a if isinstance(a, int) else (dims["T"] + 1 if a == "T+1" else dims[a]) for a in self.shape)
+        sizes = tuple(self._size(a, dims) for a in self.shape)
+        if None in sizes:
+            raise KeyError(f"{self.name}: {self.shape_text()} needs {[a for a, n in zip(self.shape, sizes) if n is None]}")
+        return sizes
 
     def fits(self, shape: tuple[int, ...], dtype: str, dims: dict[str, int]) -> bool:
         if dtype not in (self.dtype, *self.accepts) or len(shape) != len(self.shape):
             return False
-        for axis, size in zip(self.shape, shape):
-            want = axis if isinstance(axis, int) else (dims["T"] + 1 if axis == "T+1" and "T" in dims
-                                                         else dims.get(axis))
-            if want is not None and size != want:
-                return False
-        return True
+        return all(want is None or size == want for size, want in zip(shape, (self._size(a, dims) for a in self.shape)))
 
 
 _IMAGE, _TV = ("T", "V", "H", "W"), ("T", "V")
