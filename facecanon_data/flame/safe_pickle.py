@@ -8,6 +8,7 @@ inert state holders converted to numpy afterwards, and every other global raises
 """
 from __future__ import annotations
 
+import importlib
 import io
 import pickle
 from pathlib import Path
@@ -79,6 +80,9 @@ _NUMPY_GLOBALS = {
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
 }
+# numpy's array constructors: numpy._core since numpy 2 (numpy.core warns there), numpy.core before it
+_MULTIARRAY = importlib.import_module("numpy._core.multiarray" if int(np.__version__.split(".")[0]) >= 2
+                                      else "numpy.core.multiarray")
 _SPARSE_NAMES = {"csc_matrix", "csr_matrix", "coo_matrix"}
 _SPARSE_MODULES = {"scipy.sparse.csc", "scipy.sparse.csr", "scipy.sparse.coo", "scipy.sparse._csc",
                    "scipy.sparse._csr", "scipy.sparse._coo", "scipy.sparse"}
@@ -112,7 +116,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         if any(x < 0 for x in dims) or nbytes > self.max_array_bytes:
             raise UnsafePickleError(f"an array of shape {tuple(dims)} ({nbytes} bytes) is larger than the file "
                                     "could hold")
-        return np.core.multiarray._reconstruct(cls, tuple(dims), dtype)
+        return _MULTIARRAY._reconstruct(cls, tuple(dims), dtype)
 
     def _bounded_ndarray(self, shape: Any, dtype: Any = float, *args: Any, **kwargs: Any) -> np.ndarray:
         """``numpy.ndarray(shape, dtype)`` as a pickle's REDUCE calls it, refused before allocating when it
@@ -131,7 +135,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             if name == "_reconstruct":
                 return self._bounded_reconstruct
             if name == "scalar":
-                return np.core.multiarray.scalar
+                return _MULTIARRAY.scalar
             if name == "ndarray":
                 return self._bounded_ndarray
             return getattr(np, name)

@@ -176,7 +176,8 @@ def reconstruct_timestamp(images: dict[str, np.ndarray], cameras: dict[str, Came
     if any(not np.allclose(c.K, k) for c in cameras.values()):
         raise ValueError("cameras with different intrinsics: write one camera per image first")
     reader.camera_model = "PINHOLE"
-    reader.camera_params = f"{k[0, 0]!r},{k[1, 1]!r},{k[0, 2]!r},{k[1, 2]!r}"
+    # plain floats: numpy 2 writes a numpy scalar's repr as "np.float64(...)", which COLMAP refuses
+    reader.camera_params = ",".join(repr(float(v)) for v in (k[0, 0], k[1, 1], k[0, 2], k[1, 2]))
     if masks is not None:
         mask_dir.mkdir()
         # COLMAP: the mask of "x.png" is "x.png.png", zero = ignore.

@@ -224,6 +224,9 @@ def train(cfg: TrainConfig, store: str | Path, out: str | Path | None = None, re
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.optim.bf16
                 else nullcontext())
     t0, start_step = time.time(), step
+    images_total = 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     timed_out = False
     model.train()
     modes = cfg.data.modes
@@ -251,6 +254,7 @@ def train(cfg: TrainConfig, store: str | Path, out: str | Path | None = None, re
                     parts_sum[k] = parts_sum.get(k, 0.0) + v / count
                 images_seen += images.shape[1]
                 resolutions.add(tuple(images.shape[-2:]))
+        images_total += images_seen
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
         optimizer.step()
         scheduler.step()
@@ -279,8 +283,14 @@ def train(cfg: TrainConfig, store: str | Path, out: str | Path | None = None, re
 
         dist.barrier()
     stopped = "max_steps" if step >= cfg.optim.max_steps else ("time cap" if timed_out else "interrupted")
-    return {"out": str(out), "step": step, "stopped": stopped, "seconds": round(time.time() - t0, 1),
-            "checkpoint": str(ckpt_path), "device": str(device), "world_size": world}
+    seconds = time.time() - t0
+    return {"out": str(out), "step": step, "stopped": stopped, "seconds": round(seconds, 1),
+            "checkpoint": str(ckpt_path), "device": str(device), "world_size": world,
+            # throughput of this call (data loading included), this process's images
+            "steps_per_second": round((step - start_step) / max(seconds, 1e-9), 3),
+            "images_per_second": round(images_total / max(seconds, 1e-9), 2),
+            "peak_gpu_memory_mib": (round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+                                    if device.type == "cuda" else None)}
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, streams: dict, cfg: TrainConfig) -> None:
