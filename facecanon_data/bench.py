@@ -377,6 +377,15 @@ def bench_transfer(cfg: PipelineConfig, num_points: int = 1_000_000, trimesh_sub
             "render_ms_per_view": round(render_ms, 1)}
 
 
+# No GPU step time of the large configuration has been measured here (scripts/gpu-check.sh measures one
+# on a GPU machine). Until then the GPU's appetite comes from the paper: Tab. 5 runs inference on 40 images
+# in 5 s on one GPU (8 images/s); a training step costs about 4 forward passes (forward, backward ~2,
+# the checkpointed recompute 1), so about 2 images/s per GPU.
+PAPER_TRAIN_IMAGES_PER_S = 2.0
+PAPER_TRAIN_IMAGES_PER_S_SOURCE = ("estimate from the paper's Tab. 5 (40 images in 5 s inference) x 1/4 for a "
+                                   "bf16 + checkpointed training step; no GPU step time measured here")
+
+
 def bench_loader(store, samples: int = 24, images_per_sample: int = 4, resolution=(518, 518)) -> dict:
     """Samples/s of the DataLoader (0 and 2 workers, 518x518) vs the raw bound (reading and decoding
     the same chunks in a tight loop) and vs the same samples stored as one ``.npz`` per view."""
@@ -409,6 +418,14 @@ def bench_loader(store, samples: int = 24, images_per_sample: int = 4, resolutio
         out[f"ratio_{workers}w"] = round(raw_s / s, 3)
     out["ratio"] = max(out["ratio_0w"], out["ratio_2w"])
     out["target_ratio"] = 0.7
+    # Images one CPU core prepares per second (0 workers: the main process alone; 2 workers: two processes,
+    # the main one idle), and the cores one GPU needs to be fed during training with the large config.
+    per_core = {w: out[f"loader_{w}w_samples_per_s"] * images_per_sample / max(w, 1) for w in (0, 2)}
+    out["images_per_s_per_core_0w"] = round(per_core[0], 1)
+    out["images_per_s_per_core_2w"] = round(per_core[2], 1)
+    out["gpu_train_images_per_s"] = PAPER_TRAIN_IMAGES_PER_S
+    out["gpu_train_images_per_s_source"] = PAPER_TRAIN_IMAGES_PER_S_SOURCE
+    out["cores_per_gpu_large"] = round(PAPER_TRAIN_IMAGES_PER_S / max(min(per_core.values()), 1e-9), 2)
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         files = []
         for i in range(n):

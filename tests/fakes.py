@@ -54,3 +54,18 @@ num_pose = 1
 iterations = [40, 40, 60, 60]
 {extra}""")
     return path
+
+
+def build_pipeline(tmp_path: Path, cap, threads: int = 1, name: str = "p.toml", num_expression: int = 2) -> Path:
+    """:func:`small_pipeline` named "test" with ``threads`` threads per stage, written to tmp_path / name."""
+    return small_pipeline(tmp_path / name, cap, top=f'name = "test"\nthreads = {threads}',
+                          num_expression=num_expression)
+
+
+def build_cmd(manifest, pipeline, cap, out) -> list[str]:
+    """`facecanon-data build` of a manifest into out / store, out / work, one local worker."""
+    import sys
+
+    exe = Path(sys.executable).parent / "facecanon-data"
+    return [str(exe), "build", "--subjects", str(manifest), "--pipeline", str(pipeline), "--root", str(cap),
+            "--out", str(out / "store"), "--work", str(out / "work"), "--workers", "1"]

@@ -320,3 +320,52 @@ def test_write_streams_one_timestamp_at_a_time(tmp_path):
     one_timestamp = 4 * 120 * 80 * (3 + 4 + 6 + 1 + 1)  # bytes of one timestamp's images
     assert peaks[12] < 1.3 * peaks[2] + one_timestamp, peaks  # 6x the timestamps, about the same peak
     assert peaks[12] < 12 * one_timestamp / 2, peaks  # far below holding the subject's images
+
+
+def _scatter_reference(depth, canonical, mask, height, width):
+    """The definition of label resampling, written the direct way: every valid pixel scattered to the
+    target pixel holding its centre, the nearest depth winning, ties to the first in raster order."""
+    out_d, out_m = np.zeros((height, width), np.float32), np.zeros((height, width), bool)
+    out_c = np.zeros((height, width, 3), np.float32)
+    ys, xs = np.nonzero(mask)
+    ty = np.minimum(((ys + 0.5) * height / mask.shape[0]).astype(np.int64), height - 1)
+    tx = np.minimum(((xs + 0.5) * width / mask.shape[1]).astype(np.int64), width - 1)
+    order = np.argsort(depth[ys, xs], kind="stable")
+    _, first = np.unique((ty * width + tx)[order], return_index=True)
+    pick = order[first]
+    out_d[ty[pick], tx[pick]] = depth[ys[pick], xs[pick]]
+    out_c[ty[pick], tx[pick]] = canonical[ys[pick], xs[pick]]
+    out_m[ty[pick], tx[pick]] = True
+    return out_d, out_c, out_m
+
+
+@pytest.mark.parametrize("stored, target", [((550, 802), (518, 518)), ((550, 802), (294, 392)),
+                                            ((550, 802), (504, 378)), ((60, 40), (126, 84)),
+                                            ((83, 61), (83, 61)), ((10, 7), (3, 2))])
+def test_label_resampling_equals_the_scatter_definition_bit_for_bit(stored, target):
+    from facecanon_data.training.dataset import resample_labels
+
+    rng = np.random.default_rng(stored[0] * target[1])
+    depth = rng.uniform(0.9, 1.1, stored).astype(np.float32)
+    depth[rng.random(stored) < 0.3] = 1.0  # many equal depths: the tie rule decides
+    mask = rng.random(stored) > 0.4
+    canonical = rng.normal(0, 0.05, stored + (3,)).astype(np.float16)
+    got = resample_labels(depth, canonical, mask, *target)
+    want = _scatter_reference(depth, canonical, mask, *target)
+    for name, a, b in zip(("depth", "canonical", "mask"), got, want):
+        assert a.dtype == b.dtype and np.array_equal(a, b), name
+    assert got[2].sum() > 0.5 * min(mask.sum(), target[0] * target[1])  # labels kept, not dropped
+
+
+def test_bench_loader_reports_its_ratio_images_per_core_and_cores_per_gpu(store):
+    from facecanon_data.bench import PAPER_TRAIN_IMAGES_PER_S, bench_loader
+
+    b = bench_loader(store, samples=4, images_per_sample=2, resolution=(64, 48))
+    assert b["samples"] == 4 and b["raw_samples_per_s"] > 0
+    for w in (0, 2):
+        assert 0 < b[f"ratio_{w}w"] < 10 and b[f"loader_{w}w_samples_per_s"] > 0
+        assert b[f"images_per_s_per_core_{w}w"] == pytest.approx(b[f"loader_{w}w_samples_per_s"] * 2 / max(w, 1),
+                                                                  rel=0.01, abs=0.06)
+    slowest = min(b["images_per_s_per_core_0w"], b["images_per_s_per_core_2w"])
+    assert b["cores_per_gpu_large"] == pytest.approx(PAPER_TRAIN_IMAGES_PER_S / slowest, rel=0.05, abs=0.011)
+    assert "no GPU step time measured" in b["gpu_train_images_per_s_source"]

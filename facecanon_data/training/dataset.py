@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -74,34 +75,66 @@ def ray_maps(k: np.ndarray, world_2_cam: np.ndarray, height: int, width: int,
     return centre, d
 
 
+def _source_windows(src: int, dst: int) -> np.ndarray:
+    """Along one axis, the source pixels whose centre falls in each target pixel (target index
+    floor((s + 0.5) * dst / src), clipped): (dst, k) int64 source indices in increasing order, padded with
+    -1, where k is the most any target pixel receives (1 or 2 at the trainer's sizes). The mapping is
+    monotonic, so each target's sources are one contiguous run."""
+    target = np.minimum(((np.arange(src) + 0.5) * dst / src).astype(np.int64), dst - 1)
+    counts = np.bincount(target, minlength=dst)
+    k = max(int(counts.max()), 1)
+    start = np.cumsum(counts) - counts
+    offsets = np.arange(k)
+    return np.where(offsets[None, :] < counts[:, None], start[:, None] + offsets[None, :], -1)
+
+
+@lru_cache(maxsize=32)
+def _candidate_pixels(sh: int, sw: int, height: int, width: int) -> np.ndarray:
+    """(S, height, width) int32: for each target pixel, the flat index (y * sw + x) of every source pixel
+    whose centre falls in it, in raster order along S = kr * kc (:func:`_source_windows`), sh * sw where a
+    window slot is empty. A function of the sizes alone (a few per training run), so it is cached."""
+    rows, cols = _source_windows(sh, height), _source_windows(sw, width)  # (H, kr), (W, kc)
+    flat = rows.T[:, None, :, None] * sw + cols.T[None, :, None, :]  # (kr, kc, H, W)
+    empty = (rows.T[:, None, :, None] < 0) | (cols.T[None, :, None, :] < 0)
+    flat = np.where(empty, sh * sw, flat).reshape(-1, height, width).astype(np.int32)
+    flat.flags.writeable = False
+    return flat
+
+
 def resample_labels(depth: np.ndarray, canonical: np.ndarray, mask: np.ndarray, height: int, width: int,
                     out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sparse labels (sh, sw) -> (height, width): each valid pixel goes to the target pixel holding its
-    centre; where several land on one target pixel the nearest (smallest depth) wins.
+    centre; where several land on one target pixel the nearest (smallest depth) wins, ties going to the
+    first in raster order.
 
     depth (sh, sw) float32 m, canonical (sh, sw, 3), mask (sh, sw) bool -> the same at the new size,
     written into ``out`` (depth, canonical, mask) when given.
+
+    The pixel mapping is separable, so every target pixel's candidates form a small window of source pixels
+    (1 to 3 per axis at the trainer's sizes, :func:`_candidate_pixels`): one gather of the candidates'
+    depths and an argmin over the window, instead of sorting every valid pixel by depth (the dense maps
+    hold hundreds of thousands).
     """
     sh, sw = mask.shape
     if out is None:
         out = (np.empty((height, width), np.float32), np.empty((height, width, 3), np.float32),
                np.empty((height, width), bool))
     out_d, out_c, out_m = out
-    for a in out:
-        a.fill(0)
-    ys, xs = np.nonzero(mask)
-    if len(ys) == 0:
-        return out_d, out_c, out_m
-    ty = np.minimum(((ys + 0.5) * height / sh).astype(np.int64), height - 1)
-    tx = np.minimum(((xs + 0.5) * width / sw).astype(np.int64), width - 1)
-    d = depth[ys, xs]
-    order = np.argsort(d, kind="stable")  # nearest first; np.unique keeps each target's first occurrence
-    _, first = np.unique((ty * width + tx)[order], return_index=True)
-    pick = order[first]
-    out_d[ty[pick], tx[pick]] = d[pick]
-    out_c[ty[pick], tx[pick]] = canonical[ys[pick], xs[pick]]
-    out_m[ty[pick], tx[pick]] = True
+    candidates = _candidate_pixels(sh, sw, height, width)  # (S, H, W)
+    labelled = np.empty(sh * sw + 1, np.float32)  # depth where labelled, inf elsewhere and in the empty slot
+    np.copyto(labelled[:-1], np.where(mask, depth, np.float32(np.inf)).ravel())
+    labelled[-1] = np.inf
+    if len(candidates) == 1:
+        source = candidates[0]
+    else:  # argmin keeps the first minimum: the earliest slot, i.e. raster order among equal depths
+        best = labelled[candidates].argmin(0)
+        source = np.take_along_axis(candidates, best[None], 0)[0]
+    nearest = labelled[source]
+    np.isfinite(nearest, out=out_m)
+    np.copyto(out_d, np.where(out_m, nearest, np.float32(0)))
+    picked = np.take(canonical.reshape(-1, 3), np.minimum(source, sh * sw - 1), axis=0).reshape(height, width, 3)
+    np.copyto(out_c, np.where(out_m[..., None], picked, np.float32(0)), casting="unsafe")
     return out_d, out_c, out_m
 
 

@@ -1,0 +1,59 @@
+"""build: a test-subject manifest line (`timestamps=first:N`) through the batch mode, and the light work folder."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fakes import build_cmd as _build_cmd, build_pipeline as _pipeline
+
+EXE = Path(sys.executable).parent / "facecanon-data"
+
+
+@pytest.mark.e2e
+def test_a_test_subject_line_builds_its_first_frames_through_the_same_chain(synth_capture, tmp_path):
+    """`900 timestamps=first:3 EXP-2-eyes`: the batch mode (`--subject`) builds frames 0, 1, 2 of that
+    sequence, no selection, with the chain's labels and the region map; the report counts them."""
+    cap = synth_capture["out"] / "capture"
+    manifest = tmp_path / "m.txt"
+    manifest.write_text("900  timestamps=first:3  EXP-2-eyes\n")
+    r = subprocess.run(_build_cmd(manifest, _pipeline(tmp_path, cap), cap, tmp_path) + ["--subject", "900"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from facecanon_data.regions import REGION_LABELS
+    from facecanon_data.store import open_subject
+
+    g = open_subject(tmp_path / "store", "900")
+    stamps = g.attrs["timestamps"]
+    assert [(t["sequence"], t["frame"], t["reason"]) for t in stamps] == [("EXP-2-eyes", f, "first") for f in range(3)]
+    region = np.asarray(g["region"][:])
+    assert region.shape == g["mask"].shape and region.dtype == np.uint8
+    present = set(np.unique(region).tolist())
+    assert {REGION_LABELS.index("face"), REGION_LABELS.index("hair")} <= present, present
+    rep = subprocess.run([str(EXE), "report", str(tmp_path / "store"), "--json"], capture_output=True, text=True)
+    assert rep.returncode == 0, rep.stderr
+    (row,) = json.loads(rep.stdout.strip().splitlines()[-1])["subjects"]
+    assert row["reasons"] == {"expression": 0, "pose": 0, "first": 3}
+    # --keep-work light (the default): images, COLMAP workspaces and written maps are gone, masks packed
+    work = tmp_path / "work" / "900"
+    assert not list(work.glob("reconstruct/*/*/images")) and not list(work.glob("reconstruct/*/*/colmap"))
+    assert len(list(work.glob("reconstruct/*/*/masks.npz"))) == 3 and not list(work.glob("render/*/*/maps.npz"))
+    # ... and a resume reuses every stage; a new store re-renders and re-decodes the same images
+    again = subprocess.run(_build_cmd(manifest, tmp_path / "p.toml", cap, tmp_path) + ["--subject", "900", "--json"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (o,) = json.loads(again.stdout.strip().splitlines()[-1])["subjects"]
+    assert set(o["stages"].values()) == {"reused"}, o["stages"]
+    assert o["keep_work"] == "light" and 0 < o["work_mb_per_timestamp"] < 2.0, o
+    other = subprocess.run(_build_cmd(manifest, tmp_path / "p.toml", cap, tmp_path / "b") + ["--subject", "900", "--json",
+                           "--work", str(tmp_path / "work")], capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert other.returncode == 0, other.stderr[-3000:]
+    (o,) = json.loads(other.stdout.strip().splitlines()[-1])["subjects"]
+    assert o["stages"]["render"] == "ran" and o["stages"]["track"] == "reused", o["stages"]
+    h = open_subject(tmp_path / "b" / "store", "900")
+    for name in ("rgb", "region", "mask", "depth"):
+        assert np.array_equal(np.asarray(h[name][:]), np.asarray(g[name][:])), name
