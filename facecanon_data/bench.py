@@ -386,6 +386,40 @@ PAPER_TRAIN_IMAGES_PER_S_SOURCE = ("estimate from the paper's Tab. 5 (40 images 
                                    "bf16 + checkpointed training step; no GPU step time measured here")
 
 
+def _loader_profile(ds, n: int, resolution) -> dict:
+    """Where one process's time per sample goes in ``FaceCanonDataset.load`` (ms): reading and checking
+    the chunks, the image resize and scaling, the label resampling, the ray maps (uncached), and the
+    whole ``load`` (its remainder: allocating the sample's arrays, the ray cache's copies, tensors)."""
+    import cv2
+    import numpy as np
+
+    from .cameras import scale_intrinsics
+    from .training.dataset import ray_maps, resample_labels
+
+    h, w = resolution
+    spent = dict.fromkeys(("read", "image", "labels", "rays", "load"), 0.0)
+    for i in range(n):
+        t0 = time.perf_counter()
+        raw = ds.read_raw(ds.samples[i])
+        spent["read"] += time.perf_counter() - t0
+        for j in range(len(raw["rows"])):
+            rgb = raw["rgb"][j]
+            t0 = time.perf_counter()
+            np.multiply(cv2.resize(rgb, (w, h)).transpose(2, 0, 1), np.float32(1 / 255), dtype=np.float32)
+            t1 = time.perf_counter()
+            resample_labels(raw["depth"][j], raw["canonical"][j], raw["mask"][j], h, w)
+            t2 = time.perf_counter()
+            ray_maps(scale_intrinsics(raw["K"][j], w / rgb.shape[1], h / rgb.shape[0]), raw["world_2_cam"][j], h, w)
+            t3 = time.perf_counter()
+            spent["image"] += t1 - t0
+            spent["labels"] += t2 - t1
+            spent["rays"] += t3 - t2
+        t0 = time.perf_counter()
+        ds.load(ds.samples[i], h, w)
+        spent["load"] += time.perf_counter() - t0
+    return {k: round(v / n * 1000, 1) for k, v in spent.items()}
+
+
 def bench_loader(store, samples: int = 24, images_per_sample: int = 4, resolution=(518, 518)) -> dict:
     """Samples/s of the DataLoader (0 and 2 workers, 518x518) vs the raw bound (reading and decoding
     the same chunks in a tight loop) and vs the same samples stored as one ``.npz`` per view."""
@@ -418,6 +452,7 @@ def bench_loader(store, samples: int = 24, images_per_sample: int = 4, resolutio
         out[f"ratio_{workers}w"] = round(raw_s / s, 3)
     out["ratio"] = max(out["ratio_0w"], out["ratio_2w"])
     out["target_ratio"] = 0.7
+    out["profile_ms_per_sample"] = _loader_profile(ds, n, resolution)
     # Images one CPU core prepares per second (0 workers: the main process alone; 2 workers: two processes,
     # the main one idle), and the cores one GPU needs to be fed during training with the large config.
     per_core = {w: out[f"loader_{w}w_samples_per_s"] * images_per_sample / max(w, 1) for w in (0, 2)}

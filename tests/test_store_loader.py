@@ -369,3 +369,32 @@ def test_bench_loader_reports_its_ratio_images_per_core_and_cores_per_gpu(store)
     slowest = min(b["images_per_s_per_core_0w"], b["images_per_s_per_core_2w"])
     assert b["cores_per_gpu_large"] == pytest.approx(PAPER_TRAIN_IMAGES_PER_S / slowest, rel=0.05, abs=0.011)
     assert "no GPU step time measured" in b["gpu_train_images_per_s_source"]
+    profile = b["profile_ms_per_sample"]  # where load's time goes: its steps never exceed the whole
+    assert set(profile) == {"read", "image", "labels", "rays", "load"} and min(profile.values()) >= 0
+    assert profile["read"] + profile["labels"] <= 1.5 * profile["load"] + 1
+
+
+def test_cached_rays_and_in_place_jitter_give_the_uncached_out_of_place_sample(store):
+    from facecanon_data.training.dataset import ray_maps
+
+    ds = FaceCanonDataset(store, mode="views", images_per_sample=3, resolution=(28, 21), color_jitter=0.3, seed=2)
+    first, again = ds[0], ds[0]  # the second load is served from the ray cache
+    raw = ds.read_raw(ds.samples[0])
+    for j in range(3):
+        h0, w0 = raw["rgb"][j].shape[:2]
+        centre, d = ray_maps(scale_intrinsics(raw["K"][j], 21 / w0, 28 / h0), raw["world_2_cam"][j], 28, 21)
+        assert np.array_equal(first["ray_direction"][j].numpy(), d)
+        assert np.array_equal(first["ray_origin"][j, :, 0, 0].numpy(), centre)
+    for k in ("image", "ray_direction", "depth", "canonical", "mask"):
+        assert torch.equal(first[k], again[k]), k
+    first["ray_direction"].zero_()  # a consumer writing into its sample never reaches the cache
+    assert torch.equal(ds[0]["ray_direction"], again["ray_direction"])
+    # the jitter's reference: the out-of-place formula on the unjittered images
+    plain = FaceCanonDataset(store, mode="views", images_per_sample=3, resolution=(28, 21), seed=2)[0]["image"]
+    rng = np.random.default_rng([2, 0, 0, 7])
+    b, c, s = (1 + rng.uniform(-0.3, 0.3, size=3)).tolist()
+    x = plain * b
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * c + mean
+    gray = x.mean(dim=1, keepdim=True)
+    assert torch.equal(first["image"], ((x - gray) * s + gray).clamp(0, 1))

@@ -44,6 +44,9 @@ from ..errors import InputError
 from ..store import CAMERA_ARRAYS, FINITE_ARRAYS, TRAINING_ARRAYS, StoreError, read_index, subject_readers
 
 
+RAY_CACHE_ENTRIES = 48  # cameras x sizes whose ray maps a process keeps (3.2 MB each at 518 x 518)
+
+
 class BadSampleError(StoreError):
     """A stored view the loader refuses to feed a model; the message names subject, array and index."""
 
@@ -113,28 +116,36 @@ def resample_labels(depth: np.ndarray, canonical: np.ndarray, mask: np.ndarray, 
 
     The pixel mapping is separable, so every target pixel's candidates form a small window of source pixels
     (1 to 3 per axis at the trainer's sizes, :func:`_candidate_pixels`): one gather of the candidates'
-    depths and an argmin over the window, instead of sorting every valid pixel by depth (the dense maps
-    hold hundreds of thousands).
+    depths and a running minimum over the window's slots, instead of sorting every valid pixel by depth (the
+    dense maps hold hundreds of thousands); the winners' canonical points are then one row gather.
     """
     sh, sw = mask.shape
     if out is None:
         out = (np.empty((height, width), np.float32), np.empty((height, width, 3), np.float32),
                np.empty((height, width), bool))
     out_d, out_c, out_m = out
+    if not out_c.flags.c_contiguous:
+        raise ValueError("resample_labels: out's canonical array must be C-contiguous")
     candidates = _candidate_pixels(sh, sw, height, width)  # (S, H, W)
-    labelled = np.empty(sh * sw + 1, np.float32)  # depth where labelled, inf elsewhere and in the empty slot
+    empty = sh * sw  # the index of the padding entry: no label
+    labelled = np.empty(empty + 1, np.float32)  # depth where labelled, inf elsewhere and in the padding
     np.copyto(labelled[:-1], np.where(mask, depth, np.float32(np.inf)).ravel())
     labelled[-1] = np.inf
-    if len(candidates) == 1:
-        source = candidates[0]
-    else:  # argmin keeps the first minimum: the earliest slot, i.e. raster order among equal depths
-        best = labelled[candidates].argmin(0)
-        source = np.take_along_axis(candidates, best[None], 0)[0]
-    nearest = labelled[source]
-    np.isfinite(nearest, out=out_m)
-    np.copyto(out_d, np.where(out_m, nearest, np.float32(0)))
-    picked = np.take(canonical.reshape(-1, 3), np.minimum(source, sh * sw - 1), axis=0).reshape(height, width, 3)
-    np.copyto(out_c, np.where(out_m[..., None], picked, np.float32(0)), casting="unsafe")
+    source = candidates[0].copy()  # (H, W) the winning source pixel so far
+    np.take(labelled, source, out=out_d)
+    for slot in candidates[1:]:  # strictly nearer only: the earlier slot (raster order) keeps a tie
+        d = labelled[slot]
+        nearer = d < out_d
+        np.copyto(source, slot, where=nearer)
+        np.copyto(out_d, d, where=nearer)
+    np.less(out_d, np.float32(np.inf), out=out_m)
+    np.copyto(source, empty, where=~out_m)
+    np.copyto(out_d, np.float32(0), where=~out_m)
+    table = np.empty((empty + 1, 3), np.float32)  # canonical points as float32 rows, zero in the padding
+    # torch casts float16 with the CPU's conversion instructions, numpy element by element (~30x slower)
+    torch.from_numpy(table[:-1]).copy_(torch.from_numpy(np.ascontiguousarray(canonical).reshape(-1, 3)))
+    table[-1] = 0
+    np.take(table, source.reshape(-1), axis=0, out=out_c.reshape(-1, 3))
     return out_d, out_c, out_m
 
 
@@ -172,6 +183,7 @@ class FaceCanonDataset(torch.utils.data.Dataset):
             keep &= np.nan_to_num(np.asarray(idx["cd_l1_mm"], float), nan=np.inf) <= f.max_cd_l1_mm
         self.rows = {k: np.asarray(v)[keep] for k, v in idx.items()}
         self._groups: dict[str, object] = {}
+        self._ray_cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self._pid = None
         self.set_epoch(epoch)
 
@@ -202,6 +214,7 @@ class FaceCanonDataset(torch.utils.data.Dataset):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_groups"], state["_pid"] = {}, None  # chunk readers are reopened in each process
+        state["_ray_cache"] = {}
         return state
 
     def _group(self, subject: str) -> dict:
@@ -278,11 +291,11 @@ class FaceCanonDataset(torch.utils.data.Dataset):
         if n == 0:
             raise BadSampleError(f"{self.store}: every view of the sample failed its checks: {raw['skipped'][0]}")
         images = np.empty((n, 3, h, w), np.float32)  # (N, 3, H, W) in [0, 1]
-        depths = np.empty((n, h, w), np.float32)
-        canons = np.empty((n, h, w, 3), np.float32)
+        depths = np.empty((n, h, w), np.float32)  # metres, 0 where unlabelled
+        canons = np.empty((n, h, w, 3), np.float32)  # metres
         masks = np.empty((n, h, w), bool)
-        regions = np.empty((n, h, w), np.uint8) if "region" in raw else None
         dirs = np.empty((n, 3, h, w), np.float32)
+        regions = np.empty((n, h, w), np.uint8) if "region" in raw else None
         ks, origins = [], []
         for j in range(n):
             rgb = raw["rgb"][j]
@@ -297,7 +310,8 @@ class FaceCanonDataset(torch.utils.data.Dataset):
                 regions[j] = cv2.resize(raw["region"][j], (w, h), interpolation=cv2.INTER_NEAREST)
             k = scale_intrinsics(raw["K"][j], w / sw, h / sh)
             ks.append(k)
-            centre, _ = ray_maps(k, raw["world_2_cam"][j], h, w, out=dirs[j])
+            centre, d = self._rays(k, raw["world_2_cam"][j], h, w)
+            np.copyto(dirs[j], d)
             origins.append(centre)
         image = torch.from_numpy(images)
         if self.color_jitter > 0 and jitter_key is not None:
@@ -320,16 +334,30 @@ class FaceCanonDataset(torch.utils.data.Dataset):
             **({"skipped": raw["skipped"]} if raw["skipped"] else {}),
         }
 
+    def _rays(self, k: np.ndarray, world_2_cam: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`ray_maps`, cached per camera and size (a rig's cameras are fixed over a capture, so a
+        process meets a few dozen): camera centre (3,) and (3, h, w) directions, read-only."""
+        key = (k.astype(np.float64).tobytes(), world_2_cam.astype(np.float64).tobytes(), h, w)
+        hit = self._ray_cache.pop(key, None)
+        if hit is None:
+            hit = ray_maps(k, world_2_cam, h, w)
+            hit[1].flags.writeable = False
+            while len(self._ray_cache) >= RAY_CACHE_ENTRIES:
+                self._ray_cache.pop(next(iter(self._ray_cache)))
+        self._ray_cache[key] = hit  # most recently used last
+        return hit
+
     def _jitter(self, image: torch.Tensor, index: int) -> torch.Tensor:
-        """The same brightness / contrast / saturation change for every image of the sample."""
+        """The same brightness / contrast / saturation change for every image of the sample (in place:
+        ``image`` is the sample's own buffer)."""
         rng = np.random.default_rng([self.seed, self.epoch, index, 7])
         a = self.color_jitter
         b, c, s = (1 + rng.uniform(-a, a, size=3)).tolist()
-        image = image * b
+        image.mul_(b)
         mean = image.mean(dim=(1, 2, 3), keepdim=True)
-        image = (image - mean) * c + mean
+        image.sub_(mean).mul_(c).add_(mean)
         gray = image.mean(dim=1, keepdim=True)
-        return ((image - gray) * s + gray).clamp(0, 1)
+        return image.sub_(gray).mul_(s).add_(gray).clamp_(0, 1)
 
 
 class ShardedSampler(torch.utils.data.Sampler):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -45,10 +46,54 @@ THRESHOLDS_PX = (3, 5, 10)
 class Prediction:
     """Per image of one or more forward passes at the evaluation resolution (H, W)."""
 
-    canonical: np.ndarray  # (N, H, W, 3) predicted, in canonical_scale units
+    canonical: np.ndarray  # (N, H, W, 3) predicted, in the model's own canonical units and frame
     gt_canonical: np.ndarray  # (N, H, W, 3) stored, metres
     mask: np.ndarray  # (N, H, W) bool: labelled
     region: np.ndarray  # (N, H, W) bool: the evaluation region (face + hair)
+    valid: np.ndarray | None = None  # (N, H, W) bool: where the model predicted anything (None: everywhere)
+
+    def predicted(self, i: int) -> np.ndarray:
+        return np.ones(self.mask.shape[1:], bool) if self.valid is None else self.valid[i]
+
+
+@dataclass
+class PredictedMaps:
+    """What a model says about some images, at the evaluation resolution (H, W)."""
+
+    depth: np.ndarray  # (N, H, W) float32, any positive scale (aligned per image); NaN where not predicted
+    canonical: np.ndarray  # (N, H, W, 3) float32, the model's own canonical units and frame
+    valid: np.ndarray  # (N, H, W) bool: predicted
+
+
+# A predictor answers for some index rows of a store: (dataset, rows, loaded sample, kind) -> PredictedMaps.
+# kind is "views" (one timestamp's views in one pass: multi-view depth, cross-view pairs), "monocular"
+# (one frontal image alone) or "frames" (one camera's frames of one sequence, in frame order).
+Predictor = Callable[[FaceCanonDataset, list, dict, str], PredictedMaps]
+
+
+class ModelPredictor:
+    """The bundled model in process: "views" and "monocular" are one forward pass of the given images,
+    "frames" are passes of ``per_pass`` consecutive frames (canonical maps are comparable across passes)."""
+
+    def __init__(self, model, device: str, per_pass: int):
+        self.model, self.device, self.per_pass = model, device, per_pass
+
+    @torch.no_grad()
+    def _forward(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        images = images[None].to(self.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.is_cuda):
+            out = self.model(images)
+        n, _, h, w = images.shape[1:]
+        depth = out["depth"][0, :, 0].float().cpu().numpy()
+        canon = (out["canonical"][0].float().permute(0, 2, 3, 1).cpu().numpy() if "canonical" in out
+                 else np.zeros((n, h, w, 3), np.float32))
+        return depth, canon
+
+    def __call__(self, ds: FaceCanonDataset, rows: list, sample: dict, kind: str) -> PredictedMaps:
+        step = self.per_pass if kind == "frames" else len(rows)
+        parts = [self._forward(sample["image"][i:i + step]) for i in range(0, len(rows), step)]
+        depth, canon = (np.concatenate([p[k] for p in parts]) for k in (0, 1))
+        return PredictedMaps(depth=depth, canonical=canon, valid=np.ones(depth.shape, bool))
 
 
 def evaluation_subjects(cfg: EvalConfig) -> tuple[list[str], dict[str, list[str]]]:
@@ -62,47 +107,72 @@ def evaluation_subjects(cfg: EvalConfig) -> tuple[list[str], dict[str, list[str]
     return list(cfg.subjects), {}
 
 
-def evaluate_model(model, store: str, cfg: EvalConfig, device: str = "cpu") -> dict:
-    """Run the protocol; returns a JSON-ready dict of the metrics (see module docstring)."""
+def protocol_dataset(store: str, cfg: EvalConfig) -> tuple[FaceCanonDataset, dict[str, np.ndarray], list[str]]:
+    """The store's evaluated views: (dataset with region maps, {subject: index rows of its evaluated
+    timestamps}, missing subjects). Raises naming the store when no subject is there or the frontal
+    camera is missing."""
     subjects, seq_filter = evaluation_subjects(cfg)
     ds = FaceCanonDataset(store, mode="views", images_per_sample=1, filter=IndexFilter(subjects=subjects),
                           with_region=True)
     rows = ds.rows
     present = sorted(set(map(str, rows["subject"])))
-    missing = sorted(set(subjects) - set(present))
     if not present:
         raise InputValueError(f"{store}: none of the evaluation subjects {subjects} is in the store")
-    h, w = cfg.resolution
-    model.eval()
-    mono, multi = ([], []), ([], [])  # (absrel, rmse) per image
-    frontal_frames = 0
-    pairs: dict[int, list[tuple[Prediction, int, int]]] = {}
+    views = {}
     for subject in present:
         keep = (rows["subject"] == subject) & (rows["frame"] < cfg.first_frames)
         if subject in seq_filter:
             keep &= np.isin(rows["sequence"], seq_filter[subject])
         ids = np.nonzero(keep)[0]
+        if len(ids) and not (rows["serial"][ids] == cfg.frontal_serial).any():
+            raise InputValueError(f"{store}: subject {subject} has no view of the frontal camera {cfg.frontal_serial} "
+                                  f"(protocol {cfg.source_file or cfg.name}: frontal_serial)")
+        views[subject] = ids
+    return ds, views, sorted(set(subjects) - set(present))
+
+
+def camera_frames(ds: FaceCanonDataset, ids: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
+    """{(sequence, serial): index rows in frame order} of one subject's evaluated views ``ids``."""
+    rows = ds.rows
+    out = {}
+    for seq, serial in sorted(set(zip(rows["sequence"][ids].tolist(), rows["serial"][ids].tolist()))):
+        sel = ids[(rows["sequence"][ids] == seq) & (rows["serial"][ids] == serial)]
+        out[(str(seq), str(serial))] = sel[np.argsort(rows["frame"][sel], kind="stable")]
+    return out
+
+
+def evaluate_model(model, store: str, cfg: EvalConfig, device: str = "cpu") -> dict:
+    """Run the protocol on the bundled model in process; returns a JSON-ready dict of the metrics."""
+    model.eval()
+    return run_protocol(ModelPredictor(model, device, cfg.views_per_sample), store, cfg)
+
+
+def run_protocol(predictor: Predictor, store: str, cfg: EvalConfig) -> dict:
+    """The protocol (see module docstring) on any predictor: the bundled model in process
+    (:class:`ModelPredictor`) or predictions read from files (:mod:`.predictions`)."""
+    ds, views, missing = protocol_dataset(store, cfg)
+    rows = ds.rows
+    h, w = cfg.resolution
+    mono, multi = ([], []), ([], [])  # (absrel, rmse) per image
+    frontal_frames = 0
+    pairs: dict[int, list[tuple[Prediction, int, int]]] = {}
+    for subject, ids in views.items():
         for t in sorted(set(rows["t"][ids].tolist())):  # multi-view depth: all views of a timestamp in
             at_t = ids[rows["t"][ids] == t]
             at_t = at_t[np.argsort(rows["v"][at_t])]
             for start in range(0, len(at_t), cfg.views_per_sample):
                 chunk = at_t[start:start + cfg.views_per_sample].tolist()
-                pred, sample, out = forward_sample(model, ds, chunk, h, w, device)
-                _extend(multi, depth_errors(_depth(out), sample["depth"][:, 0].numpy(), pred.mask & pred.region))
+                pred, sample, maps = predict_sample(predictor, ds, chunk, h, w, "views")
+                _extend(multi, depth_errors(maps.depth, sample["depth"][:, 0].numpy(), pred.mask & pred.region))
                 if cfg.cross_view:
                     pairs.setdefault(0, []).extend((pred, i, i + 1) for i in range(len(chunk) - 1))
         frontal = ids[rows["serial"][ids] == cfg.frontal_serial]
-        if len(ids) and not len(frontal):
-            raise InputValueError(f"{store}: subject {subject} has no view of the frontal camera {cfg.frontal_serial} "
-                                  f"(protocol {cfg.source_file or cfg.name}: frontal_serial)")
         frontal_frames += len(frontal)
         for i in frontal.tolist():  # monocular depth: one image in
-            pred, sample, out = forward_sample(model, ds, [i], h, w, device)
-            _extend(mono, depth_errors(_depth(out), sample["depth"][:, 0].numpy(), pred.mask & pred.region))
-        for seq in sorted(set(rows["sequence"][frontal].tolist())):  # correspondences: frontal frame pairs
-            sel = frontal[rows["sequence"][frontal] == seq]
-            sel = sel[np.argsort(rows["frame"][sel])]
-            pred = predict_frames(model, ds, sel.tolist(), h, w, device, cfg.views_per_sample)
+            pred, sample, maps = predict_sample(predictor, ds, [i], h, w, "monocular")
+            _extend(mono, depth_errors(maps.depth, sample["depth"][:, 0].numpy(), pred.mask & pred.region))
+        for (seq, serial), sel in camera_frames(ds, frontal).items():  # correspondences: frontal frame pairs
+            pred = predict_sample(predictor, ds, sel.tolist(), h, w, "frames")[0]
             frames = rows["frame"][sel].tolist()
             for m in sorted(set(cfg.margins) | set(_average_range(cfg))):
                 pairs.setdefault(m, []).extend((pred, a, b) for a, b in frame_pairs(frames, m))
@@ -120,7 +190,7 @@ def evaluate_model(model, store: str, cfg: EvalConfig, device: str = "cpu") -> d
         if by_margin.get(str(m), {}).get("pairs", 0) == 0:
             log.warning("margin %d: no frontal-camera frame pair %d frames apart among the evaluated frames", m, m)
     out = {
-        "subjects": present, "missing_subjects": missing, "resolution": [h, w], "frontal_serial": cfg.frontal_serial,
+        "subjects": list(views), "missing_subjects": missing, "resolution": [h, w], "frontal_serial": cfg.frontal_serial,
         "first_frames": cfg.first_frames, "frontal_frames": frontal_frames, "region": "face + hair (region map)",
         "depth": {"monocular": _depth_summary(mono), "multi_view": _depth_summary(multi)},
         "depth_alignment": "per-image median scale", "margins": by_margin, "margins_reported": list(cfg.margins),
@@ -158,30 +228,19 @@ def _depth_summary(acc: tuple[list, list]) -> dict:
             "rmse_m": float(np.mean(rmse)) if rmse else float("nan"), "images": len(absrel)}
 
 
-@torch.no_grad()
-def forward_sample(model, ds: FaceCanonDataset, rows: list[int], h: int, w: int, device: str):
-    """One forward pass over the given index rows: (Prediction, the loaded sample, the model's output)."""
+def predict_sample(predictor: Predictor, ds: FaceCanonDataset, rows: list[int], h: int, w: int, kind: str
+                   ) -> tuple[Prediction, dict, PredictedMaps]:
+    """Load ``rows`` at (h, w) and ask the predictor about them: (Prediction, the loaded sample, the maps)."""
     sample = ds.load(rows, h, w)
-    images = sample["image"][None].to(device)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.is_cuda):
-        out = model(images)
-    if "canonical" in out:
-        canon = out["canonical"][0].float().permute(0, 2, 3, 1).cpu().numpy()
-    else:
-        canon = np.zeros((len(rows), h, w, 3), np.float32)
+    maps = predictor(ds, rows, sample, kind)
+    if maps.depth.shape != (len(rows), h, w) or maps.canonical.shape != (len(rows), h, w, 3):
+        raise InputValueError(f"predictor returned depth {maps.depth.shape} and canonical {maps.canonical.shape} "
+                              f"for {len(rows)} images at {h}x{w}")
     mask = sample["mask"][:, 0].numpy()
     region = eval_region(sample["region"].numpy()) if "region" in sample else face_region_of_labels(mask)
-    pred = Prediction(canonical=canon, gt_canonical=sample["canonical"].permute(0, 2, 3, 1).numpy(),
-                      mask=mask, region=region)
-    return pred, sample, out
-
-
-def predict_frames(model, ds: FaceCanonDataset, rows: list[int], h: int, w: int, device: str,
-                   per_pass: int) -> Prediction:
-    """Predictions for ``rows`` (frames of one camera, in order), ``per_pass`` images per forward pass."""
-    parts = [forward_sample(model, ds, rows[i:i + per_pass], h, w, device)[0] for i in range(0, len(rows), per_pass)]
-    return Prediction(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("canonical", "gt_canonical",
-                                                                                  "mask", "region")))
+    pred = Prediction(canonical=maps.canonical, gt_canonical=sample["canonical"].permute(0, 2, 3, 1).numpy(),
+                      mask=mask, region=region, valid=None if maps.valid.all() else maps.valid)
+    return pred, sample, maps
 
 
 def depth_errors(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> tuple[list[float], list[float]]:
@@ -215,7 +274,8 @@ def face_region_of_labels(mask: np.ndarray) -> np.ndarray:
 
 def correspondence_errors(pred: Prediction, a: int, b: int, gt_match_mm: float,
                           max_queries: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(EPE, CCE) in pixels of predicted matches A -> B for A's labelled region pixels with a GT match."""
+    """(EPE, CCE) in pixels of predicted matches A -> B for A's labelled region pixels with a GT match;
+    NaN for a query where the model predicted nothing (at the query pixel, or nowhere in B's region)."""
     from scipy.spatial import cKDTree
 
     labelled_a, labelled_b = pred.mask[a] & pred.region[a], pred.mask[b] & pred.region[b]
@@ -230,18 +290,29 @@ def correspondence_errors(pred: Prediction, a: int, b: int, gt_match_mm: float,
     if not ok.any():
         return none
     qa, target = qa[ok], pb[j[ok]]
-    region_a, region_b = np.argwhere(pred.region[a]), np.argwhere(pred.region[b])
-    _, k = cKDTree(pred.canonical[b][region_b[:, 0], region_b[:, 1]]).query(pred.canonical[a][qa[:, 0], qa[:, 1]])
+    epe, cce = np.full(len(qa), np.nan), np.full(len(qa), np.nan)
+    region_a = np.argwhere(pred.region[a] & pred.predicted(a))
+    region_b = np.argwhere(pred.region[b] & pred.predicted(b))
+    asked = pred.predicted(a)[qa[:, 0], qa[:, 1]]
+    if len(region_a) == 0 or len(region_b) == 0 or not asked.any():
+        return epe, cce
+    _, k = cKDTree(pred.canonical[b][region_b[:, 0], region_b[:, 1]]).query(pred.canonical[a][qa[asked, 0], qa[asked, 1]])
     hat = region_b[k]
     _, back = cKDTree(pred.canonical[a][region_a[:, 0], region_a[:, 1]]).query(pred.canonical[b][hat[:, 0], hat[:, 1]])
-    epe = np.linalg.norm((hat - target).astype(np.float64), axis=1)
-    cce = np.linalg.norm((region_a[back] - qa).astype(np.float64), axis=1)
+    epe[asked] = np.linalg.norm((hat - target[asked]).astype(np.float64), axis=1)
+    cce[asked] = np.linalg.norm((region_a[back] - qa[asked]).astype(np.float64), axis=1)
     return epe, cce
 
 
 def epe_summary(epe: np.ndarray, cce: np.ndarray, pairs: int) -> dict:
+    """Means and threshold fractions over the queries the model answered (NaN entries: it predicted
+    nothing there; their share is ``unanswered``)."""
+    answered = np.isfinite(epe)
+    epe, cce = epe[answered], cce[np.isfinite(cce)]
     out = {"epe_px": float(epe.mean()) if len(epe) else float("nan"), "cce_px": float(cce.mean()) if len(cce) else float("nan"),
            "correspondences": int(len(epe)), "pairs": pairs}
     for t in THRESHOLDS_PX:
         out[f"under_{t}px"] = float((epe < t).mean()) if len(epe) else float("nan")
+    if not answered.all():
+        out["unanswered"] = float(1 - answered.mean())
     return out

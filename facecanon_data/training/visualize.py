@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .dataset import FaceCanonDataset, IndexFilter
-from .evaluate import forward_sample
+from .evaluate import ModelPredictor, predict_sample
 from ..errors import InputValueError
 
 
@@ -53,11 +53,11 @@ def visualize(model, store: str, out: str | Path, subject: str, canonical_scale:
     sel = sel[np.argsort(rows["v"][sel])][:views].tolist()
     h, w = resolution
     model.eval()
-    pred, sample, raw = forward_sample(model, ds, sel, h, w, device)
+    pred, sample, maps = predict_sample(ModelPredictor(model, device, len(sel)), ds, sel, h, w, "views")
     n = len(sel)
     images = sample["image"].permute(0, 2, 3, 1).numpy()
     depth_gt, mask = sample["depth"][:, 0].numpy(), sample["mask"][:, 0].numpy()
-    depth_pred = raw["depth"][0, :, 0].float().cpu().numpy() if "depth" in raw else np.zeros_like(depth_gt)
+    depth_pred = maps.depth
     gt_c = pred.gt_canonical * canonical_scale
     lo, hi = gt_c[mask].min(0), gt_c[mask].max(0)
     fig, axes = plt.subplots(5, n, figsize=(2.2 * n, 2.2 * 5 * h / w), squeeze=False)
