@@ -404,35 +404,100 @@ def train_cmd(store: Path = typer.Option(..., "--store", help="Dataset store to 
     _emit(result, as_json, "\n".join(f"{k}: {v}" for k, v in result.items()))
 
 
+ProtocolOpt = typer.Option(None, "--protocol", help="Evaluation TOML (default: pipelines/eval_synthetic.toml; "
+                           "the paper's NeRSemble test protocol is pipelines/eval_nersemble_test.toml).")
+
+
 @app.command("evaluate")
-def evaluate_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint written by `train`."),
+def evaluate_cmd(checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A checkpoint written by "
+                                                           "`train` (the bundled model, run in process)."),
+                 predictions: Optional[Path] = typer.Option(None, "--predictions", help="Instead of a checkpoint: a "
+                                                            "folder of any model's predictions of the frames "
+                                                            "`export-frames` wrote (predictions.npz or the released "
+                                                            "code's raw_predictions.npz per camera; docs/evaluation.md)."),
                  store: Path = typer.Option(..., "--store", help="Store holding the evaluation subjects."),
-                 protocol: Optional[Path] = typer.Option(None, "--protocol", help="Evaluation TOML (default: "
-                                                         "pipelines/eval_synthetic.toml; the paper's NeRSemble test "
-                                                         "protocol is pipelines/eval_nersemble_test.toml)."),
+                 protocol: Optional[Path] = ProtocolOpt,
                  untrained: bool = typer.Option(False, "--untrained", help="Evaluate the checkpoint's architecture "
                                                 "freshly initialized (the baseline)."),
-                 label: str = typer.Option("", "--label", help="The row's name in the tables (default: trained "
-                                           "or untrained); saved as STORE/evaluations/PROTOCOL/LABEL.json."),
+                 label: str = typer.Option("", "--label", help="The model's name in the tables (default: trained, "
+                                           "untrained or predictions); saved as STORE/evaluations/PROTOCOL/LABEL.json."),
                  as_json: bool = JsonOpt) -> None:
     """The paper's protocol on held-out subjects (Sec. 4.2): frontal-camera EPE at margins in frames, monocular
-    and multi-view depth AbsRel / RMSE, in the face + hair region; prints the paper's table layouts."""
+    and multi-view depth AbsRel / RMSE, in the face + hair region; prints the paper's table layouts. Scores the
+    bundled model (--checkpoint) or any model's prediction files (--predictions)."""
     _setup_logging()
     _require_store(store)
+    if (checkpoint is None) == (predictions is None):
+        _fail("give either --checkpoint (the bundled model) or --predictions (a folder of prediction files)")
     from .training.config import load_eval_config
 
     ev = _load_config(load_eval_config, protocol, "eval_synthetic.toml")
-    from .training.evaluate import evaluate_model
+    from .training.evaluate import evaluate_model, run_protocol
     from .training.tables import paper_tables, save_evaluation
-    from .training.trainer import model_from_checkpoint, select_device
 
-    device = select_device("auto")
-    model, _ = _guarded(model_from_checkpoint, checkpoint, device, untrained)
-    result = _guarded(evaluate_model, model, str(store), ev, str(device))
-    label = label or ("untrained" if untrained else "trained")
-    result = {"checkpoint": str(checkpoint), "untrained": untrained, "protocol": ev.name, **result}
+    if predictions is not None:
+        from .training.predictions import FilePredictor
+
+        predictor = _guarded(FilePredictor, predictions, ev)
+        result = _guarded(run_protocol, predictor, str(store), ev)
+        label = label or "predictions"
+        result = {"predictions": str(predictions), "files": len(predictor.files), "protocol": ev.name, **result}
+    else:
+        from .training.trainer import model_from_checkpoint, select_device
+
+        device = select_device("auto")
+        model, _ = _guarded(model_from_checkpoint, checkpoint, device, untrained)
+        result = _guarded(evaluate_model, model, str(store), ev, str(device))
+        label = label or ("untrained" if untrained else "trained")
+        result = {"checkpoint": str(checkpoint), "untrained": untrained, "protocol": ev.name, **result}
     result["saved"] = str(_guarded(save_evaluation, store, result, label))
     _emit(result, as_json, paper_tables({label: result}) + f"\n\nsaved to {result['saved']} (`report` gathers them)")
+
+
+@app.command("export-frames")
+def export_frames_cmd(store: Path = typer.Argument(..., help="Store holding the evaluation subjects."),
+                      protocol: Optional[Path] = ProtocolOpt,
+                      out: Path = typer.Option(..., "--out", help="Folder of the frames: per subject, sequence and "
+                                               "camera, numbered PNGs in frame order and cameras.json."),
+                      as_json: bool = JsonOpt) -> None:
+    """The protocol's test views as image folders, the input of any external model (then `evaluate
+    --predictions` scores what it writes)."""
+    _setup_logging()
+    _require_store(store)
+    from .training.config import load_eval_config
+    from .training.predictions import export_frames
+
+    ev = _load_config(load_eval_config, protocol, "eval_synthetic.toml")
+    result = _guarded(export_frames, str(store), ev, out)
+    _emit(result, as_json, f"{result['images']} images of {result['cameras']} cameras "
+                           f"({len(result['subjects'])} subjects) in {out}")
+
+
+@app.command("predict")
+def predict_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint written by `train`."),
+                store: Path = typer.Option(..., "--store", help="Store holding the evaluation subjects."),
+                protocol: Optional[Path] = ProtocolOpt,
+                out: Path = typer.Option(..., "--out", help="Folder of the predictions.npz files (one per "
+                                         "subject, sequence and camera)."),
+                as_json: bool = JsonOpt) -> None:
+    """The bundled model's predictions of the protocol's views, written as prediction files: the same
+    forward passes as `evaluate --checkpoint`, so `evaluate --predictions` on them gives its figures."""
+    _setup_logging()
+    _require_store(store)
+    from .training.config import load_eval_config
+    from .training.evaluate import ModelPredictor, run_protocol
+    from .training.predictions import RecordingPredictor, write_recorded_predictions
+    from .training.trainer import model_from_checkpoint, select_device
+
+    ev = _load_config(load_eval_config, protocol, "eval_synthetic.toml")
+    device = select_device("auto")
+    model, _ = _guarded(model_from_checkpoint, checkpoint, device, False)
+    model.eval()
+    recorder = RecordingPredictor(ModelPredictor(model, str(device), ev.views_per_sample))
+    result = _guarded(run_protocol, recorder, str(store), ev)
+    files = write_recorded_predictions(recorder, str(store), ev, out)
+    result = {"checkpoint": str(checkpoint), "protocol": ev.name, "files": len(files), "out": str(out), **result}
+    _emit(result, as_json, f"{len(files)} prediction files in {out}")
 
 
 @app.command("visualize")
