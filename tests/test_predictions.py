@@ -70,9 +70,11 @@ class LabelsModel:
         return PredictedMaps(depth=depth, canonical=np.stack([o[1] for o in out]), valid=np.ones(depth.shape, bool))
 
 
-def _write_camera_files(root, store, cfg, model: LabelsModel, layout: str, scale: int = 1):
+def _write_camera_files(root, store, cfg, model: LabelsModel, layout: str, scale: int = 1, noise: float = 0.0):
     """Per camera, the model's maps for the exported frames as a predictions file of ``layout``, at ``scale``
-    times the protocol's resolution."""
+    times the protocol's resolution; ``noise``: Gaussian noise on canonical (its sigma in pixel spacings of
+    the label grid) and on depth (its sigma relative)."""
+    rng = np.random.default_rng(1)
     from facecanon_data.training.evaluate import camera_frames, protocol_dataset
 
     ds, views, _ = protocol_dataset(str(store), cfg)
@@ -82,6 +84,8 @@ def _write_camera_files(root, store, cfg, model: LabelsModel, layout: str, scale
             maps = model(ds, sel.tolist(), sample, "frames")
             up = lambda a: np.repeat(np.repeat(a, scale, 1), scale, 2)  # noqa: E731
             depth, canonical = up(maps.depth), up(maps.canonical)
+            depth = depth * (1 + noise * rng.standard_normal(depth.shape))
+            canonical = canonical + 7.0 * MM * noise * rng.standard_normal(canonical.shape)
             folder = root / subject / seq / serial
             folder.mkdir(parents=True, exist_ok=True)
             n = len(sel)
@@ -146,15 +150,18 @@ def test_export_then_released_layout_scored_from_the_cli(moving_store, tmp_path)
     assert np.asarray(meta["intrinsics"]).shape == (len(FRAMES), 3, 3)
     pngs = sorted((tmp_path / "frames" / "903" / "EXP-1-head" / "222200037" / "images").glob("*.png"))
     assert [p.name for p in pngs] == [f"{f:05d}.png" for f in FRAMES]
-    # the released inference's layout at twice the resolution, top row invalid
+    # the released inference's layout at twice the resolution, top row invalid, noise of 0.1 pixel spacings
+    # (a match one pixel off needs the noise to carry a point half a spacing: 5 sigma, so it stays rare)
     pred = tmp_path / "pred"
-    _write_camera_files(pred, moving_store, _protocol(), LabelsModel(), "released", scale=2)
+    _write_camera_files(pred, moving_store, _protocol(), LabelsModel(), "released", scale=2, noise=0.1)
     r = subprocess.run([exe, "evaluate", "--predictions", str(pred), "--store", str(moving_store), "--protocol",
                         str(proto), "--label", "labels-x7", "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.splitlines()[-1])
-    assert res["files"] == 16 and res["margins"]["1"]["epe_px"] == 0 and res["margins"]["1"]["correspondences"] > 100
-    assert res["depth"]["multi_view"]["absrel"] < 1e-6 and res["depth"]["multi_view"]["images"] == 16 * len(FRAMES)
+    assert res["files"] == 16 and res["margins"]["1"]["correspondences"] > 100
+    assert res["margins"]["1"]["epe_px"] < 0.05 and res["margins"]["1"]["under_3px"] == 1
+    assert 0.05 < res["depth"]["multi_view"]["absrel"] < 0.12  # E|noise| = 0.1 * sqrt(2 / pi) = 0.08
+    assert res["depth"]["multi_view"]["images"] == 16 * len(FRAMES)
     assert (moving_store / "evaluations" / "moving" / "labels-x7.json").is_file()
     # a file with a frame too few is refused by name
     bad = pred / "903" / "EXP-1-head" / "222200037" / "raw_predictions.npz"
