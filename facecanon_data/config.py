@@ -309,6 +309,15 @@ class RenderConfig:
         2000,
         "cross_view_canonical_mm reprojects each view's valid pixels into every other view (O(V^2) passes): a "
         "seeded sample of this many per view bounds it on dense maps (sparse ones have fewer: all used).")
+    label_margins: list[int] = opt(
+        factory=lambda: [2, 8],
+        help="with ground truth: the label correspondence error of frontal-camera frame pairs this many frames "
+             "apart (the paper's Tab. 2 margins; docs/pipeline.md, label_epe)")
+    label_margins_average: list[int] = opt(factory=lambda: [1, 10], help="[first, last] margins averaged ('1-10')")
+    label_match_mm: float = opt(2.0, "the evaluator's acceptance radius of a label match")
+    label_max_pairs: int = opt(8, "frame pairs measured per margin (a seeded sample where more exist)")
+    label_max_queries: int = opt(1000, "query pixels per image pair (a seeded sample)")
+    label_cross_view_cameras: int = opt(2, "cross-view pairs: the frontal camera with this many nearest cameras")
 
 
 @dataclass
@@ -518,6 +527,14 @@ def _validate(cfg: PipelineConfig, where: str) -> None:
         raise ConfigError(f"{where}: canonicalize.transfer must be one of {', '.join(TRANSFER_MODES)}")
     if cfg.render.canonical_dtype not in ("float16", "float32"):
         raise ConfigError(f"{where}: render.canonical_dtype must be float16 or float32")
+    r = cfg.render
+    if any(m < 1 for m in r.label_margins) or (r.label_margins_average and (
+            len(r.label_margins_average) != 2 or not 1 <= r.label_margins_average[0] <= r.label_margins_average[1])):
+        raise ConfigError(f"{where}: render.label_margins must be frame counts >= 1 and render.label_margins_average "
+                          "[first, last] with 1 <= first <= last, or []")
+    if r.label_match_mm <= 0 or r.label_max_pairs < 1 or r.label_max_queries < 1 or r.label_cross_view_cameras < 0:
+        raise ConfigError(f"{where}: render.label_match_mm, label_max_pairs and label_max_queries must be positive, "
+                          "label_cross_view_cameras >= 0")
     if cfg.reconstruct.dense not in DENSE_BACKENDS:
         hint = {"never": " ('never' is now 'none')", "always": " ('always' is now 'colmap')"}.get(cfg.reconstruct.dense, "")
         raise ConfigError(f"{where}: reconstruct.dense must be one of {', '.join(DENSE_BACKENDS)}, got "

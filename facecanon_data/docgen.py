@@ -195,6 +195,9 @@ def store_page() -> str:
             "| `serials` | the V camera ids, in view order |",
             "| `timestamps` | T objects: `sequence`, `frame`, `reason`, tracking errors (`cd_l1_mm`, `landmark_px`), "
             "the label figures of `render`, per view `views[serial].valid_fraction` |",
+            "| `quality` | the subject's label figures of `render` where the capture has ground truth: errors "
+            "against the true canonical points by region, and `label_epe`, the correspondences the labels define "
+            "against the true motion (docs/pipeline.md) |",
             "| `provenance` | capture root, pipeline name and file, configuration hash, code version, dense "
             "backend, colour correction, write time |",
             "| `integrity` | written last: `files` (every file's size and blake2b digest), `chunks` (every chunk's "

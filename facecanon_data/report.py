@@ -19,6 +19,11 @@ FIGURES = (("cd_l1_mm", "CD-L1 (mm)"), ("landmark_px", "landmarks (px)"), ("vali
            ("cross_view_canonical_mm", "cross-view canonical (mm)"), ("gt_canonical_error_mm", "GT canonical, head (mm)"),
            ("gt_canonical_error_mm_face_hair", "GT canonical, face + hair (mm)"), ("gt_depth_absrel", "GT depth AbsRel"))
 
+# Per-subject figures of render against the ground truth (attrs["quality"]), where the capture has one:
+# the correspondences the labels define against the true motion, at a 504 px longest side (label_motion).
+LABEL_FIGURES = (("label_epe_px_504_m2", "label EPE m=2 (px @504)"), ("label_epe_floor_px_504_m2", "floor m=2"),
+                 ("label_epe_px_504_m8", "label EPE m=8 (px @504)"), ("label_epe_floor_px_504_m8", "floor m=8"))
+
 
 def subject_summary(store: str | Path, subject: str) -> dict:
     g = open_subject(store, subject)
@@ -35,7 +40,46 @@ def subject_summary(store: str | Path, subject: str) -> dict:
         vals = np.array([float(t[key]) for t in stamps if t.get(key) is not None], float)
         vals = vals[np.isfinite(vals)]
         out[key] = round(float(np.median(vals)), 5) if len(vals) else None
+    quality = attrs.get("quality") or {}
+    for key, _ in LABEL_FIGURES:
+        if quality.get(key) is not None:
+            out[key] = quality[key]
     return out
+
+
+def _label_epe_png(store: str | Path, names: list[str]) -> str | None:
+    """Label EPE and its pixel-centre floor against the frame margin (frontal camera, all head, 504 px
+    scale), one line pair per subject that has them; None when no subject does."""
+    curves = []
+    for s in names:
+        epe = (open_subject(store, s).attrs.asdict().get("quality") or {}).get("label_epe") or {}
+        rows = sorted((int(m), f["head"]) for m, f in epe.get("margins", {}).items() if "head" in f)
+        if rows:
+            curves.append((s, rows))
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for s, rows in curves:
+        m = [r[0] for r in rows]
+        line, = ax.plot(m, [r[1]["label_epe_px_504"] for r in rows], "o-", label=f"{s} labels")
+        ax.plot(m, [r[1]["floor_epe_px_504"] for r in rows], "--", color=line.get_color(), label=f"{s} floor")
+    ax.axhline(1.72, color="grey", lw=0.8)
+    ax.text(ax.get_xlim()[0], 1.74, "the paper's model, margin 2", fontsize=7, color="grey")
+    ax.set_xlabel("margin (frames)")
+    ax.set_ylabel("EPE (px at 504 px longest side)")
+    ax.set_title("label correspondences against the true motion (frontal camera)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def build_report(store: str | Path) -> dict:
@@ -79,10 +123,14 @@ def write_html(store: str | Path, report: dict, path: str | Path) -> Path:
     """A self-contained HTML page: the table and the plots."""
     names = [r["subject"] for r in report["subjects"]]
     cols = ["subject", "timestamps", "views", "resolution", "dense_backend", "color_correction"] + [k for k, _ in FIGURES]
+    cols += [k for k, _ in LABEL_FIGURES if any(r.get(k) is not None for r in report["subjects"])]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in cols) + "</tr>"
                    for r in report["subjects"])
     img = f'<img src="data:image/png;base64,{_plot_png(store, names)}">' if names else ""
+    motion = _label_epe_png(store, names) if names else None
+    if motion:
+        img += f'<h2>label correspondences against the true motion</h2><img src="data:image/png;base64,{motion}">'
     page = (f"<!doctype html><meta charset='utf-8'><title>facecanon-data report</title>"
             f"<style>body{{font-family:sans-serif}}td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}</style>"
             f"<h1>{html.escape(str(store))}</h1><p>{len(names)} subjects, {report['timestamps']} timestamps, "

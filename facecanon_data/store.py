@@ -170,6 +170,7 @@ class SubjectData:
     points_xyz: list[np.ndarray] = field(default_factory=list)  # T arrays (P_t, 3)
     points_canonical: list[np.ndarray] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)  # subject-level label figures (render's, e.g. label_epe)
 
     def validate(self) -> None:
         t, v, h, w = self.depth.shape
@@ -478,7 +479,7 @@ def write_subject(store: str | Path, data: SubjectData) -> Path:
         _write_array(pg, "xyz", (np.concatenate(data.points_xyz) if counts else np.zeros((0, 3))).astype(np.float32))
         _write_array(pg, "canonical", (np.concatenate(data.points_canonical) if counts else np.zeros((0, 3))).astype(np.float32))
         g.attrs.update({"schema_version": SCHEMA_VERSION, "subject": data.subject, "serials": list(data.serials),
-                        "timestamps": _jsonable(data.timestamps),
+                        "timestamps": _jsonable(data.timestamps), "quality": _jsonable(data.quality),
                         "provenance": {**_jsonable(data.provenance), "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
                         "integrity": {"files": _file_manifest(slot.dir),
                                       "chunks": _chunk_manifest(slot.dir)}})

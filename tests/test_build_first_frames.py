@@ -38,6 +38,13 @@ def test_a_test_subject_line_builds_its_first_frames_through_the_same_chain(synt
     assert rep.returncode == 0, rep.stderr
     (row,) = json.loads(rep.stdout.strip().splitlines()[-1])["subjects"]
     assert row["reasons"] == {"expression": 0, "pose": 0, "first": 3}
+    # consecutive frames with ground truth: the label correspondences against the true motion, in the store
+    assert row["label_epe_px_504_m2"] is not None and row["label_epe_floor_px_504_m2"] is not None
+    motion = g.attrs["quality"]["label_epe"]
+    head = motion["margins"]["2"]["head"]  # frames 0 and 2
+    assert 0.2 < head["floor_epe_px"] < 0.6 and head["queries"] > 50, head  # ~0.38 px: matching to pixel centres
+    assert head["floor_epe_px"] - 0.1 <= head["label_epe_px"] < 10, head
+    assert set(motion["margins"]) == {"1", "2"} and motion["cross_view"]["head"]["queries"] > 50, motion
     # --keep-work light (the default): images, COLMAP workspaces and written maps are gone, masks packed
     work = tmp_path / "work" / "900"
     assert not list(work.glob("reconstruct/*/*/images")) and not list(work.glob("reconstruct/*/*/colmap"))

@@ -98,7 +98,8 @@ class SyntheticGroundTruth:
         depth (H, W) m of whatever the subject shows (0 = studio); foreground (H, W) bool the subject;
         mask (H, W) bool its head (head model, hair, teeth, tongue: everything but the torso);
         canonical (H, W, 3) m on the head (0 elsewhere); part (H, W) int8 (-1 = studio);
-        triangle (H, W) int64 of the scene (-1 = studio); faces (F, 3) the scene's triangles."""
+        triangle (H, W) int64 of the scene (-1 = studio), bary (H, W, 3) float32 in it; faces (F, 3) the
+        scene's triangles."""
         from ..meshes import barycentric_interpolate, cast_camera_rays, raycasting_scene
 
         vertices, faces, part_of_vertex, canonical_vertices = self.scene(sequence, frame)
@@ -113,4 +114,4 @@ class SyntheticGroundTruth:
         canonical[mask] = barycentric_interpolate(canonical_vertices.astype(np.float32), faces,
                                                   triangle[mask], bary[mask])
         return {"depth": depth, "foreground": foreground, "mask": mask, "canonical": canonical, "part": part,
-                "triangle": triangle, "faces": faces}
+                "triangle": triangle, "bary": bary, "faces": faces}

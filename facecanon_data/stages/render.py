@@ -37,6 +37,7 @@ from ..cameras import Camera, read_cameras_json
 from ..config import PipelineConfig
 from ..errors import InputFileNotFound
 from ..foreground import mask_iou
+from ..label_motion import ViewLabels, ViewTruth, pair_errors, summarize
 from ..regions import eval_region, vertex_labels
 from ..meshes import cast_camera_rays, raycasting_scene
 from ..threads import apply_thread_cap
@@ -219,6 +220,12 @@ class RenderResult:
     gt_head_valid_fraction: float | None = None  # the ground truth's head pixels (hair included) that are valid
     region_iou_face_hair: float | None = None  # the stored face + hair region vs the ground truth's (median view)
     region_iou_face_hair_min: float | None = None
+    # the correspondences the labels define against the true motion (label_motion; docs/pipeline.md)
+    label_epe: dict | None = None
+    label_epe_px_504_m2: float | None = None  # frontal camera, margin 2, all head, at a 504 px longest side
+    label_epe_floor_px_504_m2: float | None = None
+    label_epe_px_504_m8: float | None = None
+    label_epe_floor_px_504_m8: float | None = None
     per_timestamp: list[dict] = field(default_factory=list)
 
     def figures(self) -> dict:
@@ -258,6 +265,7 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
     vertex_label = vertex_labels(model_region, MODEL_REGIONS)
     region_iou = []  # per view: the region map's face + hair against the ground truth's
     render_s, n_views, cross, pairs, dense_any = 0.0, 0, [], 0, False
+    motion = LabelMotion(rc, keys, cfg.capture.frontal_serial) if gt is not None else None
     for i, key in enumerate(keys):
         seq, frame = key.rsplit("/", 1)
         frame = int(frame)
@@ -301,10 +309,17 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
                 region_of_pixel = gt_region[m]
                 ce.append(np.linalg.norm(stored[v][m].astype(np.float32) - g["canonical"][m], axis=1) * 1000)
                 rel.append(np.abs(maps.depth[v][m] - g["depth"][m]) / g["depth"][m])
+                if motion is not None and s in motion.cameras_wanted(seq, frame, cams):
+                    motion.keep(seq, frame, s, cams[s],
+                                ViewLabels(stored[v].astype(np.float32), maps.mask[v], eval_region(maps.region[v])),
+                                ViewTruth(g["canonical"], g["mask"], g["triangle"], g["bary"], g["depth"], gt_region))
                 point = maps.index[v][m]  # the point each valid pixel shows: its transfers and its distance
                 by_transfer_gt.append({mode: np.linalg.norm(c[point] - g["canonical"][m], axis=1) * 1000
                                        for mode, c in by_mode.items()} | {"far": distance_mm[point] > NEAR_MM})
                 by_region.append((region_of_pixel, ce[-1]))
+            if motion is not None:
+                vertices, scene_faces = gt.scene(seq, frame)[:2]
+                motion.measure(seq, frame, vertices, scene_faces)
             ce, rel = np.concatenate(ce), np.concatenate(rel)
             gt_can.append(ce)
             gt_rel.append(rel)
@@ -348,7 +363,93 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
         result.gt_head_valid_fraction = round(head_cover[0] / max(head_cover[1], 1), 5)
         result.region_iou_face_hair = round(float(np.median(region_iou)), 4)
         result.region_iou_face_hair_min = round(float(np.min(region_iou)), 4)
+        shape = maps.mask.shape[1:]
+        result.label_epe = motion.figures(GT_REGIONS, 504 / max(shape))
+        result.label_epe["resolution"] = list(shape)
+        for m in (2, 8):  # the paper's margins as headline fields (every margin is in label_epe)
+            head = result.label_epe["margins"].get(str(m), {}).get("head", {})
+            setattr(result, f"label_epe_px_504_m{m}", head.get("label_epe_px_504"))
+            setattr(result, f"label_epe_floor_px_504_m{m}", head.get("floor_epe_px_504"))
     return result
+
+
+class LabelMotion:
+    """The label correspondence figures of one subject (:mod:`facecanon_data.label_motion`), gathered while
+    ``render`` walks its timestamps: frontal-camera frame pairs at ``render.label_margins`` (and the
+    ``label_margins_average`` range; at most ``label_max_pairs`` per margin, seeded) and, at every timestamp,
+    the frontal camera with its ``label_cross_view_cameras`` nearest cameras. A frame's frontal view is kept
+    only until its last pair is measured, so memory stays within the largest margin."""
+
+    def __init__(self, rc, keys: list[str], frontal: str):
+        self.rc, self.frontal = rc, frontal
+        margins = set(rc.label_margins)
+        if rc.label_margins_average:
+            margins |= set(range(rc.label_margins_average[0], rc.label_margins_average[1] + 1))
+        frames = {(k.rsplit("/", 1)[0], int(k.rsplit("/", 1)[1])) for k in keys}
+        rng = np.random.default_rng(0)
+        self.pairs: dict[tuple, int] = {}  # ((seq, a), (seq, b)) -> margin
+        for m in sorted(margins):
+            found = sorted(((seq, f), (seq, f + m)) for seq, f in frames if (seq, f + m) in frames)
+            if len(found) > rc.label_max_pairs:
+                found = [found[j] for j in np.sort(rng.choice(len(found), rc.label_max_pairs, replace=False))]
+            self.pairs.update({p: m for p in found})
+        self.views: dict[tuple, dict[str, tuple]] = {}  # (seq, frame) -> serial -> (camera, labels, truth)
+        self.vertices: dict[tuple, np.ndarray] = {}  # (seq, frame) -> the ground-truth scene's vertices
+        self.records: dict[int, list] = {}  # margin (0: cross-view) -> pair_errors of each pair
+        self.done: set[tuple] = set()
+        self.rng = np.random.default_rng(1)
+
+    def cameras_wanted(self, seq: str, frame: int, cams: dict[str, Camera]) -> set[str]:
+        if self.frontal not in cams:
+            return set()
+        centre = lambda c: -c.world_2_cam[:3, :3].T @ c.world_2_cam[:3, 3]  # noqa: E731
+        others = sorted((np.linalg.norm(centre(c) - centre(cams[self.frontal])), s) for s, c in cams.items()
+                        if s != self.frontal)
+        return {self.frontal} | {s for _, s in others[:self.rc.label_cross_view_cameras]}
+
+    def keep(self, seq: str, frame: int, serial: str, camera: Camera, labels: ViewLabels, truth: ViewTruth) -> None:
+        self.views.setdefault((seq, frame), {})[serial] = (camera, labels, truth)
+
+    def measure(self, seq: str, frame: int, vertices: np.ndarray, faces: np.ndarray) -> None:
+        """After a timestamp's views are kept: its cross-view pairs, and the frame pairs it completes."""
+        here = self.views.get((seq, frame), {})
+        if self.frontal not in here:
+            self.views.pop((seq, frame), None)
+            return
+        _, labels_f, truth_f = here[self.frontal]
+        rc = self.rc
+        for serial, (camera, labels, truth) in here.items():
+            if serial != self.frontal:
+                self.records.setdefault(0, []).append(pair_errors(
+                    labels_f, labels, truth_f, truth, vertices, faces, camera, rc.label_match_mm / 1000,
+                    rc.label_max_queries, self.rng))
+        self.views[(seq, frame)] = {self.frontal: here[self.frontal]}
+        self.vertices[(seq, frame)] = vertices
+        for (a, b), m in self.pairs.items():
+            if (a, b) not in self.done and a in self.views and b in self.views:
+                cam_b, labels_b, truth_b = self.views[b][self.frontal]
+                _, labels_a, truth_a = self.views[a][self.frontal]
+                self.records.setdefault(m, []).append(pair_errors(
+                    labels_a, labels_b, truth_a, truth_b, self.vertices[b], faces, cam_b, rc.label_match_mm / 1000,
+                    rc.label_max_queries, self.rng))
+                self.done.add((a, b))
+        for x in list(self.views):  # a frame's view goes once every pair it belongs to is measured
+            if all(p in self.done for p in self.pairs if x in p):
+                self.views.pop(x)
+                self.vertices.pop(x, None)
+
+    def figures(self, region_names: tuple[str, ...], scale_504: float) -> dict:
+        margins = {str(m): summarize(r, region_names, scale_504) for m, r in sorted(self.records.items()) if m > 0}
+        out = {"margins": margins, "cross_view": summarize(self.records.get(0, []), region_names, scale_504),
+               "pairs": {str(m): len(r) for m, r in sorted(self.records.items())}, "scale_504": round(scale_504, 5)}
+        rc = self.rc
+        if rc.label_margins_average:
+            lo, hi = rc.label_margins_average
+            per = [margins[str(m)]["head"] for m in range(lo, hi + 1) if "head" in margins.get(str(m), {})]
+            out["margins_average"] = {"margins": f"{lo}-{hi}", "margins_with_pairs": len(per)} | {
+                k: round(float(np.mean([p[k] for p in per])), 4) if per else None
+                for k in ("label_epe_px_504", "floor_epe_px_504", "label_epe_excess_px_504", "label_cce_px_504")}
+        return out
 
 
 # What a ground-truth pixel shows, for the error table: the head model's region of the hit triangle,

@@ -110,6 +110,8 @@ def subject_data_from_work(work, subject: str, cfg: PipelineConfig, source=None)
     return SubjectData(
         subject=subject, serials=serials, timestamps=stamps, **stack, K=np.stack(ks), world_2_cam=np.stack(w2cs),
         track=track_arrays, points_xyz=pts, points_canonical=pcan,
+        quality={k: v for k, v in ((StageDir(work, subject, "render").done() or {}).get("figures") or {}).items()
+                 if k.startswith(("label_epe", "gt_", "region_iou"))},
         provenance={"source": str(cfg.capture.root), "pipeline": cfg.name, "pipeline_file": cfg.source_file,
                     "dense_backend": (StageDir(work, subject, "reconstruct").done() or {})
                     .get("figures", {}).get("dense_backend", "none"),

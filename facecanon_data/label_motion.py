@@ -1,0 +1,140 @@
+"""What the labels teach: the correspondences they define, against the true motion of the skin.
+
+The paper's protocol (and ``evaluate``) takes as the "ground-truth" match of a pixel p of image A the
+labelled pixel of image B whose *stored* canonical label is nearest to p's label, accepted within a radius.
+So the labels are also the referee. On a capture with ground truth the true match is known: p shows a
+surface point of the ground-truth mesh (a triangle and barycentric coordinates); the same point at B's
+frame, projected into B's camera, is where that skin went (sub-pixel), if B sees it.
+
+Per query pixel p (labelled, in the evaluation region, on the ground truth's head, visible in B):
+
+- ``label_epe_px``: |label match - true position| in pixels of the stored images;
+- ``floor_epe_px``: the same rule run on the ground truth's own canonical coordinates at pixel centres
+  (what matching to a pixel centre leaves, ~0.38 px for a uniform sub-pixel offset);
+- ``label_cce_px``: the label match followed back to A by the same rule, |p' - p|;
+- ``label_error_mm``: canonical distance between the true surface point of the label match's pixel and p's
+  (the error on the surface, whatever the projection).
+
+Pure functions of arrays; the render stage feeds them its maps and the capture's ground truth.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+REGION_GROUPS = {"face": ("face", "eyes", "mouth"), "hair": ("hair", "scalp"), "head": None}  # None: all
+
+
+@dataclass
+class ViewLabels:
+    """What the store holds for one view, at its resolution (H, W)."""
+
+    canonical: np.ndarray  # (H, W, 3) float32 m, stored canonical labels
+    labelled: np.ndarray  # (H, W) bool
+    region: np.ndarray  # (H, W) bool, the stored evaluation region (face + hair)
+
+
+@dataclass
+class ViewTruth:
+    """The ground truth of one view at the same resolution."""
+
+    canonical: np.ndarray  # (H, W, 3) float32 m, the true canonical point of each head pixel
+    head: np.ndarray  # (H, W) bool
+    triangle: np.ndarray  # (H, W) int64 scene triangle, -1 = studio
+    bary: np.ndarray  # (H, W, 3) float32 barycentric coordinates in that triangle
+    depth: np.ndarray  # (H, W) float32 m along the optical axis, 0 = studio
+    region: np.ndarray  # (H, W) int8 ground-truth region id (names: ``region_names``), -1 = not head
+
+
+def true_positions(truth_a: ViewTruth, queries: np.ndarray, vertices_b: np.ndarray, faces: np.ndarray,
+                   camera_b, depth_b: np.ndarray, visible_mm: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Where the surface points under ``queries`` (P, 2) rows/cols of view A are in view B: (P, 2) float x, y
+    pixel coordinates (centres at integers) and (P,) bool visible (inside B, and B's ground-truth depth at
+    the nearest pixel within ``visible_mm`` of the point's: not occluded)."""
+    from .meshes import barycentric_interpolate
+
+    tri = truth_a.triangle[queries[:, 0], queries[:, 1]]
+    bary = truth_a.bary[queries[:, 0], queries[:, 1]]
+    points = barycentric_interpolate(vertices_b, faces, tri, bary)
+    uv, z = camera_b.project(points)
+    h, w = depth_b.shape
+    px = np.rint(uv).astype(np.int64)
+    inside = (px[:, 0] >= 0) & (px[:, 0] < w) & (px[:, 1] >= 0) & (px[:, 1] < h) & (z > 0)
+    px = np.where(inside[:, None], px, 0)
+    visible = inside & (np.abs(depth_b[px[:, 1], px[:, 0]] - z) * 1000 <= visible_mm)
+    return uv, visible
+
+
+def nearest_match(points: np.ndarray, canonical_b: np.ndarray, candidates_b: np.ndarray, radius_m: float
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The evaluator's rule: for (P, 3) canonical points, the candidate pixel of B whose canonical value is
+    nearest: (P, 2) rows/cols and (P,) bool accepted (within ``radius_m``)."""
+    from scipy.spatial import cKDTree
+
+    pix = np.argwhere(candidates_b)
+    if len(pix) == 0 or len(points) == 0:
+        return np.zeros((len(points), 2), np.int64), np.zeros(len(points), bool)
+    dist, j = cKDTree(canonical_b[candidates_b]).query(points)
+    return pix[j], dist <= radius_m
+
+
+def pair_errors(labels_a: ViewLabels, labels_b: ViewLabels, truth_a: ViewTruth, truth_b: ViewTruth,
+                vertices_b: np.ndarray, faces: np.ndarray, camera_b, radius_m: float, max_queries: int,
+                rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Per query pixel of A (see module docstring): label_epe_px, floor_epe_px, label_cce_px, label_error_mm
+    (NaN where the labels accept no match), and region (int8 ground-truth region id)."""
+    queries = np.argwhere(labels_a.labelled & labels_a.region & truth_a.head)
+    if len(queries) > max_queries:
+        queries = queries[np.sort(rng.choice(len(queries), max_queries, replace=False))]
+    uv, visible = true_positions(truth_a, queries, vertices_b, faces, camera_b, truth_b.depth)
+    queries, true_xy = queries[visible], uv[visible]
+    if len(queries) == 0:
+        return {k: np.zeros(0) for k in ("label_epe_px", "floor_epe_px", "label_cce_px", "label_error_mm", "region")}
+    rows, cols = queries[:, 0], queries[:, 1]
+    candidates_b = labels_b.labelled & labels_b.region
+    match, ok = nearest_match(labels_a.canonical[rows, cols], labels_b.canonical, candidates_b, radius_m)
+    back, back_ok = nearest_match(labels_b.canonical[match[:, 0], match[:, 1]], labels_a.canonical,
+                                  labels_a.labelled & labels_a.region, np.inf)
+    floor, floor_ok = nearest_match(truth_a.canonical[rows, cols], truth_b.canonical, truth_b.head & labels_b.region,
+                                    radius_m)
+    xy = lambda rc: rc[:, ::-1].astype(np.float64)  # noqa: E731  rows/cols -> x, y
+    epe = np.linalg.norm(xy(match) - true_xy, axis=1)
+    on_head = truth_b.head[match[:, 0], match[:, 1]]
+    error_mm = np.linalg.norm(truth_b.canonical[match[:, 0], match[:, 1]] - truth_a.canonical[rows, cols], axis=1) * 1000
+    nan = np.float64(np.nan)
+    return {"label_epe_px": np.where(ok, epe, nan),
+            "floor_epe_px": np.where(floor_ok, np.linalg.norm(xy(floor) - true_xy, axis=1), nan),
+            "label_cce_px": np.where(ok & back_ok, np.linalg.norm(xy(back) - xy(queries), axis=1), nan),
+            "label_error_mm": np.where(ok & on_head, error_mm, nan),
+            "region": truth_a.region[rows, cols]}
+
+
+def summarize(records: list[dict[str, np.ndarray]], region_names: tuple[str, ...], scale_504: float) -> dict:
+    """Figures of many pairs' :func:`pair_errors`: per region group (face, hair, head) the means of label EPE,
+    floor and CCE (pixels of the stored images, and ``*_504``: scaled to a 504 px longest side, the released
+    inference's resolution), the label's excess over the floor, the < 3 / 5 / 10 px fractions of the label
+    EPE, the median 3D error (mm), the query count and the fraction the labels accepted."""
+    if not records:
+        return {}
+    cat = {k: np.concatenate([r[k] for r in records]) for k in records[0]}
+    out = {}
+    for group, members in REGION_GROUPS.items():
+        ids = [region_names.index(n) for n in (members or region_names) if n in region_names]
+        sel = np.isin(cat["region"], ids) if members else cat["region"] >= 0
+        if not sel.any():
+            continue
+        epe, floor = cat["label_epe_px"][sel], cat["floor_epe_px"][sel]
+        cce, mm = cat["label_cce_px"][sel], cat["label_error_mm"][sel]
+        accepted = np.isfinite(epe)
+        mean = lambda a: float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")  # noqa: E731
+        figures = {"label_epe_px": mean(epe), "floor_epe_px": mean(floor), "label_cce_px": mean(cce)}
+        figures.update({f"{k}_504": v * scale_504 for k, v in list(figures.items())})
+        figures["label_epe_excess_px_504"] = figures["label_epe_px_504"] - figures["floor_epe_px_504"]
+        for t in (3, 5, 10):
+            figures[f"label_epe_under_{t}px"] = float((epe[accepted] < t).mean()) if accepted.any() else float("nan")
+        figures["label_error_mm"] = float(np.nanmedian(mm)) if np.isfinite(mm).any() else float("nan")
+        figures["queries"] = int(sel.sum())
+        figures["accepted_fraction"] = float(accepted.mean())
+        out[group] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in figures.items()}
+    return out
