@@ -283,7 +283,6 @@ def build_cmd(subjects_file: Path = typer.Option(..., "--subjects", help="Manife
     store = str(out or expand(cfg.store))
     work_dir = str(work or expand(cfg.work))
     from rich.console import Console
-    from rich.table import Table
 
     from .errors import InputError
     from .orchestration.run import build, ensure_synthetic_capture
@@ -304,15 +303,15 @@ def build_cmd(subjects_file: Path = typer.Option(..., "--subjects", help="Manife
                              progress=progress, workers=workers, keep_work=keep_work)
     except InputError as exc:
         _fail(str(exc))
-    table = Table(title=f"build: {sum(o.ok for o in outcomes)} ok, {sum(not o.ok for o in outcomes)} failed -> {store}")
-    for col in ("subject", "status", "timestamps kept/selected", "dropped", "seconds per stage (* reused)"):
-        table.add_column(col)
+    rows = []
     for o in outcomes:
         status = "ok" if o.ok else f"FAILED in {o.failed_stage}: {o.reason}"
         secs = " ".join(f"{k}{'*' if o.stages.get(k) == 'reused' else ''} {v:.0f}" for k, v in o.seconds.items())
-        table.add_row(o.subject, status, f"{o.timestamps_kept}/{o.timestamps_selected}",
-                      "; ".join(f"{k}: {v}" for k, v in o.dropped.items()) or "-", secs)
-    (_stderr_console() if as_json else Console()).print(table)  # stdout stays one JSON line with --json
+        rows.append([o.subject, status, f"{o.timestamps_kept}/{o.timestamps_selected}",
+                     "; ".join(f"{k}: {v}" for k, v in o.dropped.items()) or "-", secs])
+    _print_table(f"build: {sum(o.ok for o in outcomes)} ok, {sum(not o.ok for o in outcomes)} failed -> {store}",
+                 ["subject", "status", "timestamps kept/selected", "dropped", "seconds per stage (* reused)"], rows,
+                 _stderr_console() if as_json else Console())  # stdout stays one JSON line with --json
     result = {"store": store, "subjects": [dataclasses.asdict(o) for o in outcomes],
               "ok": sum(o.ok for o in outcomes), "failed": sum(not o.ok for o in outcomes)}
     if as_json:
@@ -328,9 +327,7 @@ def report_cmd(store: Path = typer.Argument(..., help="Store folder."),
                as_json: bool = JsonOpt) -> None:
     """Per-subject quality of a store (selection, tracking, label quality, ground-truth errors) + HTML."""
     _setup_logging()
-    from rich.table import Table
-
-    from .report import FIGURES, build_report, write_html
+    from .report import FIGURES, LABEL_FIGURES, build_report, write_html
 
     if not (store / "zarr.json").is_file():
         _fail(f"{store}: not a facecanon-data store (no zarr.json)")
@@ -340,17 +337,16 @@ def report_cmd(store: Path = typer.Argument(..., help="Store folder."),
     if as_json:
         typer.echo(json.dumps(report, default=str))
         return
-    table = Table(title=f"{store}: {len(report['subjects'])} subjects, {report['views']} view-samples (medians)")
-    for col in ["subject", "timestamps (expr/pose)", "dense", "colour corr."] + [label for _, label in FIGURES]:
-        table.add_column(col)
-    for r in report["subjects"]:
-        table.add_row(r["subject"], f"{r['timestamps']} ({r['reasons']['expression']}/{r['reasons']['pose']}"
-                      + (f", {r['reasons']['first']} first" if r["reasons"]["first"] else "") + ")",
-                      r["dense_backend"], r["color_correction"],
-                      *["-" if r[k] is None else f"{r[k]:.4g}" for k, _ in FIGURES])
+    figures = list(FIGURES) + [f for f in LABEL_FIGURES if any(r.get(f[0]) is not None for r in report["subjects"])]
+    rows = [[r["subject"], f"{r['timestamps']} ({r['reasons']['expression']}/{r['reasons']['pose']}"
+             + (f", {r['reasons']['first']} first" if r["reasons"]["first"] else "") + ")",
+             r["dense_backend"], r["color_correction"], *["-" if r.get(k) is None else f"{r[k]:.4g}" for k, _ in figures]]
+            for r in report["subjects"]]
     from rich.console import Console
 
-    Console().print(table)
+    _print_table(f"{store}: {len(report['subjects'])} subjects, {report['views']} view-samples (medians)",
+                 ["subject", "timestamps (expr/pose)", "dense", "colour corr."] + [label for _, label in figures], rows,
+                 Console())
     for name, tables in report["evaluations"].items():
         typer.echo(f"\nevaluation: {name}\n\n{tables}")
     typer.echo(f"report: {page}")
@@ -600,6 +596,25 @@ def bench_cmd(name: str = typer.Argument(..., help="Benchmark to run: select, co
     if "tables" in result:  # bench train: the evaluation in the layout of the paper's tables
         human += "\n\n" + result["tables"]
     _emit(result, as_json, human)
+
+
+def _print_table(title: str, columns: list[str], rows: list[list[str]], console) -> None:
+    """A table that never cuts a cell: on a terminal, columns wrap (rich, folded); elsewhere (a log, a
+    pipe), the title and then one tab-separated line per row, header first, every cell whole."""
+    if console.is_terminal:
+        from rich.table import Table
+
+        table = Table(title=title)
+        for col in columns:
+            table.add_column(col, overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        return
+    clean = lambda cell: str(cell).replace("\t", " ").replace("\n", " ")  # noqa: E731
+    lines = [title, "\t".join(map(clean, columns))] + ["\t".join(map(clean, row)) for row in rows]
+    console.file.write("\n".join(lines) + "\n")
+    console.file.flush()
 
 
 def _stderr_console():

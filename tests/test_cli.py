@@ -47,3 +47,24 @@ def test_synth_json_is_last_stdout_line(tmp_path):
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["images_written"] == 16 and result["subjects"] == ["900"]
     assert (tmp_path / "s" / "capture" / "900" / "calibration" / "camera_params.json").is_file()
+
+
+def test_tables_never_cut_a_cell_in_a_log_or_on_a_narrow_terminal():
+    import io
+
+    from rich.console import Console
+
+    from facecanon_data.cli import _print_table
+
+    reason = "FAILED in reconstruct: /a/very/long/path/to/the/capture/900/calibration/camera_params.json: not found"
+    log = io.StringIO()
+    _print_table("build: 0 ok, 1 failed", ["subject", "status", "seconds"], [["900", reason, "12.3456789"]],
+                 Console(file=log, force_terminal=False, width=40))
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "build: 0 ok, 1 failed" and lines[1].split("\t") == ["subject", "status", "seconds"]
+    assert lines[2].split("\t") == ["900", reason, "12.3456789"]  # machine-readable, every cell whole
+    term = io.StringIO()
+    _print_table("t", ["status"], [[reason]], Console(file=term, force_terminal=True, width=40, color_system=None))
+    folded = "".join(ch for ch in term.getvalue() if ch not in "│┃┏┓┗┛┡┩└┘━─╇┯┷┳┻ \n")
+    assert reason.replace(" ", "") in folded  # wrapped over lines, not cut with an ellipsis
+    assert "…" not in term.getvalue()
