@@ -68,8 +68,10 @@ def _label_epe_png(store: str | Path, names: list[str]) -> str | None:
         m = [r[0] for r in rows]
         line, = ax.plot(m, [r[1]["label_epe_px_504"] for r in rows], "o-", label=f"{s} labels")
         ax.plot(m, [r[1]["floor_epe_px_504"] for r in rows], "--", color=line.get_color(), label=f"{s} floor")
+    top = max(max(r[1]["label_epe_px_504"] for _, rows in curves for r in rows), 1.72)
+    ax.set_ylim(0, 1.15 * top)
     ax.axhline(1.72, color="grey", lw=0.8)
-    ax.text(ax.get_xlim()[0], 1.74, "the paper's model, margin 2", fontsize=7, color="grey")
+    ax.text(ax.get_xlim()[0], 1.75, " the paper's model at margin 2 (1.72 px)", fontsize=7, color="grey", va="bottom")
     ax.set_xlabel("margin (frames)")
     ax.set_ylabel("EPE (px at 504 px longest side)")
     ax.set_title("label correspondences against the true motion (frontal camera)", fontsize=9)
@@ -119,20 +121,41 @@ def _plot_png(store: str | Path, names: list[str]) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+COLUMN_NAMES = {"subject": "subject", "timestamps": "timestamps", "views": "views", "resolution": "stored H × W (px)",
+                "dense_backend": "dense depth", "color_correction": "colour correction",
+                **dict(FIGURES), **dict(LABEL_FIGURES)}
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return " × ".join(map(str, value))
+    return str(value)
+
+
 def write_html(store: str | Path, report: dict, path: str | Path) -> Path:
-    """A self-contained HTML page: the table and the plots."""
+    """A self-contained HTML page: the table (human column names with units) and the plots, laid out to
+    fit a laptop's window (the table wraps its headers, images scale down)."""
     names = [r["subject"] for r in report["subjects"]]
     cols = ["subject", "timestamps", "views", "resolution", "dense_backend", "color_correction"] + [k for k, _ in FIGURES]
     cols += [k for k, _ in LABEL_FIGURES if any(r.get(k) is not None for r in report["subjects"])]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in cols) + "</tr>"
+    head = "".join(f"<th>{html.escape(COLUMN_NAMES.get(c, c))}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r.get(c)))}</td>" for c in cols) + "</tr>"
                    for r in report["subjects"])
     img = f'<img src="data:image/png;base64,{_plot_png(store, names)}">' if names else ""
     motion = _label_epe_png(store, names) if names else None
     if motion:
         img += f'<h2>label correspondences against the true motion</h2><img src="data:image/png;base64,{motion}">'
-    page = (f"<!doctype html><meta charset='utf-8'><title>facecanon-data report</title>"
-            f"<style>body{{font-family:sans-serif}}td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}</style>"
+    style = ("body{font-family:sans-serif;max-width:1240px;margin:0 auto;padding:0 12px}"
+             "table{border-collapse:collapse;width:100%;font-size:13px}"
+             "td,th{padding:2px 6px;border-bottom:1px solid #ddd;text-align:right}"
+             "th{font-weight:600;vertical-align:bottom}td:first-child,th:first-child{text-align:left}"
+             "img{max-width:100%;height:auto;display:block;margin:8px 0}pre{overflow-x:auto}")
+    page = (f"<!doctype html><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
+            f"<title>facecanon-data report</title><style>{style}</style>"
             f"<h1>{html.escape(str(store))}</h1><p>{len(names)} subjects, {report['timestamps']} timestamps, "
             f"{report['views']} view-samples; medians over timestamps.</p><table><tr>{head}</tr>{body}</table>{img}"
             + "".join(f"<h2>evaluation: {html.escape(p)}</h2><pre>{html.escape(t)}</pre>"

@@ -157,6 +157,8 @@ def test_report_table_and_html(store, tmp_path):
     assert report["subjects"][0]["cd_l1_mm"] == pytest.approx(0.8) and report["subjects"][0]["reasons"]["expression"] == 4
     page = write_html(store, report, tmp_path / "r.html").read_text()
     assert "<table>" in page and "data:image/png;base64," in page and page.count("<tr>") == 3
+    assert "<th>CD-L1 (mm)</th>" in page and "<th>cd_l1_mm</th>" not in page  # human names with units
+    assert "max-width:100%" in page  # plots scale down to the window
 
 
 # ---------------------------------------------------------------------------------------------
