@@ -318,6 +318,14 @@ class RenderConfig:
     label_max_pairs: int = opt(8, "frame pairs measured per margin (a seeded sample where more exist)")
     label_max_queries: int = opt(1000, "query pixels per image pair (a seeded sample)")
     label_cross_view_cameras: int = opt(2, "cross-view pairs: the frontal camera with this many nearest cameras")
+    confidence_surface_mm: float = opt(
+        2.0, "label confidence (docs/store.md, confidence): a point this far from the tracked surface keeps "
+             "exp(-1/2) of it")
+    confidence_cross_view_mm: float = opt(
+        2.0, "label confidence: a label disagreeing this much (mean canonical distance) with the labels its "
+             "neighbour views store for the same surface point keeps exp(-1/2) of it")
+    confidence_cross_view_cameras: int = opt(2, "label confidence: each view is checked against this many nearest cameras")
+    confidence_observers: int = opt(3, "label confidence: a point observed by fewer cameras keeps that fraction of it")
 
 
 @dataclass
@@ -532,6 +540,10 @@ def _validate(cfg: PipelineConfig, where: str) -> None:
             len(r.label_margins_average) != 2 or not 1 <= r.label_margins_average[0] <= r.label_margins_average[1])):
         raise ConfigError(f"{where}: render.label_margins must be frame counts >= 1 and render.label_margins_average "
                           "[first, last] with 1 <= first <= last, or []")
+    if r.confidence_surface_mm <= 0 or r.confidence_cross_view_mm <= 0 or r.confidence_observers < 1 \
+            or r.confidence_cross_view_cameras < 1:
+        raise ConfigError(f"{where}: render.confidence_surface_mm and confidence_cross_view_mm must be positive, "
+                          "confidence_observers and confidence_cross_view_cameras at least 1")
     if r.label_match_mm <= 0 or r.label_max_pairs < 1 or r.label_max_queries < 1 or r.label_cross_view_cameras < 0:
         raise ConfigError(f"{where}: render.label_match_mm, label_max_pairs and label_max_queries must be positive, "
                           "label_cross_view_cameras >= 0")

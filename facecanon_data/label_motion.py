@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .confidence import nearest_cameras
+
 REGION_GROUPS = {"face": ("face", "eyes", "mouth"), "hair": ("hair", "scalp"), "head": None}  # None: all
 
 
@@ -33,6 +35,7 @@ class ViewLabels:
     canonical: np.ndarray  # (H, W, 3) float32 m, stored canonical labels
     labelled: np.ndarray  # (H, W) bool
     region: np.ndarray  # (H, W) bool, the stored evaluation region (face + hair)
+    confidence: np.ndarray | None = None  # (H, W) float32 in [0, 1], the stored label confidence (None: all 1)
 
 
 @dataclass
@@ -83,14 +86,16 @@ def pair_errors(labels_a: ViewLabels, labels_b: ViewLabels, truth_a: ViewTruth, 
                 vertices_b: np.ndarray, faces: np.ndarray, camera_b, radius_m: float, max_queries: int,
                 rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Per query pixel of A (see module docstring): label_epe_px, floor_epe_px, label_cce_px, label_error_mm
-    (NaN where the labels accept no match), and region (int8 ground-truth region id)."""
+    (NaN where the labels accept no match), region (int8 ground-truth region id) and confidence (the query
+    pixel's stored label confidence)."""
     queries = np.argwhere(labels_a.labelled & labels_a.region & truth_a.head)
     if len(queries) > max_queries:
         queries = queries[np.sort(rng.choice(len(queries), max_queries, replace=False))]
     uv, visible = true_positions(truth_a, queries, vertices_b, faces, camera_b, truth_b.depth)
     queries, true_xy = queries[visible], uv[visible]
     if len(queries) == 0:
-        return {k: np.zeros(0) for k in ("label_epe_px", "floor_epe_px", "label_cce_px", "label_error_mm", "region")}
+        return {k: np.zeros(0) for k in ("label_epe_px", "floor_epe_px", "label_cce_px", "label_error_mm", "region",
+                                         "confidence")}
     rows, cols = queries[:, 0], queries[:, 1]
     candidates_b = labels_b.labelled & labels_b.region
     match, ok = nearest_match(labels_a.canonical[rows, cols], labels_b.canonical, candidates_b, radius_m)
@@ -107,14 +112,18 @@ def pair_errors(labels_a: ViewLabels, labels_b: ViewLabels, truth_a: ViewTruth, 
             "floor_epe_px": np.where(floor_ok, np.linalg.norm(xy(floor) - true_xy, axis=1), nan),
             "label_cce_px": np.where(ok & back_ok, np.linalg.norm(xy(back) - xy(queries), axis=1), nan),
             "label_error_mm": np.where(ok & on_head, error_mm, nan),
-            "region": truth_a.region[rows, cols]}
+            "region": truth_a.region[rows, cols],
+            "confidence": (np.ones(len(rows), np.float32) if labels_a.confidence is None
+                           else labels_a.confidence[rows, cols].astype(np.float32))}
 
 
 def summarize(records: list[dict[str, np.ndarray]], region_names: tuple[str, ...], scale_504: float) -> dict:
     """Figures of many pairs' :func:`pair_errors`: per region group (face, hair, head) the means of label EPE,
     floor and CCE (pixels of the stored images, and ``*_504``: scaled to a 504 px longest side, the released
     inference's resolution), the label's excess over the floor, the < 3 / 5 / 10 px fractions of the label
-    EPE, the median 3D error (mm), the query count and the fraction the labels accepted."""
+    EPE, the median 3D error (mm), the query count and the fraction the labels accepted; and under
+    ``confident_half`` the label EPE, floor, excess (at 504 px) and 3D error of the half of the queries whose
+    stored label confidence is highest (ties in raster order of the queries)."""
     if not records:
         return {}
     cat = {k: np.concatenate([r[k] for r in records]) for k in records[0]}
@@ -137,4 +146,88 @@ def summarize(records: list[dict[str, np.ndarray]], region_names: tuple[str, ...
         figures["queries"] = int(sel.sum())
         figures["accepted_fraction"] = float(accepted.mean())
         out[group] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in figures.items()}
+        top = np.argsort(-cat["confidence"][sel], kind="stable")[:(int(sel.sum()) + 1) // 2]
+        half = {"label_epe_px_504": mean(epe[top]) * scale_504, "floor_epe_px_504": mean(floor[top]) * scale_504}
+        half["label_epe_excess_px_504"] = half["label_epe_px_504"] - half["floor_epe_px_504"]
+        half["label_error_mm"] = float(np.nanmedian(mm[top])) if np.isfinite(mm[top]).any() else float("nan")
+        half["confidence_min"] = float(cat["confidence"][sel][top].min())
+        half["queries"] = len(top)
+        out[group]["confident_half"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in half.items()}
     return out
+
+
+class LabelMotion:
+    """The label correspondence figures of one subject (:mod:`facecanon_data.label_motion`), gathered while
+    ``render`` walks its timestamps: frontal-camera frame pairs at ``render.label_margins`` (and the
+    ``label_margins_average`` range; at most ``label_max_pairs`` per margin, seeded) and, at every timestamp,
+    the frontal camera with its ``label_cross_view_cameras`` nearest cameras. A frame's frontal view is kept
+    only until its last pair is measured, so memory stays within the largest margin."""
+
+    def __init__(self, rc, keys: list[str], frontal: str):
+        self.rc, self.frontal = rc, frontal
+        margins = set(rc.label_margins)
+        if rc.label_margins_average:
+            margins |= set(range(rc.label_margins_average[0], rc.label_margins_average[1] + 1))
+        frames = {(k.rsplit("/", 1)[0], int(k.rsplit("/", 1)[1])) for k in keys}
+        rng = np.random.default_rng(0)
+        self.pairs: dict[tuple, int] = {}  # ((seq, a), (seq, b)) -> margin
+        for m in sorted(margins):
+            found = sorted(((seq, f), (seq, f + m)) for seq, f in frames if (seq, f + m) in frames)
+            if len(found) > rc.label_max_pairs:
+                found = [found[j] for j in np.sort(rng.choice(len(found), rc.label_max_pairs, replace=False))]
+            self.pairs.update({p: m for p in found})
+        self.views: dict[tuple, dict[str, tuple]] = {}  # (seq, frame) -> serial -> (camera, labels, truth)
+        self.vertices: dict[tuple, np.ndarray] = {}  # (seq, frame) -> the ground-truth scene's vertices
+        self.records: dict[int, list] = {}  # margin (0: cross-view) -> pair_errors of each pair
+        self.done: set[tuple] = set()
+        self.rng = np.random.default_rng(1)
+
+    def cameras_wanted(self, cams: dict) -> set[str]:
+        """The serials of a timestamp whose views :meth:`keep` takes: the frontal camera and its nearest."""
+        if self.frontal not in cams:
+            return set()
+        return {self.frontal, *nearest_cameras(list(cams), cams, self.rc.label_cross_view_cameras)[self.frontal]}
+
+    def keep(self, seq: str, frame: int, serial: str, camera, labels: ViewLabels, truth: ViewTruth) -> None:
+        self.views.setdefault((seq, frame), {})[serial] = (camera, labels, truth)
+
+    def measure(self, seq: str, frame: int, vertices: np.ndarray, faces: np.ndarray) -> None:
+        """After a timestamp's views are kept: its cross-view pairs, and the frame pairs it completes."""
+        here = self.views.get((seq, frame), {})
+        if self.frontal not in here:
+            self.views.pop((seq, frame), None)
+            return
+        _, labels_f, truth_f = here[self.frontal]
+        rc = self.rc
+        for serial, (camera, labels, truth) in here.items():
+            if serial != self.frontal:
+                self.records.setdefault(0, []).append(pair_errors(
+                    labels_f, labels, truth_f, truth, vertices, faces, camera, rc.label_match_mm / 1000,
+                    rc.label_max_queries, self.rng))
+        self.views[(seq, frame)] = {self.frontal: here[self.frontal]}
+        self.vertices[(seq, frame)] = vertices
+        for (a, b), m in self.pairs.items():
+            if (a, b) not in self.done and a in self.views and b in self.views:
+                cam_b, labels_b, truth_b = self.views[b][self.frontal]
+                _, labels_a, truth_a = self.views[a][self.frontal]
+                self.records.setdefault(m, []).append(pair_errors(
+                    labels_a, labels_b, truth_a, truth_b, self.vertices[b], faces, cam_b, rc.label_match_mm / 1000,
+                    rc.label_max_queries, self.rng))
+                self.done.add((a, b))
+        for x in list(self.views):  # a frame's view goes once every pair it belongs to is measured
+            if all(p in self.done for p in self.pairs if x in p):
+                self.views.pop(x)
+                self.vertices.pop(x, None)
+
+    def figures(self, region_names: tuple[str, ...], scale_504: float) -> dict:
+        margins = {str(m): summarize(r, region_names, scale_504) for m, r in sorted(self.records.items()) if m > 0}
+        out = {"margins": margins, "cross_view": summarize(self.records.get(0, []), region_names, scale_504),
+               "pairs": {str(m): len(r) for m, r in sorted(self.records.items())}, "scale_504": round(scale_504, 5)}
+        rc = self.rc
+        if rc.label_margins_average:
+            lo, hi = rc.label_margins_average
+            per = [margins[str(m)]["head"] for m in range(lo, hi + 1) if "head" in margins.get(str(m), {})]
+            out["margins_average"] = {"margins": f"{lo}-{hi}", "margins_with_pairs": len(per)} | {
+                k: round(float(np.mean([p[k] for p in per])), 4) if per else None
+                for k in ("label_epe_px_504", "floor_epe_px_504", "label_epe_excess_px_504", "label_cce_px_504")}
+        return out

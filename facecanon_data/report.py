@@ -22,7 +22,9 @@ FIGURES = (("cd_l1_mm", "CD-L1 (mm)"), ("landmark_px", "landmarks (px)"), ("vali
 # Per-subject figures of render against the ground truth (attrs["quality"]), where the capture has one:
 # the correspondences the labels define against the true motion, at a 504 px longest side (label_motion).
 LABEL_FIGURES = (("label_epe_px_504_m2", "label EPE m=2 (px @504)"), ("label_epe_floor_px_504_m2", "floor m=2"),
-                 ("label_epe_px_504_m8", "label EPE m=8 (px @504)"), ("label_epe_floor_px_504_m8", "floor m=8"))
+                 ("label_epe_confident_half_px_504_m2", "confident half m=2"),
+                 ("label_epe_px_504_m8", "label EPE m=8 (px @504)"), ("label_epe_floor_px_504_m8", "floor m=8"),
+                 ("label_epe_confident_half_px_504_m8", "confident half m=8"))
 
 
 def subject_summary(store: str | Path, subject: str) -> dict:
@@ -48,8 +50,8 @@ def subject_summary(store: str | Path, subject: str) -> dict:
 
 
 def _label_epe_png(store: str | Path, names: list[str]) -> str | None:
-    """Label EPE and its pixel-centre floor against the frame margin (frontal camera, all head, 504 px
-    scale), one line pair per subject that has them; None when no subject does."""
+    """Label EPE, its pixel-centre floor and the EPE of the most confident half of the pixels against the
+    frame margin (frontal camera, all head, 504 px scale), per subject that has them; None when none does."""
     curves = []
     for s in names:
         epe = (open_subject(store, s).attrs.asdict().get("quality") or {}).get("label_epe") or {}
@@ -68,6 +70,9 @@ def _label_epe_png(store: str | Path, names: list[str]) -> str | None:
         m = [r[0] for r in rows]
         line, = ax.plot(m, [r[1]["label_epe_px_504"] for r in rows], "o-", label=f"{s} labels")
         ax.plot(m, [r[1]["floor_epe_px_504"] for r in rows], "--", color=line.get_color(), label=f"{s} floor")
+        half = [(mm, r["confident_half"]["label_epe_px_504"]) for mm, r in rows if "confident_half" in r]
+        if half:
+            ax.plot(*zip(*half), ":", marker=".", color=line.get_color(), label=f"{s} confident half")
     top = max(max(r[1]["label_epe_px_504"] for _, rows in curves for r in rows), 1.72)
     ax.set_ylim(0, 1.15 * top)
     ax.axhline(1.72, color="grey", lw=0.8)

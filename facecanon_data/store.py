@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 from .errors import InputError
 
-SCHEMA_VERSION = 4  # 2: crc32c per chunk, every chunk written, integrity manifest; 3: region;
-# 4: the manifest ties every chunk to its position and a digest covers the subject's attributes
+SCHEMA_VERSION = 5  # 2: crc32c per chunk, every chunk written, integrity manifest; 3: region;
+# 4: the manifest ties every chunk to its position and a digest covers the subject's attributes; 5: confidence
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,10 @@ SCHEMA: tuple[ArraySpec, ...] = (
     ArraySpec("mask", "image", _IMAGE, "bool", "", "depth and canonical are labels here"),
     ArraySpec("region", "image", _IMAGE, "uint8", "code",
               "region of the pixel (regions.REGION_LABELS; face + hair is the evaluation region)"),
+    ArraySpec("confidence", "image", _IMAGE, "uint8", "1/255",
+              "label confidence in levels (c = level / 255; at least 1 where labelled, 0 where not): from the "
+              "point's distance to the tracked surface, its agreement with neighbour views and its observers "
+              "(facecanon_data.confidence)"),
     ArraySpec("K", "camera", _TV + (3, 3), "float32", "pixels", "intrinsics of the stored images", finite=True),
     ArraySpec("world_2_cam", "camera", _TV + (4, 4), "float32", "metres",
               "extrinsics, OpenCV convention (x right, y down, z forward)", finite=True),
@@ -164,6 +168,7 @@ class SubjectData:
     canonical: np.ndarray  # (T, V, H, W, 3) float16/32
     mask: np.ndarray  # (T, V, H, W) bool
     region: np.ndarray  # (T, V, H, W) uint8 codes of regions.REGION_LABELS
+    confidence: np.ndarray  # (T, V, H, W) uint8 levels of label confidence (facecanon_data.confidence)
     K: np.ndarray  # (T, V, 3, 3)
     world_2_cam: np.ndarray  # (T, V, 4, 4)
     track: dict[str, np.ndarray] = field(default_factory=dict)
@@ -175,7 +180,7 @@ class SubjectData:
     def validate(self) -> None:
         t, v, h, w = self.depth.shape
         expect = {"rgb": (t, v, h, w, 3), "canonical": (t, v, h, w, 3), "mask": (t, v, h, w),
-                  "region": (t, v, h, w), "K": (t, v, 3, 3), "world_2_cam": (t, v, 4, 4)}
+                  "region": (t, v, h, w), "confidence": (t, v, h, w), "K": (t, v, 3, 3), "world_2_cam": (t, v, 4, 4)}
         for name, shape in expect.items():
             if getattr(self, name).shape != shape:
                 raise StoreError(f"subject {self.subject}: {name} has shape {getattr(self, name).shape}, expected {shape}")

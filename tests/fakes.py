@@ -28,7 +28,8 @@ def fake_subject(pid: str, t: int = 3, views: int = 6, h: int = 60, w: int = 40,
                      "landmark_px": 3.0, "views": {c.serial: {"valid_fraction": 0.5} for c in cams}} for f in frames],
         rgb=rng.integers(0, 256, (t, views, h, w, 3), dtype=np.uint8), depth=depth,
         canonical=rng.normal(0, 0.05, (t, views, h, w, 3)).astype(np.float16), mask=mask,
-        region=np.where(mask, rng.integers(1, 6, mask.shape), 0).astype(np.uint8), K=k, world_2_cam=w2c,
+        region=np.where(mask, rng.integers(1, 6, mask.shape), 0).astype(np.uint8),
+        confidence=np.where(mask, rng.integers(1, 256, mask.shape), 0).astype(np.uint8), K=k, world_2_cam=w2c,
         track={"shape": np.zeros(10, np.float32)}, points_xyz=[rng.normal(size=(5 + i, 3)) for i in range(t)],
         points_canonical=[rng.normal(size=(5 + i, 3)) for i in range(t)], provenance={"source": "test"})
 

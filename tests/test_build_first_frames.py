@@ -45,6 +45,11 @@ def test_a_test_subject_line_builds_its_first_frames_through_the_same_chain(synt
     assert 0.2 < head["floor_epe_px"] < 0.6 and head["queries"] > 50, head  # ~0.38 px: matching to pixel centres
     assert head["floor_epe_px"] - 0.1 <= head["label_epe_px"] < 10, head
     assert set(motion["margins"]) == {"1", "2"} and motion["cross_view"]["head"]["queries"] > 50, motion
+    half = head["confident_half"]  # the label confidence, stored with the maps, ranks the same queries
+    assert half["queries"] == (head["queries"] + 1) // 2 and 0 < half["confidence_min"] <= 1, half
+    confidence, mask = np.asarray(g["confidence"][:]), np.asarray(g["mask"][:])
+    assert confidence.dtype == np.uint8 and (confidence[~mask] == 0).all() and (confidence[mask] >= 1).all()
+    assert len(np.unique(confidence[mask])) > 20  # graded, not a copy of the mask
     # --keep-work light (the default): images, COLMAP workspaces and written maps are gone, masks packed
     work = tmp_path / "work" / "900"
     assert not list(work.glob("reconstruct/*/*/images")) and not list(work.glob("reconstruct/*/*/colmap"))

@@ -299,7 +299,7 @@ def _streamed_subject(pid: str, t: int):
     v, h, w = base.depth.shape[1:]
     stacks = {name: _SyntheticStack((t, v, h, w) + extra, dtype, i) for i, (name, extra, dtype) in enumerate(
         (("rgb", (3,), np.uint8), ("depth", (), np.float32), ("canonical", (3,), np.float16), ("mask", (), bool),
-         ("region", (), np.uint8)))}
+         ("region", (), np.uint8), ("confidence", (), np.uint8)))}
     base.__dict__.update(stacks, timestamps=base.timestamps * t, K=np.repeat(base.K, t, 0),
                          world_2_cam=np.repeat(base.world_2_cam, t, 0), points_xyz=base.points_xyz * t,
                          points_canonical=base.points_canonical * t)
@@ -319,15 +319,16 @@ def test_write_streams_one_timestamp_at_a_time(tmp_path):
         tracemalloc.stop()
         build_index(tmp_path / f"s{t}")
         assert validate_store(tmp_path / f"s{t}") == []
-    one_timestamp = 4 * 120 * 80 * (3 + 4 + 6 + 1 + 1)  # bytes of one timestamp's images
+    one_timestamp = 4 * 120 * 80 * (3 + 4 + 6 + 1 + 1 + 1)  # bytes of one timestamp's images
     assert peaks[12] < 1.3 * peaks[2] + one_timestamp, peaks  # 6x the timestamps, about the same peak
     assert peaks[12] < 12 * one_timestamp / 2, peaks  # far below holding the subject's images
 
 
-def _scatter_reference(depth, canonical, mask, height, width):
+def _scatter_reference(depth, canonical, mask, height, width, confidence):
     """The definition of label resampling, written the direct way: every valid pixel scattered to the
     target pixel holding its centre, the nearest depth winning, ties to the first in raster order."""
     out_d, out_m = np.zeros((height, width), np.float32), np.zeros((height, width), bool)
+    out_q = np.zeros((height, width), np.float32)
     out_c = np.zeros((height, width, 3), np.float32)
     ys, xs = np.nonzero(mask)
     ty = np.minimum(((ys + 0.5) * height / mask.shape[0]).astype(np.int64), height - 1)
@@ -338,7 +339,8 @@ def _scatter_reference(depth, canonical, mask, height, width):
     out_d[ty[pick], tx[pick]] = depth[ys[pick], xs[pick]]
     out_c[ty[pick], tx[pick]] = canonical[ys[pick], xs[pick]]
     out_m[ty[pick], tx[pick]] = True
-    return out_d, out_c, out_m
+    out_q[ty[pick], tx[pick]] = confidence[ys[pick], xs[pick]] * np.float32(1 / 255)
+    return out_d, out_c, out_m, out_q
 
 
 @pytest.mark.parametrize("stored, target", [((550, 802), (518, 518)), ((550, 802), (294, 392)),
@@ -352,9 +354,11 @@ def test_label_resampling_equals_the_scatter_definition_bit_for_bit(stored, targ
     depth[rng.random(stored) < 0.3] = 1.0  # many equal depths: the tie rule decides
     mask = rng.random(stored) > 0.4
     canonical = rng.normal(0, 0.05, stored + (3,)).astype(np.float16)
-    got = resample_labels(depth, canonical, mask, *target)
-    want = _scatter_reference(depth, canonical, mask, *target)
-    for name, a, b in zip(("depth", "canonical", "mask"), got, want):
+    confidence = np.where(mask, rng.integers(1, 256, stored), 0).astype(np.uint8)
+    out_confidence = np.full(target, -1, np.float32)
+    got = resample_labels(depth, canonical, mask, *target, confidence=confidence, out_confidence=out_confidence)
+    want = _scatter_reference(depth, canonical, mask, *target, confidence)
+    for name, a, b in zip(("depth", "canonical", "mask", "confidence"), got + (out_confidence,), want):
         assert a.dtype == b.dtype and np.array_equal(a, b), name
     assert got[2].sum() > 0.5 * min(mask.sum(), target[0] * target[1])  # labels kept, not dropped
 

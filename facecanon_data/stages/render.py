@@ -35,9 +35,11 @@ import numpy as np
 from ..artifacts import StageDir, atomic_write
 from ..cameras import Camera, read_cameras_json
 from ..config import PipelineConfig
+from ..confidence import (ConfidenceScales, cross_view_disagreement_mm, label_confidence, nearest_cameras,
+                          from_levels, reprojected_labels, to_levels)
 from ..errors import InputFileNotFound
 from ..foreground import mask_iou
-from ..label_motion import ViewLabels, ViewTruth, pair_errors, summarize
+from ..label_motion import LabelMotion, ViewLabels, ViewTruth
 from ..regions import eval_region, vertex_labels
 from ..meshes import cast_camera_rays, raycasting_scene
 from ..threads import apply_thread_cap
@@ -155,43 +157,24 @@ def render_timestamp(points: np.ndarray, canonical: np.ndarray, observed: np.nda
 
 def cross_view_canonical_mm(maps: ViewMaps, cameras: dict[str, Camera], tol_m: float,
                             pixels_per_view: int = 0, seed: int = 0) -> tuple[float, int]:
-    """Median canonical disagreement (mm) over depth-consistent pixel pairs of different points.
+    """Median canonical disagreement (mm) over depth-consistent pixel pairs of different points
+    (:func:`confidence.reprojected_labels`).
 
     Each view's valid pixels are reprojected into every other view: O(V^2) passes. ``pixels_per_view``
     > 0 bounds the cost by a seeded sample of each view's valid pixels (all of them when fewer)."""
     dists = []
-    for a, sa in enumerate(maps.serials):
+    for a in range(len(maps.serials)):
         ys, xs = np.nonzero(maps.mask[a])
         if not len(ys):
             continue
         if 0 < pixels_per_view < len(ys):
             pick = np.sort(np.random.default_rng([seed, a]).choice(len(ys), pixels_per_view, replace=False))
             ys, xs = ys[pick], xs[pick]
-        ca = cameras[sa]
-        z = maps.depth[a][ys, xs]
-        pix = np.stack([xs, ys, np.ones_like(xs)], 1).astype(np.float64)
-        cam_pts = (pix @ np.linalg.inv(ca.K).T) * z[:, None]
-        world = (cam_pts - ca.world_2_cam[:3, 3]) @ ca.world_2_cam[:3, :3]
-        for b, sb in enumerate(maps.serials):
+        for b in range(len(maps.serials)):
             if b == a:
                 continue
-            cb = cameras[sb]
-            uv, zb = cb.project(world)
-            best_d = np.full(len(world), np.inf)
-            best_c = np.zeros((len(world), 3))
-            for dy in (-1, 0, 1):
-                for dx in (-1, 0, 1):
-                    px = np.floor(uv + 0.5).astype(np.int64) + [dx, dy]
-                    ok = (px[:, 0] >= 0) & (px[:, 0] < cb.width) & (px[:, 1] >= 0) & (px[:, 1] < cb.height) & (zb > 0)
-                    px = np.where(ok[:, None], px, 0)
-                    valid = ok & maps.mask[b][px[:, 1], px[:, 0]]
-                    valid &= maps.index[b][px[:, 1], px[:, 0]] != maps.index[a][ys, xs]
-                    gap = np.abs(maps.depth[b][px[:, 1], px[:, 0]] - zb)
-                    better = valid & (gap < tol_m) & (gap < best_d)
-                    best_d[better] = gap[better]
-                    best_c[better] = maps.canonical[b][px[better, 1], px[better, 0]]
-            found = np.isfinite(best_d)
-            dists.append(np.linalg.norm(best_c[found] - maps.canonical[a][ys[found], xs[found]], axis=1) * 1000)
+            found, label = reprojected_labels(maps, cameras, a, b, ys, xs, tol_m)
+            dists.append(np.linalg.norm(label[found] - maps.canonical[a][ys[found], xs[found]], axis=1) * 1000)
     d = np.concatenate(dists) if dists else np.zeros(0)
     return (round(float(np.median(d)), 4) if len(d) else float("nan")), int(len(d))
 
@@ -221,11 +204,14 @@ class RenderResult:
     region_iou_face_hair: float | None = None  # the stored face + hair region vs the ground truth's (median view)
     region_iou_face_hair_min: float | None = None
     # the correspondences the labels define against the true motion (label_motion; docs/pipeline.md)
+    confidence_mean: float | None = None  # median over timestamps of the labelled pixels' mean confidence
     label_epe: dict | None = None
     label_epe_px_504_m2: float | None = None  # frontal camera, margin 2, all head, at a 504 px longest side
     label_epe_floor_px_504_m2: float | None = None
     label_epe_px_504_m8: float | None = None
     label_epe_floor_px_504_m8: float | None = None
+    label_epe_confident_half_px_504_m2: float | None = None  # the half of the pixels with the highest confidence
+    label_epe_confident_half_px_504_m8: float | None = None
     per_timestamp: list[dict] = field(default_factory=list)
 
     def figures(self) -> dict:
@@ -265,6 +251,8 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
     vertex_label = vertex_labels(model_region, MODEL_REGIONS)
     region_iou = []  # per view: the region map's face + hair against the ground truth's
     render_s, n_views, cross, pairs, dense_any = 0.0, 0, [], 0, False
+    scales = ConfidenceScales(rc.confidence_surface_mm, rc.confidence_cross_view_mm, rc.confidence_observers)
+    confidence_means = []  # per timestamp: the mean confidence of its labelled pixels
     motion = LabelMotion(rc, keys, cfg.capture.frontal_serial) if gt is not None else None
     for i, key in enumerate(keys):
         seq, frame = key.rsplit("/", 1)
@@ -287,16 +275,26 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
                                 segmentation=read_view_masks(rdir))
         render_s += time.perf_counter() - t0
         n_views += len(serials)
+        has = maps.index >= 0
+        point = np.where(has, maps.index, 0)
+        disagreement = cross_view_disagreement_mm(
+            maps, cams, nearest_cameras(serials, cams, rc.confidence_cross_view_cameras), rc.consistency_depth_mm / 1000)
+        confidence = to_levels(label_confidence(maps.mask, np.where(has, distance_mm[point], 0), disagreement,
+                                                np.where(has, observed.sum(1)[point], 0), scales), maps.mask)
         stored = maps.canonical.astype(rc.canonical_dtype)
         store_err = max(store_err, float(np.abs(stored.astype(np.float32) - maps.canonical).max()) * 1000)
         cv, npairs = cross_view_canonical_mm(maps, cams, rc.consistency_depth_mm / 1000, rc.cross_view_pixels_per_view)
         cross.append(cv)
         pairs += npairs
         valid_fraction = float(maps.mask.sum() / max(maps.foreground.sum(), 1))
+        labelled_confidence = from_levels(confidence[maps.mask])
+        confidence_means.append(float(labelled_confidence.mean()) if len(labelled_confidence) else np.nan)
         row = {"sequence": seq, "frame": frame, "valid_fraction": round(valid_fraction, 5),
-               "valid_pixels": int(maps.mask.sum()), "cross_view_canonical_mm": cv, "cross_view_pairs": npairs}
+               "valid_pixels": int(maps.mask.sum()), "cross_view_canonical_mm": cv, "cross_view_pairs": npairs,
+               "confidence_mean": round(confidence_means[-1], 4)}
         if gt is not None:
             ce, rel = [], []
+            wanted = motion.cameras_wanted(cams) if motion is not None else set()
             for v, s in enumerate(serials):
                 g = gt.view_maps(seq, frame, s, downscale=cfg.reconstruct.downscale or cfg.capture.downscale)
                 m = maps.mask[v] & g["mask"]
@@ -309,9 +307,10 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
                 region_of_pixel = gt_region[m]
                 ce.append(np.linalg.norm(stored[v][m].astype(np.float32) - g["canonical"][m], axis=1) * 1000)
                 rel.append(np.abs(maps.depth[v][m] - g["depth"][m]) / g["depth"][m])
-                if motion is not None and s in motion.cameras_wanted(seq, frame, cams):
+                if s in wanted:
                     motion.keep(seq, frame, s, cams[s],
-                                ViewLabels(stored[v].astype(np.float32), maps.mask[v], eval_region(maps.region[v])),
+                                ViewLabels(stored[v].astype(np.float32), maps.mask[v], eval_region(maps.region[v]),
+                                           from_levels(confidence[v])),
                                 ViewTruth(g["canonical"], g["mask"], g["triangle"], g["bary"], g["depth"], gt_region))
                 point = maps.index[v][m]  # the point each valid pixel shows: its transfers and its distance
                 by_transfer_gt.append({mode: np.linalg.norm(c[point] - g["canonical"][m], axis=1) * 1000
@@ -333,7 +332,7 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
         folder = render_dir(work, subject, seq, frame)
         folder.mkdir(parents=True, exist_ok=True)
         arrays = dict(depth=maps.depth, canonical=stored, mask=maps.mask, serials=np.array(serials),
-                      foreground=maps.foreground, region=maps.region)
+                      foreground=maps.foreground, region=maps.region, confidence=confidence)
         atomic_write(folder / "maps.npz", lambda p: np.savez_compressed(p, **arrays))
         atomic_write(folder / "quality.json", lambda p: p.write_text(json.dumps(row)))
         if i == 0:
@@ -347,7 +346,8 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
         valid_fraction=round(float(np.median([r["valid_fraction"] for r in per_ts])), 5) if per_ts else 0.0,
         cross_view_canonical_mm=round(float(np.nanmedian(cross)), 4) if cross else float("nan"),
         cross_view_pairs=pairs, canonical_dtype=rc.canonical_dtype, canonical_storage_error_mm=round(store_err, 5),
-        ms_per_view=round(1000 * render_s / max(n_views, 1), 2), dense=dense_any, per_timestamp=per_ts)
+        ms_per_view=round(1000 * render_s / max(n_views, 1), 2), dense=dense_any, per_timestamp=per_ts,
+        confidence_mean=round(float(np.nanmedian(confidence_means)), 4) if per_ts else None)
     if gt_can:
         all_ce, all_rel = np.concatenate(gt_can), np.concatenate(gt_rel)
         result.gt_canonical_error_mm = round(float(np.median(all_ce)), 4)
@@ -370,86 +370,8 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
             head = result.label_epe["margins"].get(str(m), {}).get("head", {})
             setattr(result, f"label_epe_px_504_m{m}", head.get("label_epe_px_504"))
             setattr(result, f"label_epe_floor_px_504_m{m}", head.get("floor_epe_px_504"))
+            setattr(result, f"label_epe_confident_half_px_504_m{m}", head.get("confident_half", {}).get("label_epe_px_504"))
     return result
-
-
-class LabelMotion:
-    """The label correspondence figures of one subject (:mod:`facecanon_data.label_motion`), gathered while
-    ``render`` walks its timestamps: frontal-camera frame pairs at ``render.label_margins`` (and the
-    ``label_margins_average`` range; at most ``label_max_pairs`` per margin, seeded) and, at every timestamp,
-    the frontal camera with its ``label_cross_view_cameras`` nearest cameras. A frame's frontal view is kept
-    only until its last pair is measured, so memory stays within the largest margin."""
-
-    def __init__(self, rc, keys: list[str], frontal: str):
-        self.rc, self.frontal = rc, frontal
-        margins = set(rc.label_margins)
-        if rc.label_margins_average:
-            margins |= set(range(rc.label_margins_average[0], rc.label_margins_average[1] + 1))
-        frames = {(k.rsplit("/", 1)[0], int(k.rsplit("/", 1)[1])) for k in keys}
-        rng = np.random.default_rng(0)
-        self.pairs: dict[tuple, int] = {}  # ((seq, a), (seq, b)) -> margin
-        for m in sorted(margins):
-            found = sorted(((seq, f), (seq, f + m)) for seq, f in frames if (seq, f + m) in frames)
-            if len(found) > rc.label_max_pairs:
-                found = [found[j] for j in np.sort(rng.choice(len(found), rc.label_max_pairs, replace=False))]
-            self.pairs.update({p: m for p in found})
-        self.views: dict[tuple, dict[str, tuple]] = {}  # (seq, frame) -> serial -> (camera, labels, truth)
-        self.vertices: dict[tuple, np.ndarray] = {}  # (seq, frame) -> the ground-truth scene's vertices
-        self.records: dict[int, list] = {}  # margin (0: cross-view) -> pair_errors of each pair
-        self.done: set[tuple] = set()
-        self.rng = np.random.default_rng(1)
-
-    def cameras_wanted(self, seq: str, frame: int, cams: dict[str, Camera]) -> set[str]:
-        if self.frontal not in cams:
-            return set()
-        centre = lambda c: -c.world_2_cam[:3, :3].T @ c.world_2_cam[:3, 3]  # noqa: E731
-        others = sorted((np.linalg.norm(centre(c) - centre(cams[self.frontal])), s) for s, c in cams.items()
-                        if s != self.frontal)
-        return {self.frontal} | {s for _, s in others[:self.rc.label_cross_view_cameras]}
-
-    def keep(self, seq: str, frame: int, serial: str, camera: Camera, labels: ViewLabels, truth: ViewTruth) -> None:
-        self.views.setdefault((seq, frame), {})[serial] = (camera, labels, truth)
-
-    def measure(self, seq: str, frame: int, vertices: np.ndarray, faces: np.ndarray) -> None:
-        """After a timestamp's views are kept: its cross-view pairs, and the frame pairs it completes."""
-        here = self.views.get((seq, frame), {})
-        if self.frontal not in here:
-            self.views.pop((seq, frame), None)
-            return
-        _, labels_f, truth_f = here[self.frontal]
-        rc = self.rc
-        for serial, (camera, labels, truth) in here.items():
-            if serial != self.frontal:
-                self.records.setdefault(0, []).append(pair_errors(
-                    labels_f, labels, truth_f, truth, vertices, faces, camera, rc.label_match_mm / 1000,
-                    rc.label_max_queries, self.rng))
-        self.views[(seq, frame)] = {self.frontal: here[self.frontal]}
-        self.vertices[(seq, frame)] = vertices
-        for (a, b), m in self.pairs.items():
-            if (a, b) not in self.done and a in self.views and b in self.views:
-                cam_b, labels_b, truth_b = self.views[b][self.frontal]
-                _, labels_a, truth_a = self.views[a][self.frontal]
-                self.records.setdefault(m, []).append(pair_errors(
-                    labels_a, labels_b, truth_a, truth_b, self.vertices[b], faces, cam_b, rc.label_match_mm / 1000,
-                    rc.label_max_queries, self.rng))
-                self.done.add((a, b))
-        for x in list(self.views):  # a frame's view goes once every pair it belongs to is measured
-            if all(p in self.done for p in self.pairs if x in p):
-                self.views.pop(x)
-                self.vertices.pop(x, None)
-
-    def figures(self, region_names: tuple[str, ...], scale_504: float) -> dict:
-        margins = {str(m): summarize(r, region_names, scale_504) for m, r in sorted(self.records.items()) if m > 0}
-        out = {"margins": margins, "cross_view": summarize(self.records.get(0, []), region_names, scale_504),
-               "pairs": {str(m): len(r) for m, r in sorted(self.records.items())}, "scale_504": round(scale_504, 5)}
-        rc = self.rc
-        if rc.label_margins_average:
-            lo, hi = rc.label_margins_average
-            per = [margins[str(m)]["head"] for m in range(lo, hi + 1) if "head" in margins.get(str(m), {})]
-            out["margins_average"] = {"margins": f"{lo}-{hi}", "margins_with_pairs": len(per)} | {
-                k: round(float(np.mean([p[k] for p in per])), 4) if per else None
-                for k in ("label_epe_px_504", "floor_epe_px_504", "label_epe_excess_px_504", "label_cce_px_504")}
-        return out
 
 
 # What a ground-truth pixel shows, for the error table: the head model's region of the hit triangle,

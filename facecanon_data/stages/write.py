@@ -39,9 +39,11 @@ class _WorkImages:
         seq, frame = self.keys[t].rsplit("/", 1)
         maps = render_dir(self.work, self.subject, seq, int(frame)) / "maps.npz"
         with np.load(maps) as z:  # serials already checked equal by subject_data_from_work
-            if "region" not in z.files:
-                raise InputValueError(f"{maps}: no region map (written by an older render; run `render` again)")
-            out = {k: z[k] for k in ("depth", "canonical", "mask", "region")}
+            missing = [k for k in ("region", "confidence") if k not in z.files]
+            if missing:
+                raise InputValueError(f"{maps}: no {' or '.join(missing)} map (written by an older render; "
+                                      "run `render` again)")
+            out = {k: z[k] for k in ("depth", "canonical", "mask", "region", "confidence")}
         images = view_images(self.source, self.subject, self.cfg, self.work, seq, int(frame), self.serials)
         out["rgb"] = np.stack([images[s] for s in self.serials])
         self._cached = (t, out)

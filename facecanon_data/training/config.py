@@ -65,6 +65,9 @@ class LossConfig:
     ray: float = opt(1.0, "weight of the ray output")
     canonical: float = opt(1.0, "weight of the canonical output (the paper's lambda)")
     canonical_scale: float = opt(10.0, "canonical targets are FLAME metres x this (a face spans about +-1)")
+    label_weight: str = opt(
+        "mask", "'mask': every labelled pixel counts the same; 'confidence': the depth and canonical terms "
+                "weight each labelled pixel by its stored label confidence (the store's confidence array)")
 
 
 @dataclass
@@ -188,6 +191,8 @@ def _validate_train(cfg: TrainConfig, where: str) -> None:
         raise ConfigError(f"{where}: data.modes must be a non-empty subset of ['views', 'time']")
     if cfg.data.on_bad_view not in ("raise", "skip"):
         raise ConfigError(f"{where}: data.on_bad_view must be 'raise' or 'skip', got {cfg.data.on_bad_view!r}")
+    if cfg.loss.label_weight not in ("mask", "confidence"):
+        raise ConfigError(f"{where}: loss.label_weight must be 'mask' or 'confidence', got {cfg.loss.label_weight!r}")
     if len(d.images_per_sample) != 2 or not 1 <= d.images_per_sample[0] <= d.images_per_sample[1] <= 16:
         raise ConfigError(f"{where}: data.images_per_sample must be [min, max] within 1..16")
     for r in d.resolutions:

@@ -12,6 +12,8 @@ A sample (``__getitem__``) is a dict of tensors, N images at the target resoluti
   mask           (N, 1, H, W) bool, depth and canonical labels valid
   region         (N, H, W) uint8 codes of regions.REGION_LABELS, only with ``with_region=True``
                  (the evaluator's face + hair region; nearest-neighbour resized, it is dense)
+  confidence     (N, 1, H, W) float32 label confidence in [0, 1] (0 = no label), only with
+                 ``with_confidence=True``; it follows the labels' resampling (the same source pixel)
   K              (N, 3, 3) float32 pixels of the resized image
   world_2_cam    (N, 4, 4) float32 metres
   ray_origin     (N, 3, H, W) float32 camera centre in world coordinates, metres (an expanded view)
@@ -41,6 +43,7 @@ import torch
 
 from ..cameras import scale_intrinsics
 from ..errors import InputError
+from ..confidence import LEVELS
 from ..store import CAMERA_ARRAYS, FINITE_ARRAYS, TRAINING_ARRAYS, StoreError, read_index, subject_readers
 
 
@@ -105,14 +108,16 @@ def _candidate_pixels(sh: int, sw: int, height: int, width: int) -> np.ndarray:
 
 
 def resample_labels(depth: np.ndarray, canonical: np.ndarray, mask: np.ndarray, height: int, width: int,
-                    out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+                    out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                    confidence: np.ndarray | None = None, out_confidence: np.ndarray | None = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sparse labels (sh, sw) -> (height, width): each valid pixel goes to the target pixel holding its
     centre; where several land on one target pixel the nearest (smallest depth) wins, ties going to the
     first in raster order.
 
     depth (sh, sw) float32 m, canonical (sh, sw, 3), mask (sh, sw) bool -> the same at the new size,
-    written into ``out`` (depth, canonical, mask) when given.
+    written into ``out`` (depth, canonical, mask) when given. ``confidence`` (sh, sw) uint8 levels, when
+    given, goes the same way into ``out_confidence`` ((height, width) float32 in [0, 1], 0 = no label).
 
     The pixel mapping is separable, so every target pixel's candidates form a small window of source pixels
     (1 to 3 per axis at the trainer's sizes, :func:`_candidate_pixels`): one gather of the candidates'
@@ -146,6 +151,10 @@ def resample_labels(depth: np.ndarray, canonical: np.ndarray, mask: np.ndarray, 
     torch.from_numpy(table[:-1]).copy_(torch.from_numpy(np.ascontiguousarray(canonical).reshape(-1, 3)))
     table[-1] = 0
     np.take(table, source.reshape(-1), axis=0, out=out_c.reshape(-1, 3))
+    if confidence is not None:
+        levels = np.zeros(empty + 1, np.float32)
+        np.multiply(confidence.ravel(), np.float32(1 / LEVELS), out=levels[:-1], casting="unsafe")
+        np.take(levels, source, out=out_confidence)
     return out_d, out_c, out_m
 
 
@@ -155,7 +164,7 @@ class FaceCanonDataset(torch.utils.data.Dataset):
     def __init__(self, store: str | Path, mode: str = "views", images_per_sample: int | tuple[int, int] = 4,
                  resolution: tuple[int, int] = (518, 518), filter: IndexFilter | None = None,
                  color_jitter: float = 0.0, seed: int = 0, epoch: int = 0, with_region: bool = False,
-                 on_bad_view: str = "raise"):
+                 on_bad_view: str = "raise", with_confidence: bool = False):
         if mode not in ("views", "time"):
             raise ValueError(f"mode must be 'views' or 'time', got {mode!r}")
         if on_bad_view not in ("raise", "skip"):
@@ -169,7 +178,8 @@ class FaceCanonDataset(torch.utils.data.Dataset):
         self.store, self.mode, self.range = Path(store), mode, (lo, hi)
         self.resolution, self.color_jitter, self.seed = resolution, color_jitter, seed
         # the evaluation reads the region map too; training does not pay for it
-        self.image_arrays = TRAINING_ARRAYS + (("region",) if with_region else ())
+        self.image_arrays = TRAINING_ARRAYS + (("region",) if with_region else ()) + (
+            ("confidence",) if with_confidence else ())
         idx = read_index(self.store).to_pydict()
         keep = np.ones(len(idx["subject"]), bool)
         f = filter or IndexFilter()
@@ -296,6 +306,7 @@ class FaceCanonDataset(torch.utils.data.Dataset):
         masks = np.empty((n, h, w), bool)
         dirs = np.empty((n, 3, h, w), np.float32)
         regions = np.empty((n, h, w), np.uint8) if "region" in raw else None
+        confidences = np.empty((n, h, w), np.float32) if "confidence" in raw else None
         ks, origins = [], []
         for j in range(n):
             rgb = raw["rgb"][j]
@@ -305,7 +316,9 @@ class FaceCanonDataset(torch.utils.data.Dataset):
             np.multiply(cv2.resize(rgb, (w, h), interpolation=interp).transpose(2, 0, 1), np.float32(1 / 255),
                         out=images[j], casting="unsafe")
             resample_labels(raw["depth"][j], raw["canonical"][j], raw["mask"][j], h, w,
-                            out=(depths[j], canons[j], masks[j]))
+                            out=(depths[j], canons[j], masks[j]),
+                            confidence=None if confidences is None else raw["confidence"][j],
+                            out_confidence=None if confidences is None else confidences[j])
             if regions is not None:  # a dense label map: nearest-neighbour resize
                 regions[j] = cv2.resize(raw["region"][j], (w, h), interpolation=cv2.INTER_NEAREST)
             k = scale_intrinsics(raw["K"][j], w / sw, h / sh)
@@ -318,6 +331,8 @@ class FaceCanonDataset(torch.utils.data.Dataset):
             image = self._jitter(image, jitter_key)
         r = self.rows
         extra = {} if regions is None else {"region": torch.from_numpy(regions)}
+        if confidences is not None:
+            extra["confidence"] = torch.from_numpy(confidences)[:, None]
         return {
             **extra,
             "image": image,

@@ -14,7 +14,8 @@ Per output with prediction ``y_hat`` (B, N, C, H, W), target ``y``, confidence `
 
 and the total is sum over outputs of w_o * (w_reg L_reg + w_conf L_conf + w_grad L_grad), w_canonical
 being the paper's lambda. Depth and canonical maps count only where the store has labels; rays are
-defined at every pixel.
+defined at every pixel. With ``loss.label_weight = "confidence"`` M becomes the stored label confidence
+(a weight in [0, 1]; the sums above become weighted means) for L_reg and L_conf of depth and canonical.
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ from .config import LossConfig
 def sample_targets(sample: dict, canonical_scale: float) -> dict[str, torch.Tensor]:
     """Normalized targets for one loader sample (N images): see the module docstring.
 
-    Returns depth (N, 1, H, W), ray (N, 6, H, W), canonical (N, 3, H, W), mask (N, 1, H, W) bool and
-    ``scale`` (metres per normalized unit).
+    Returns depth (N, 1, H, W), ray (N, 6, H, W), canonical (N, 3, H, W), mask (N, 1, H, W) bool,
+    ``scale`` (metres per normalized unit) and, when the sample carries the label confidence, ``weight``
+    (N, 1, H, W) float32: the confidence, 0 where unlabelled.
     """
     depth, mask, k, w2c = sample["depth"], sample["mask"], sample["K"].double(), sample["world_2_cam"].double()
     n, _, h, w = depth.shape
@@ -47,19 +49,24 @@ def sample_targets(sample: dict, canonical_scale: float) -> dict[str, torch.Tens
     dirs = dirs / dirs.norm(dim=1, keepdim=True)
     origin = (centres0 / scale)[..., None].expand(n, 3, h * w)
     ray = torch.cat([origin, dirs], 1).reshape(n, 6, h, w).float()
-    return {"depth": (depth.double() / scale).float(), "ray": ray,
-            "canonical": sample["canonical"] * canonical_scale, "mask": mask, "scale": scale}
+    out = {"depth": (depth.double() / scale).float(), "ray": ray,
+           "canonical": sample["canonical"] * canonical_scale, "mask": mask, "scale": scale}
+    if "confidence" in sample:
+        out["weight"] = sample["confidence"] * mask
+    return out
 
 
 def regression_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """L1 over channels, mean over valid pixels. pred, target (..., C, H, W); mask (..., 1, H, W) bool."""
+    """L1 over channels, mean over valid pixels. pred, target (..., C, H, W); mask (..., 1, H, W) bool, or
+    float per-pixel weights (then a weighted mean)."""
     err = (pred - target).abs().sum(-3, keepdim=True)
     return _masked_mean(err, mask)
 
 
 def confidence_loss(pred: torch.Tensor, target: torch.Tensor, conf: torch.Tensor, mask: torch.Tensor,
                     alpha: float) -> torch.Tensor:
-    """Confidence-weighted L1 with the log-confidence regularizer; conf (..., 1, H, W) > 0."""
+    """Confidence-weighted L1 with the log-confidence regularizer; conf (..., 1, H, W) > 0; mask as in
+    :func:`regression_loss`."""
     err = (pred - target).abs().sum(-3, keepdim=True)
     return _masked_mean(conf * err - alpha * torch.log(conf), mask)
 
@@ -86,16 +93,23 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def total_loss(pred: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], cfg: LossConfig
                ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Sum over the outputs present in ``pred``; returns the loss and its parts as floats for the log."""
+    """Sum over the outputs present in ``pred``; returns the loss and its parts as floats for the log.
+    With ``cfg.label_weight == "confidence"`` the depth and canonical L1 terms are means weighted by
+    ``targets["weight"]`` (the gradient term keeps the plain mask: it compares neighbouring pixels)."""
     mask = targets["mask"]
+    weighted = cfg.label_weight == "confidence"
+    if weighted and "weight" not in targets:
+        raise ValueError("loss.label_weight = 'confidence' but the sample has no label confidence "
+                         "(load it with with_confidence=True)")
     total = pred[next(iter(pred))].sum() * 0.0
     parts: dict[str, float] = {}
     for name in ("depth", "ray", "canonical"):
         if name not in pred:
             continue
         m = torch.ones_like(mask) if name == "ray" else mask
+        w = targets["weight"] if weighted and name != "ray" else m
         y_hat, y, c = pred[name], targets[name], pred[f"{name}_conf"]
-        part = (cfg.regression * regression_loss(y_hat, y, m) + cfg.confidence * confidence_loss(y_hat, y, c, m, cfg.alpha)
+        part = (cfg.regression * regression_loss(y_hat, y, w) + cfg.confidence * confidence_loss(y_hat, y, c, w, cfg.alpha)
                 + cfg.gradient * gradient_loss(y_hat, y, m))
         parts[f"loss_{name}"] = float(part.detach())
         total = total + getattr(cfg, name) * part

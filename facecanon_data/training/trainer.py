@@ -52,7 +52,8 @@ def dataset_for(cfg: TrainConfig, store: str, mode: str) -> FaceCanonDataset:
                       max_cd_l1_mm=d.max_cd_l1_mm or None)
     ds = FaceCanonDataset(store, mode=mode, images_per_sample=tuple(d.images_per_sample),
                           resolution=tuple(d.resolutions[0]), filter=flt, color_jitter=d.color_jitter,
-                          seed=cfg.optim.seed, on_bad_view=d.on_bad_view)
+                          seed=cfg.optim.seed, on_bad_view=d.on_bad_view,
+                          with_confidence=cfg.loss.label_weight == "confidence")
     if len(ds) == 0:
         raise InputValueError(f"{store}: no '{mode}' samples of {d.images_per_sample[0]}+ images for subjects "
                          f"{subjects or 'all'}")
