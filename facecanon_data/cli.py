@@ -464,7 +464,11 @@ def export_frames_cmd(store: Path = typer.Argument(..., help="Store holding the 
     from .training.predictions import export_frames
 
     ev = _load_config(load_eval_config, protocol, "eval_synthetic.toml")
-    result = _guarded(export_frames, str(store), ev, out)
+    from rich.progress import Progress
+
+    with Progress(transient=True, console=_stderr_console()) as bar:
+        task = bar.add_task("export-frames (cameras)", total=None)
+        result = _guarded(export_frames, str(store), ev, out, lambda d, t: bar.update(task, completed=d, total=t))
     _emit(result, as_json, f"{result['images']} images of {result['cameras']} cameras "
                            f"({len(result['subjects'])} subjects) in {out}")
 
@@ -491,7 +495,7 @@ def predict_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", help="A che
     model.eval()
     recorder = RecordingPredictor(ModelPredictor(model, str(device), ev.views_per_sample))
     result = _guarded(run_protocol, recorder, str(store), ev)
-    files = write_recorded_predictions(recorder, str(store), ev, out)
+    files = write_recorded_predictions(recorder, out)
     result = {"checkpoint": str(checkpoint), "protocol": ev.name, "files": len(files), "out": str(out), **result}
     _emit(result, as_json, f"{len(files)} prediction files in {out}")
 

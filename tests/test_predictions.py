@@ -124,7 +124,7 @@ def test_the_bundled_model_through_files_equals_in_process(moving_store, tmp_pat
     cfg = _protocol(views_per_sample=4)
     recorder = RecordingPredictor(ModelPredictor(model, "cpu", cfg.views_per_sample))
     in_process = run_protocol(recorder, str(moving_store), cfg)
-    files = write_recorded_predictions(recorder, str(moving_store), cfg, tmp_path / "pred")
+    files = write_recorded_predictions(recorder, tmp_path / "pred")
     assert len(files) == 16
     frontal = next(f for f in files if f.parent.name == "222200037")
     with np.load(frontal) as z:  # the frontal camera also keeps the depth of each image predicted alone
@@ -171,3 +171,12 @@ def test_export_then_released_layout_scored_from_the_cli(moving_store, tmp_path)
     r = subprocess.run([exe, "evaluate", "--predictions", str(pred), "--store", str(moving_store), "--protocol",
                         str(proto)], capture_output=True, text=True)
     assert r.returncode == 2 and "222200037/raw_predictions.npz: 5 frames predicted, but 6 frames" in r.stderr
+
+
+def test_export_frames_writes_every_camera_once_and_reports_progress(moving_store, tmp_path):
+    calls = []
+    result = export_frames(str(moving_store), _protocol(), tmp_path / "frames", progress=lambda d, t: calls.append((d, t)))
+    assert result["cameras"] == 16 and result["images"] == 16 * len(FRAMES) and result["subjects"] == ["903"]
+    assert calls == [(d, 16) for d in range(1, 17)]
+    meta = json.loads(next((tmp_path / "frames" / "903").glob("*/*/cameras.json")).read_text())
+    assert meta["frames"] == FRAMES and (meta["height"], meta["width"]) == (H, W)

@@ -51,34 +51,34 @@ def camera_folder(root: str | Path, subject: str, sequence: str, serial: str) ->
 
 def export_frames(store: str, cfg: EvalConfig, out: str | Path, progress=None) -> dict:
     """Write the protocol's views of ``store`` as image folders under ``out`` (module docstring).
-    Returns counts: subjects, cameras (folders) and images."""
+    ``progress(done, total)`` is called after each camera folder. Returns counts: subjects, cameras
+    (folders) and images."""
     import cv2
 
     ds, views, missing = protocol_dataset(store, cfg)
     rows = ds.rows
-    cameras = images = 0
-    for subject, ids in views.items():
-        for (sequence, serial), sel in camera_frames(ds, ids).items():
-            folder = camera_folder(out, subject, sequence, serial)
-            frames, ks, w2cs = [], [], []
-            for i in sel.tolist():
-                view = ds.read_view(i)
-                frame = int(rows["frame"][i])
-                rgb = np.ascontiguousarray(view["rgb"][..., ::-1])  # OpenCV writes BGR
-                atomic_write(folder / "images" / f"{frame:05d}.png", lambda p, rgb=rgb: _imwrite(cv2, p, rgb))
-                frames.append(frame)
-                ks.append(view["K"].astype(float).tolist())
-                w2cs.append(view["world_2_cam"].astype(float).tolist())
-                height, width = view["rgb"].shape[:2]
-                images += 1
-            meta = {"subject": subject, "sequence": sequence, "serial": serial, "frames": frames,
-                    "width": width, "height": height, "intrinsics": ks, "world_2_cam": w2cs, "units": "metres",
-                    "protocol": cfg.name}
-            atomic_write(folder / "cameras.json", lambda p, meta=meta: p.write_text(json.dumps(meta)))
-            cameras += 1
-            if progress:
-                progress(cameras)
-    return {"subjects": list(views), "missing_subjects": missing, "cameras": cameras, "images": images,
+    plan = [(subject, key, sel) for subject, ids in views.items() for key, sel in camera_frames(ds, ids).items()]
+    images = 0
+    for done, (subject, (sequence, serial), sel) in enumerate(plan, 1):
+        folder = camera_folder(out, subject, sequence, serial)
+        frames, ks, w2cs = [], [], []
+        for i in sel.tolist():
+            view = ds.read_view(i)
+            frame = int(rows["frame"][i])
+            rgb = np.ascontiguousarray(view["rgb"][..., ::-1])  # OpenCV writes BGR
+            atomic_write(folder / "images" / f"{frame:05d}.png", lambda p, rgb=rgb: _imwrite(cv2, p, rgb))
+            frames.append(frame)
+            ks.append(view["K"].astype(float).tolist())
+            w2cs.append(view["world_2_cam"].astype(float).tolist())
+            height, width = view["rgb"].shape[:2]
+            images += 1
+        meta = {"subject": subject, "sequence": sequence, "serial": serial, "frames": frames,
+                "width": width, "height": height, "intrinsics": ks, "world_2_cam": w2cs, "units": "metres",
+                "protocol": cfg.name}
+        atomic_write(folder / "cameras.json", lambda p, meta=meta: p.write_text(json.dumps(meta)))
+        if progress:
+            progress(done, len(plan))
+    return {"subjects": list(views), "missing_subjects": missing, "cameras": len(plan), "images": images,
             "out": str(out)}
 
 
@@ -183,8 +183,10 @@ class RecordingPredictor:
     def __init__(self, inner):
         self.inner = inner
         self.kept: dict[int, dict[str, np.ndarray]] = {}
+        self.ds: FaceCanonDataset | None = None  # the protocol's dataset, whose index rows ``kept`` holds
 
     def __call__(self, ds, rows, sample, kind):
+        self.ds = ds
         maps = self.inner(ds, rows, sample, kind)
         for j, i in enumerate(rows):
             kept = self.kept.setdefault(int(i), {})
@@ -198,12 +200,14 @@ class RecordingPredictor:
         return maps
 
 
-def write_recorded_predictions(recorder: RecordingPredictor, store: str, cfg: EvalConfig, out: str | Path) -> list[Path]:
+def write_recorded_predictions(recorder: RecordingPredictor, out: str | Path) -> list[Path]:
     """The recorded maps as ``predictions.npz`` files under ``out``, one per camera (module docstring)."""
-    ds, views, _ = protocol_dataset(store, cfg)
-    written = []
-    for subject, ids in views.items():
-        for (sequence, serial), sel in camera_frames(ds, ids).items():
+    ds, written = recorder.ds, []
+    if ds is None:
+        return written
+    ids = np.array(sorted(recorder.kept), np.int64)
+    for subject in sorted(set(ds.rows["subject"][ids].tolist())):
+        for (sequence, serial), sel in camera_frames(ds, ids[ds.rows["subject"][ids] == subject]).items():
             kept = [recorder.kept[int(i)] for i in sel]
             arrays = {"frames": ds.rows["frame"][sel].astype(np.int64),
                       "depth": np.stack([k["depth"] for k in kept]).astype(np.float32),
