@@ -7,6 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test check sysdeps clean
 
 # open3d needs libusb-1.0 at import time; install it when missing and we are root, else say what to do.
+# Chromium (headless) checks the HTML report; installed the same way, skipped with a note when it cannot be.
 sysdeps:
 	@if ! ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0'; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -14,6 +15,16 @@ sysdeps:
 	    apt-get update -qq >/dev/null && apt-get install -y -qq libusb-1.0-0 >/dev/null; \
 	  else \
 	    echo "error: open3d needs the system library libusb-1.0-0; run: sudo apt-get install libusb-1.0-0" >&2; exit 1; \
+	  fi; \
+	fi
+	@# the report's browser test opens report.html in headless Chromium; without it that one test is skipped
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium (the report's browser test)"; \
+	    (apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null) \
+	      || echo "note: chromium could not be installed; the report's browser test is skipped"; \
+	  else \
+	    echo "note: the report's browser test needs chromium (sudo apt-get install chromium); it is skipped without it"; \
 	  fi; \
 	fi
 

@@ -170,7 +170,8 @@ def store_page() -> str:
            "| `zarr.json` | the root Zarr v3 group; attrs: `schema_version` |",
            "| `subjects/{id}/` | one subject: a complete Zarr v3 group, written whole and committed atomically |",
            "| `index.parquet` | one row per view-sample (columns below) |",
-           "| `report.json`, `report.html` | `facecanon-data report`'s quality summary |",
+           "| `report.json`, `report.html` (`report-2.html`, ... per 50 subjects), `report_files/` | `facecanon-data report`'s "
+           "quality summary, its pages and their thumbnails |",
            "| `.staging/` | subjects being written; never read, cleaned on the next open |",
            "", "## A subject's arrays", "",
            "T kept timestamps, V views, H x W stored pixels; P points, Vtx mesh vertices, F triangles, E / S "

@@ -156,12 +156,25 @@ def summarize(records: list[dict[str, np.ndarray]], region_names: tuple[str, ...
     return out
 
 
+# Where the label error comes from: the same pairs and query pixels matched with labels that are exact up
+# to one stage (``LabelMotion`` with ``oracles``), beside the pixel-centre floor and the stored labels.
+ERROR_SOURCES = (
+    ("floor", "the ground truth's canonical coordinates at every head pixel's centre"),
+    ("true_at_labelled_pixels", "the ground truth's canonical coordinates, but only at the labelled pixels"),
+    ("true_of_reconstructed_points", "each labelled pixel's reconstructed point labelled with the true canonical "
+                                     "point of the ground-truth surface nearest to it: reconstruction noise only"),
+    ("stored_labels", "the stored labels: reconstruction, tracking and transfer"),
+)
+
+
 class LabelMotion:
     """The label correspondence figures of one subject (:mod:`facecanon_data.label_motion`), gathered while
     ``render`` walks its timestamps: frontal-camera frame pairs at ``render.label_margins`` (and the
     ``label_margins_average`` range; at most ``label_max_pairs`` per margin, seeded) and, at every timestamp,
     the frontal camera with its ``label_cross_view_cameras`` nearest cameras. A frame's frontal view is kept
-    only until its last pair is measured, so memory stays within the largest margin."""
+    only until its last pair is measured, so memory stays within the largest margin. Views kept with
+    ``oracles`` (labels exact up to a stage, :data:`ERROR_SOURCES`) are matched with those too, on the same
+    query pixels, for the ``error_sources`` figures."""
 
     def __init__(self, rc, keys: list[str], frontal: str):
         self.rc, self.frontal = rc, frontal
@@ -176,11 +189,12 @@ class LabelMotion:
             if len(found) > rc.label_max_pairs:
                 found = [found[j] for j in np.sort(rng.choice(len(found), rc.label_max_pairs, replace=False))]
             self.pairs.update({p: m for p in found})
-        self.views: dict[tuple, dict[str, tuple]] = {}  # (seq, frame) -> serial -> (camera, labels, truth)
+        self.views: dict[tuple, dict[str, tuple]] = {}  # (seq, frame) -> serial -> (camera, {variant: labels}, truth)
         self.vertices: dict[tuple, np.ndarray] = {}  # (seq, frame) -> the ground-truth scene's vertices
-        self.records: dict[int, list] = {}  # margin (0: cross-view) -> pair_errors of each pair
+        self.records: dict[int, list] = {}  # margin (0: cross-view) -> pair_errors of each pair (stored labels)
+        self.oracle_records: dict[tuple[str, int], list] = {}  # (variant, margin) -> pair_errors
         self.done: set[tuple] = set()
-        self.rng = np.random.default_rng(1)
+        self.measured = 0  # pairs measured so far: each pair's queries are drawn with its own seed
 
     def cameras_wanted(self, cams: dict) -> set[str]:
         """The serials of a timestamp whose views :meth:`keep` takes: the frontal camera and its nearest."""
@@ -188,8 +202,25 @@ class LabelMotion:
             return set()
         return {self.frontal, *nearest_cameras(list(cams), cams, self.rc.label_cross_view_cameras)[self.frontal]}
 
-    def keep(self, seq: str, frame: int, serial: str, camera, labels: ViewLabels, truth: ViewTruth) -> None:
-        self.views.setdefault((seq, frame), {})[serial] = (camera, labels, truth)
+    def keep(self, seq: str, frame: int, serial: str, camera, labels: ViewLabels, truth: ViewTruth,
+             oracles: dict[str, ViewLabels] | None = None) -> None:
+        self.views.setdefault((seq, frame), {})[serial] = (camera, {"stored_labels": labels, **(oracles or {})}, truth)
+
+    def _pair(self, margin: int, a: tuple, b: tuple, vertices_b: np.ndarray, faces: np.ndarray) -> None:
+        """Match view a = (camera, variants, truth) to view b with every labelling both have."""
+        _, variants_a, truth_a = a
+        camera_b, variants_b, truth_b = b
+        rc, seed = self.rc, self.measured
+        self.measured += 1
+        for name, labels_a in variants_a.items():
+            if name not in variants_b:
+                continue
+            errors = pair_errors(labels_a, variants_b[name], truth_a, truth_b, vertices_b, faces, camera_b,
+                                 rc.label_match_mm / 1000, rc.label_max_queries, np.random.default_rng([1, seed]))
+            if name == "stored_labels":
+                self.records.setdefault(margin, []).append(errors)
+            else:
+                self.oracle_records.setdefault((name, margin), []).append(errors)
 
     def measure(self, seq: str, frame: int, vertices: np.ndarray, faces: np.ndarray) -> None:
         """After a timestamp's views are kept: its cross-view pairs, and the frame pairs it completes."""
@@ -197,22 +228,14 @@ class LabelMotion:
         if self.frontal not in here:
             self.views.pop((seq, frame), None)
             return
-        _, labels_f, truth_f = here[self.frontal]
-        rc = self.rc
-        for serial, (camera, labels, truth) in here.items():
+        for serial, view in here.items():
             if serial != self.frontal:
-                self.records.setdefault(0, []).append(pair_errors(
-                    labels_f, labels, truth_f, truth, vertices, faces, camera, rc.label_match_mm / 1000,
-                    rc.label_max_queries, self.rng))
+                self._pair(0, here[self.frontal], view, vertices, faces)
         self.views[(seq, frame)] = {self.frontal: here[self.frontal]}
         self.vertices[(seq, frame)] = vertices
         for (a, b), m in self.pairs.items():
             if (a, b) not in self.done and a in self.views and b in self.views:
-                cam_b, labels_b, truth_b = self.views[b][self.frontal]
-                _, labels_a, truth_a = self.views[a][self.frontal]
-                self.records.setdefault(m, []).append(pair_errors(
-                    labels_a, labels_b, truth_a, truth_b, self.vertices[b], faces, cam_b, rc.label_match_mm / 1000,
-                    rc.label_max_queries, self.rng))
+                self._pair(m, self.views[a][self.frontal], self.views[b][self.frontal], self.vertices[b], faces)
                 self.done.add((a, b))
         for x in list(self.views):  # a frame's view goes once every pair it belongs to is measured
             if all(p in self.done for p in self.pairs if x in p):
@@ -230,4 +253,19 @@ class LabelMotion:
             out["margins_average"] = {"margins": f"{lo}-{hi}", "margins_with_pairs": len(per)} | {
                 k: round(float(np.mean([p[k] for p in per])), 4) if per else None
                 for k in ("label_epe_px_504", "floor_epe_px_504", "label_epe_excess_px_504", "label_cce_px_504")}
+        if self.oracle_records:
+            out["error_sources"] = self._sources(margins, out["cross_view"], region_names, scale_504)
+        return out
+
+    def _sources(self, margins: dict, cross_view: dict, region_names, scale_504: float) -> dict:
+        """{margin or "cross_view": {source: {group: label EPE at 504 px}}} in the order of ERROR_SOURCES."""
+        out = {}
+        for m, stored in [*((int(k), v) for k, v in margins.items()), (0, cross_view)]:
+            row = {"floor": {g: f["floor_epe_px_504"] for g, f in stored.items()}}
+            for name, _ in ERROR_SOURCES[1:-1]:
+                records = self.oracle_records.get((name, m))
+                if records:
+                    row[name] = {g: f["label_epe_px_504"] for g, f in summarize(records, region_names, scale_504).items()}
+            row["stored_labels"] = {g: f["label_epe_px_504"] for g, f in stored.items()}
+            out["cross_view" if m == 0 else str(m)] = row
         return out

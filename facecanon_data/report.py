@@ -141,32 +141,134 @@ def _cell(value) -> str:
     return str(value)
 
 
+SUBJECTS_PER_PAGE = 50  # subject sections per page: 414 subjects are 9 pages
+PLOTTED_SUBJECTS = 40  # the box plots show the worst this many subjects (one box each)
+WORST_BY = ("gt_canonical_error_mm_face_hair", "gt_canonical_error_mm", "cd_l1_mm")  # the first a subject has
+
+# Sorting the summary table by a column (click its header); with ``?check`` in the URL, a check that every
+# image decoded and the page fits its window (the result lands on <body> and in the console, where a
+# headless browser reads it).
+_SCRIPT = """
+document.querySelectorAll("table.sortable th").forEach((th, col) => th.addEventListener("click", () => {
+  const body = th.closest("table").tBodies[0], down = th.dataset.dir !== "down";
+  const key = r => { const v = r.cells[col].dataset.v; return v === undefined ? r.cells[col].textContent : +v; };
+  [...body.rows].sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * (down ? -1 : 1))
+    .forEach(r => body.appendChild(r));
+  th.dataset.dir = down ? "down" : "up";
+}));
+if (location.search.includes("check")) {  // report.html?check: load every image now, then report
+  document.querySelectorAll("img[loading=lazy]").forEach(i => { i.loading = "eager"; });
+  window.addEventListener("load", () => {  // the load event waits for every image that is loading
+    const images = [...document.images];
+    const decoded = images.filter(i => i.complete && i.naturalWidth > 0).length;
+    const width = document.documentElement.scrollWidth + "/" + window.innerWidth;
+    document.body.dataset.imagesDecoded = decoded + "/" + images.length;
+    document.body.dataset.pageWidth = width;
+    console.log("report-check images " + decoded + "/" + images.length + " width " + width);
+    document.body.dataset.pageHeight = document.documentElement.scrollHeight;
+    const target = location.hash && document.getElementById(location.hash.slice(1));
+    if (target) document.body.dataset.sectionTop = Math.round(target.getBoundingClientRect().top + window.scrollY);
+  });
+}
+"""
+_STYLE = ("body{font-family:sans-serif;max-width:1240px;margin:0 auto;padding:0 12px}"
+          "table{border-collapse:collapse;width:100%;font-size:13px}"
+          "td,th{padding:2px 6px;border-bottom:1px solid #ddd;text-align:right}"
+          "th{font-weight:600;vertical-align:bottom}td:first-child,th:first-child{text-align:left}"
+          "table.sortable th{cursor:pointer}table.sortable th:hover{background:#eef}"
+          "img{max-width:100%;height:auto;display:block;margin:8px 0}pre{overflow-x:auto}"
+          ".strips{display:flex;flex-wrap:wrap;gap:10px}.strips figure{margin:0;flex:1 1 360px;max-width:600px}"
+          "figcaption{font-size:12px;color:#444}nav{margin:10px 0}nav a{margin-right:8px}"
+          "section{border-top:2px solid #ccc;margin-top:18px}.figs{font-size:13px;color:#333}")
+
+
+def _worst_key(rows: list[dict]) -> str | None:
+    return next((k for k in WORST_BY if any(r.get(k) is not None for r in rows)), None)
+
+
+def _page_name(path: Path, page: int) -> str:
+    return path.name if page == 0 else f"{path.stem}-{page + 1}{path.suffix}"
+
+
 def write_html(store: str | Path, report: dict, path: str | Path) -> Path:
-    """A self-contained HTML page: the table (human column names with units) and the plots, laid out to
-    fit a laptop's window (the table wraps its headers, images scale down)."""
-    names = [r["subject"] for r in report["subjects"]]
-    cols = ["subject", "timestamps", "views", "resolution", "dense_backend", "color_correction"] + [k for k, _ in FIGURES]
-    cols += [k for k, _ in LABEL_FIGURES if any(r.get(k) is not None for r in report["subjects"])]
-    head = "".join(f"<th>{html.escape(COLUMN_NAMES.get(c, c))}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r.get(c)))}</td>" for c in cols) + "</tr>"
-                   for r in report["subjects"])
-    img = f'<img src="data:image/png;base64,{_plot_png(store, names)}">' if names else ""
-    motion = _label_epe_png(store, names) if names else None
-    if motion:
-        img += f'<h2>label correspondences against the true motion</h2><img src="data:image/png;base64,{motion}">'
-    style = ("body{font-family:sans-serif;max-width:1240px;margin:0 auto;padding:0 12px}"
-             "table{border-collapse:collapse;width:100%;font-size:13px}"
-             "td,th{padding:2px 6px;border-bottom:1px solid #ddd;text-align:right}"
-             "th{font-weight:600;vertical-align:bottom}td:first-child,th:first-child{text-align:left}"
-             "img{max-width:100%;height:auto;display:block;margin:8px 0}pre{overflow-x:auto}")
-    page = (f"<!doctype html><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
-            f"<title>facecanon-data report</title><style>{style}</style>"
-            f"<h1>{html.escape(str(store))}</h1><p>{len(names)} subjects, {report['timestamps']} timestamps, "
-            f"{report['views']} view-samples; medians over timestamps.</p><table><tr>{head}</tr>{body}</table>{img}"
-            + "".join(f"<h2>evaluation: {html.escape(p)}</h2><pre>{html.escape(t)}</pre>"
-                      for p, t in report.get("evaluations", {}).items()))
+    """The report as pages of HTML (``path``, then ``{stem}-2.html`` ... for every
+    :data:`SUBJECTS_PER_PAGE` subjects) with their images in ``{stem}_files/`` beside them: page 1 holds
+    the summary table (human column names with units, worst subject first, sortable, each subject linked
+    to its section) and the plots; every page holds its subjects' sections (figures, thumbnail strips of
+    the best, median and worst timestamps, the error by region). Laid out to fit a laptop's window."""
     from .artifacts import atomic_write
+    from .report_views import TILES, write_subject_views
 
     path = Path(path)
-    atomic_write(path, lambda p: p.write_text(page))  # a full disk leaves the previous report, whole
+    rows = list(report["subjects"])
+    worst = _worst_key(rows)
+    if worst:
+        rows.sort(key=lambda r: -np.inf if r.get(worst) is None else -float(r[worst]))
+    names = [r["subject"] for r in rows]
+    pages = [names[i:i + SUBJECTS_PER_PAGE] for i in range(0, len(names), SUBJECTS_PER_PAGE)] or [[]]
+    page_of = {s: k for k, chunk in enumerate(pages) for s in chunk}
+    files = path.parent / f"{path.stem}_files"
+    cols = ["subject", "timestamps", "views", "resolution", "dense_backend", "color_correction"] + [k for k, _ in FIGURES]
+    cols += [k for k, _ in LABEL_FIGURES if any(r.get(k) is not None for r in rows)]
+    head = "".join(f"<th>{html.escape(COLUMN_NAMES.get(c, c))}</th>" for c in cols)
+
+    def cell(r: dict, c: str) -> str:
+        value = r.get(c)
+        sort = f' data-v="{float(value)}"' if isinstance(value, (int, float)) and value is not None else ""
+        text = html.escape(_cell(value))
+        if c == "subject":
+            text = f'<a href="{_page_name(path, page_of[value])}#s-{html.escape(value)}">{text}</a>'
+        return f"<td{sort}>{text}</td>"
+
+    body = "".join("<tr>" + "".join(cell(r, c) for c in cols) + "</tr>" for r in rows)
+    plotted = names[:PLOTTED_SUBJECTS]
+    img = f'<img src="data:image/png;base64,{_plot_png(store, plotted)}" alt="per-timestamp quality">' if names else ""
+    motion = _label_epe_png(store, plotted) if names else None
+    if motion:
+        img += (f'<h2>label correspondences against the true motion</h2>'
+                f'<img src="data:image/png;base64,{motion}" alt="label EPE against margin">')
+    by_name = {r["subject"]: r for r in rows}
+    written = []
+    for k, chunk in enumerate(pages):
+        nav = "" if len(pages) == 1 else "<nav>pages: " + "".join(
+            f'<a href="{_page_name(path, j)}">{j + 1}</a>' if j != k else f"<b>{j + 1}</b>" for j in range(len(pages))) + "</nav>"
+        sections = "".join(_subject_section(store, by_name[s], files, cols, write_subject_views, TILES) for s in chunk)
+        top = ""
+        if k == 0:
+            order = f"worst first by {COLUMN_NAMES.get(worst, worst)}; " if worst else ""
+            top = (f"<p>{len(names)} subjects, {report['timestamps']} timestamps, {report['views']} view-samples; "
+                   f"medians over timestamps; {order}click a column to sort.</p>"
+                   f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{img}'
+                   + "".join(f"<h2>evaluation: {html.escape(p)}</h2><pre>{html.escape(t)}</pre>"
+                             for p, t in report.get("evaluations", {}).items()))
+        page = (f"<!doctype html><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
+                f"<title>facecanon-data report {k + 1}/{len(pages)}</title><style>{_STYLE}</style>"
+                f"<h1>{html.escape(str(store))}</h1>{nav}{top}{sections}{nav}<script>{_SCRIPT}</script>")
+        target = path.parent / _page_name(path, k)
+        atomic_write(target, lambda p, page=page: p.write_text(page))  # a full disk leaves the previous page
+        written.append(target)
+    for stale in path.parent.glob(f"{path.stem}-*{path.suffix}"):  # pages of a larger store before
+        if stale not in written and stale.stem[len(path.stem) + 1:].isdigit():
+            stale.unlink()
     return path
+
+
+def _subject_section(store, row: dict, files: Path, cols: list[str], write_views, tiles) -> str:
+    subject = row["subject"]
+    views = write_views(store, subject, files)
+    rel = files.name
+    figures = ", ".join(f"{html.escape(COLUMN_NAMES.get(c, c))} {html.escape(_cell(row.get(c)))}"
+                        for c in cols[1:] if row.get(c) is not None)
+    ranked = (f" ranked by {html.escape(COLUMN_NAMES.get(views['ranked_by'], views['ranked_by']))}"
+              if views["ranked_by"] else "")
+    strips = "".join(
+        f'<figure><img loading="lazy" src="{rel}/{html.escape(name)}" alt="{kind} timestamp of {html.escape(subject)}">'
+        f"<figcaption>{kind} timestamp{ranked}: {html.escape(stamp)}"
+        + ("" if value is None else f" ({value})") + "</figcaption></figure>"
+        for kind, (name, _, stamp, value) in views["strips"].items())
+    regions = (f'<figure><img loading="lazy" src="{rel}/{html.escape(views["regions"])}" alt="error by region">'
+               "<figcaption>label error by region, all timestamps</figcaption></figure>") if views["regions"] else ""
+    return (f'<section id="s-{html.escape(subject)}"><h2>subject {html.escape(subject)}</h2>'
+            f'<p class="figs">{figures}</p><p class="figs">tiles per view: {", ".join(tiles)} '
+            f"(canonical colours on one scale for every subject)</p>"
+            f'<div class="strips">{strips}{regions}</div></section>')

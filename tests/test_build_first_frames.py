@@ -38,6 +38,7 @@ def test_a_test_subject_line_builds_its_first_frames_through_the_same_chain(synt
     assert rep.returncode == 0, rep.stderr
     (row,) = json.loads(rep.stdout.strip().splitlines()[-1])["subjects"]
     assert row["reasons"] == {"expression": 0, "pose": 0, "first": 3}
+    _check_report_in_a_browser(tmp_path / "store" / "report.html")
     # consecutive frames with ground truth: the label correspondences against the true motion, in the store
     assert row["label_epe_px_504_m2"] is not None and row["label_epe_floor_px_504_m2"] is not None
     motion = g.attrs["quality"]["label_epe"]
@@ -69,3 +70,47 @@ def test_a_test_subject_line_builds_its_first_frames_through_the_same_chain(synt
     h = open_subject(tmp_path / "b" / "store", "900")
     for name in ("rgb", "region", "mask", "depth"):
         assert np.array_equal(np.asarray(h[name][:]), np.asarray(g[name][:])), name
+
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+def _check_report_in_a_browser(page: Path) -> None:
+    """report.html in headless Chromium at a laptop's 1280 px and at 1400 px: no console error, every image
+    decoded (the page's own check, written to <body>), no sideways scrolling; screenshots of the top and of
+    the subject's section are kept in test-artifacts/."""
+    import re
+    import shutil
+
+    browser = shutil.which("chromium")
+    if browser is None:
+        pytest.skip("chromium is not installed (`make test` installs it as root; else apt-get install chromium)")
+    ARTIFACTS.mkdir(exist_ok=True)
+    base = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--enable-logging=stderr",
+            "--v=0", "--virtual-time-budget=8000"]
+    for width in (1280, 1400):
+        r = subprocess.run(base + [f"--window-size={width},900", "--dump-dom", page.as_uri() + "?check#s-900"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        console = [line for line in r.stderr.splitlines() if ":CONSOLE" in line]
+        assert not [c for c in console if "Uncaught" in c or ":ERROR:" in c], console
+        # the page's own check (report.html?check: every image loaded before the load event, then counted)
+        body = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', re.search(r"<body[^>]*>", r.stdout)[0]))
+        assert {"images-decoded", "page-width", "page-height", "section-top"} <= set(body), (console, body)
+        decoded, shown = map(int, body["images-decoded"].split("/"))
+        assert shown >= 6 and decoded == shown, body  # plots, 3 strips, regions: every image decoded
+        page_width, window = map(int, body["page-width"].split("/"))
+        assert page_width <= window == width, body  # no sideways scrolling
+    import cv2  # the whole page at 1400 px, then its top and the subject's section as screenshots
+
+    height, top = int(body["page-height"]), int(body["section-top"])
+    whole = ARTIFACTS / "report-page.png"
+    r = subprocess.run(base + [f"--window-size=1400,{height}", f"--screenshot={whole}", page.as_uri() + "?check"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and whole.is_file(), r.stderr[-2000:]
+    image = cv2.imread(str(whole))
+    assert image.shape[:2] == (height, 1400)
+    for name, start in (("report-top", 0), ("report-subject", top)):
+        part = image[start:start + 1100]
+        assert part.std() > 20, name  # not a blank page
+        cv2.imwrite(str(ARTIFACTS / f"{name}.png"), part)

@@ -85,3 +85,32 @@ def test_occluded_or_outside_points_are_not_queried(scene):
     near = pair_errors(_labels(truth_a), _labels(truth_b), truth_a, truth_b, vertices_b, faces, camera,
                        radius_m=0.02, max_queries=5000, rng=np.random.default_rng(0))
     assert 0 < len(errors["label_epe_px"]) < 0.5 * len(near["label_epe_px"])
+
+
+def test_error_sources_match_the_same_pairs_with_labels_exact_up_to_a_stage(scene):
+    """Frames 0 and 2 of a sequence: the stored labels moved 3 px, one oracle exact, the other moved 1 px.
+    Each source reads its own EPE on the same query pixels; the floor and the stored labels' figures are
+    those of the plain measurement."""
+    from types import SimpleNamespace
+
+    from facecanon_data.label_motion import ERROR_SOURCES, LabelMotion
+
+    camera, truth_a, truth_b, vertices_b, faces = scene
+    rc = SimpleNamespace(label_margins=[2], label_margins_average=[], label_max_pairs=8, label_max_queries=5000,
+                         label_match_mm=20.0, label_cross_view_cameras=0)
+    motion = LabelMotion(rc, ["S/000000", "S/000002"], "cam")
+    assert motion.cameras_wanted({"cam": camera}) == {"cam"}
+    for frame, truth, shift in ((0, truth_a, 0), (2, truth_b, 3)):
+        oracles = {"true_at_labelled_pixels": _labels(truth), "true_of_reconstructed_points": _labels(truth, shift // 3)}
+        motion.keep("S", frame, "cam", camera, _labels(truth, shift), truth, oracles)
+        motion.measure("S", frame, vertices_b, faces)
+    figures = motion.figures(NAMES, 1.0)
+    sources = figures["error_sources"]["2"]
+    assert list(sources) == [name for name, _ in ERROR_SOURCES]
+    head = {name: sources[name]["head"] for name in sources}
+    assert head["floor"] == figures["margins"]["2"]["head"]["floor_epe_px_504"]
+    assert head["stored_labels"] == figures["margins"]["2"]["head"]["label_epe_px_504"]
+    assert head["true_at_labelled_pixels"] == pytest.approx(0.37, abs=0.03)  # exact labels: the floor
+    assert head["true_of_reconstructed_points"] == pytest.approx(0.63, abs=0.05)  # 1 px off: |1 - 0.37|
+    assert head["stored_labels"] == pytest.approx(2.63, abs=0.05)  # 3 px off
+    assert motion.views == {}  # every pair measured: nothing kept

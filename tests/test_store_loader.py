@@ -149,16 +149,56 @@ def test_intrinsics_consistent_after_resizing(store):
     np.testing.assert_allclose(scale_intrinsics(np.eye(3), 2, 2)[0, 2], 0.5)
 
 
-def test_report_table_and_html(store, tmp_path):
+def test_report_table_and_html(store, tmp_path, monkeypatch):
+    import cv2
+
     from facecanon_data.report import build_report, write_html
 
     report = build_report(store)
     assert [r["subject"] for r in report["subjects"]] == ["900", "901"]
     assert report["subjects"][0]["cd_l1_mm"] == pytest.approx(0.8) and report["subjects"][0]["reasons"]["expression"] == 4
     page = write_html(store, report, tmp_path / "r.html").read_text()
-    assert "<table>" in page and "data:image/png;base64," in page and page.count("<tr>") == 3
+    assert '<table class="sortable">' in page and "data:image/png;base64," in page and page.count("<tr>") == 3
     assert "<th>CD-L1 (mm)</th>" in page and "<th>cd_l1_mm</th>" not in page  # human names with units
     assert "max-width:100%" in page  # plots scale down to the window
+    for s in ("900", "901"):  # per subject a section with its best / median / worst timestamps, as files
+        assert f'id="s-{s}"' in page and f'href="r.html#s-{s}"' in page
+        for kind in ("best", "median", "worst"):
+            assert f'src="r_files/{s}_{kind}.jpg"' in page
+            image = cv2.imread(str(tmp_path / "r_files" / f"{s}_{kind}.jpg"))
+            assert image.shape[1] == 5 * 112 and image.shape[0] >= 3 * 100  # 5 tiles, 3 views
+    # many subjects: pages of SUBJECTS_PER_PAGE, the summary on the first links into the others
+    import facecanon_data.report as report_module
+
+    monkeypatch.setattr(report_module, "SUBJECTS_PER_PAGE", 1)
+    (tmp_path / "r-7.html").write_text("a page of a larger store before")
+    first = write_html(store, report, tmp_path / "r.html").read_text()
+    second = (tmp_path / "r-2.html").read_text()
+    assert first.count("<section") == 1 and second.count("<section") == 1 and 'href="r-2.html#s-90' in first
+    assert not (tmp_path / "r-7.html").exists()
+
+
+def test_report_thumbnails_rank_timestamps_and_draw_the_visible_mesh():
+    from facecanon_data.report_views import _mesh_overlay, pick_timestamps
+
+    stamps = [{"cd_l1_mm": v, "gt_canonical_error_mm": g} for v, g in ((1.0, 3.0), (0.5, 1.0), (2.0, 2.0))]
+    assert pick_timestamps(stamps) == ("gt_canonical_error_mm", {"best": 1, "median": 2, "worst": 0})
+    stamps[0]["gt_canonical_error_mm"] = None  # not every timestamp has ground truth: rank by CD-L1
+    assert pick_timestamps(stamps) == ("cd_l1_mm", {"best": 1, "median": 0, "worst": 2})
+    assert pick_timestamps([{}]) == (None, {})
+    # a square facing the camera at 1 m
+    k = np.array([[100.0, 0, 49.5], [0, 100.0, 49.5], [0, 0, 1]])
+    vertices = np.array([[-0.2, -0.2, 1.0], [0.2, -0.2, 1.0], [-0.2, 0.2, 1.0], [0.2, 0.2, 1.0]])
+    faces = np.array([[0, 1, 2], [1, 3, 2]])
+    rgb = np.full((100, 100, 3), 100, np.uint8)
+    seen = _mesh_overlay(rgb, k, np.eye(4), vertices, faces)
+    assert (seen[..., 1] > 150).sum() > 100  # its edges
+    # ... and behind a nearer square (the same mesh), its edges are hidden
+    cover = np.array([[-0.12, -0.12, 0.5], [0.12, -0.12, 0.5], [-0.12, 0.12, 0.5], [0.12, 0.12, 0.5]])  # +-24 px
+    both = _mesh_overlay(rgb, k, np.eye(4), np.concatenate([cover, vertices]), np.concatenate([faces, faces + 4]))
+    top_edge = (slice(28, 32), slice(35, 45))  # the far square's top edge (row 29.5), left of the diagonals
+    assert (seen[top_edge][..., 1] > 150).any() and not (both[top_edge][..., 1] > 150).any()
+    assert (both[..., 1] > 150).sum() > 100  # the cover's own edges
 
 
 # ---------------------------------------------------------------------------------------------

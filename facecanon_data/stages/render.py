@@ -41,7 +41,7 @@ from ..errors import InputFileNotFound
 from ..foreground import mask_iou
 from ..label_motion import LabelMotion, ViewLabels, ViewTruth
 from ..regions import eval_region, vertex_labels
-from ..meshes import cast_camera_rays, raycasting_scene
+from ..meshes import barycentric_interpolate, cast_camera_rays, closest_points, raycasting_scene
 from ..threads import apply_thread_cap
 from .canonicalize import REGIONS as MODEL_REGIONS
 from .canonicalize import TRANSFER_MODES, canonical_dir
@@ -276,11 +276,11 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
         render_s += time.perf_counter() - t0
         n_views += len(serials)
         has = maps.index >= 0
-        point = np.where(has, maps.index, 0)
+        pixel_point = np.where(has, maps.index, 0)  # (V, H, W) the point each pixel shows (0 where none)
         disagreement = cross_view_disagreement_mm(
             maps, cams, nearest_cameras(serials, cams, rc.confidence_cross_view_cameras), rc.consistency_depth_mm / 1000)
-        confidence = to_levels(label_confidence(maps.mask, np.where(has, distance_mm[point], 0), disagreement,
-                                                np.where(has, observed.sum(1)[point], 0), scales), maps.mask)
+        confidence = to_levels(label_confidence(maps.mask, np.where(has, distance_mm[pixel_point], 0), disagreement,
+                                                np.where(has, observed.sum(1)[pixel_point], 0), scales), maps.mask)
         stored = maps.canonical.astype(rc.canonical_dtype)
         store_err = max(store_err, float(np.abs(stored.astype(np.float32) - maps.canonical).max()) * 1000)
         cv, npairs = cross_view_canonical_mm(maps, cams, rc.consistency_depth_mm / 1000, rc.cross_view_pixels_per_view)
@@ -295,6 +295,10 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
         if gt is not None:
             ce, rel = [], []
             wanted = motion.cameras_wanted(cams) if motion is not None else set()
+            scene_vertices, scene_faces, _, scene_canonical = gt.scene(seq, frame)
+            if wanted:  # each reconstructed point's true canonical point: the ground-truth surface nearest to it
+                _, tri, bary = closest_points(scene_vertices, scene_faces, pts)
+                point_truth = barycentric_interpolate(scene_canonical.astype(np.float32), scene_faces, tri, bary)
             for v, s in enumerate(serials):
                 g = gt.view_maps(seq, frame, s, downscale=cfg.reconstruct.downscale or cfg.capture.downscale)
                 m = maps.mask[v] & g["mask"]
@@ -308,17 +312,23 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
                 ce.append(np.linalg.norm(stored[v][m].astype(np.float32) - g["canonical"][m], axis=1) * 1000)
                 rel.append(np.abs(maps.depth[v][m] - g["depth"][m]) / g["depth"][m])
                 if s in wanted:
+                    region_v = eval_region(maps.region[v])
+                    oracles = {  # labels exact up to a stage (label_motion.ERROR_SOURCES)
+                        "true_at_labelled_pixels": ViewLabels(g["canonical"], m, region_v),
+                        "true_of_reconstructed_points": ViewLabels(
+                            np.where(maps.mask[v][..., None], point_truth[pixel_point[v]], 0).astype(np.float32),
+                            maps.mask[v], region_v)}
                     motion.keep(seq, frame, s, cams[s],
-                                ViewLabels(stored[v].astype(np.float32), maps.mask[v], eval_region(maps.region[v]),
+                                ViewLabels(stored[v].astype(np.float32), maps.mask[v], region_v,
                                            from_levels(confidence[v])),
-                                ViewTruth(g["canonical"], g["mask"], g["triangle"], g["bary"], g["depth"], gt_region))
+                                ViewTruth(g["canonical"], g["mask"], g["triangle"], g["bary"], g["depth"], gt_region),
+                                oracles)
                 point = maps.index[v][m]  # the point each valid pixel shows: its transfers and its distance
                 by_transfer_gt.append({mode: np.linalg.norm(c[point] - g["canonical"][m], axis=1) * 1000
                                        for mode, c in by_mode.items()} | {"far": distance_mm[point] > NEAR_MM})
                 by_region.append((region_of_pixel, ce[-1]))
             if motion is not None:
-                vertices, scene_faces = gt.scene(seq, frame)[:2]
-                motion.measure(seq, frame, vertices, scene_faces)
+                motion.measure(seq, frame, scene_vertices, scene_faces)
             ce, rel = np.concatenate(ce), np.concatenate(rel)
             gt_can.append(ce)
             gt_rel.append(rel)
