@@ -318,6 +318,13 @@ class RenderConfig:
     label_max_pairs: int = opt(8, "frame pairs measured per margin (a seeded sample where more exist)")
     label_max_queries: int = opt(1000, "query pixels per image pair (a seeded sample)")
     label_cross_view_cameras: int = opt(2, "cross-view pairs: the frontal camera with this many nearest cameras")
+    canonical_from: str = opt(
+        "tracked_surface_near",
+        "what a labelled pixel's canonical label comes from: 'tracked_surface_near', where the reconstructed point "
+        "it shows lies within canonical_from_near_mm of the tracked mesh, the canonical point of the mesh where "
+        "the pixel's ray meets it (no reconstruction noise), else the point's; 'points', always the "
+        "canonicalized point (the paper's recipe). docs/pipeline.md, error_sources")
+    canonical_from_near_mm: float = opt(2.0, "'tracked_surface_near': the distance to the tracked mesh that counts as near")
     confidence_surface_mm: float = opt(
         2.0, "label confidence (docs/store.md, confidence): a point this far from the tracked surface keeps "
              "exp(-1/2) of it")
@@ -540,6 +547,9 @@ def _validate(cfg: PipelineConfig, where: str) -> None:
             len(r.label_margins_average) != 2 or not 1 <= r.label_margins_average[0] <= r.label_margins_average[1])):
         raise ConfigError(f"{where}: render.label_margins must be frame counts >= 1 and render.label_margins_average "
                           "[first, last] with 1 <= first <= last, or []")
+    if r.canonical_from not in ("points", "tracked_surface_near") or r.canonical_from_near_mm <= 0:
+        raise ConfigError(f"{where}: render.canonical_from must be 'points' or 'tracked_surface_near' and "
+                          f"render.canonical_from_near_mm positive, got {r.canonical_from!r}, {r.canonical_from_near_mm}")
     if r.confidence_surface_mm <= 0 or r.confidence_cross_view_mm <= 0 or r.confidence_observers < 1 \
             or r.confidence_cross_view_cameras < 1:
         raise ConfigError(f"{where}: render.confidence_surface_mm and confidence_cross_view_mm must be positive, "

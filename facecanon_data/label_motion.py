@@ -165,6 +165,10 @@ ERROR_SOURCES = (
                                      "point of the ground-truth surface nearest to it: reconstruction noise only"),
     ("stored_labels", "the stored labels: reconstruction, tracking and transfer"),
 )
+# A labelling measured beside them (not a stage): the tracked mesh's canonical point where each labelled
+# pixel's ray meets it, so no reconstruction noise but the whole tracking error.
+ALTERNATIVES = (("tracked_surface_at_pixels", "the tracked mesh's canonical point where each labelled pixel's "
+                                              "ray meets it: tracking error, no reconstruction noise"),)
 
 
 class LabelMotion:
@@ -262,10 +266,11 @@ class LabelMotion:
         out = {}
         for m, stored in [*((int(k), v) for k, v in margins.items()), (0, cross_view)]:
             row = {"floor": {g: f["floor_epe_px_504"] for g, f in stored.items()}}
-            for name, _ in ERROR_SOURCES[1:-1]:
+            for name, _ in ERROR_SOURCES[1:-1] + ALTERNATIVES:
                 records = self.oracle_records.get((name, m))
                 if records:
                     row[name] = {g: f["label_epe_px_504"] for g, f in summarize(records, region_names, scale_504).items()}
             row["stored_labels"] = {g: f["label_epe_px_504"] for g, f in stored.items()}
-            out["cross_view" if m == 0 else str(m)] = row
+            alternatives = {name: row.pop(name) for name, _ in ALTERNATIVES if name in row}
+            out["cross_view" if m == 0 else str(m)] = row | alternatives
         return out

@@ -150,3 +150,18 @@ def test_the_loader_resamples_confidence_with_the_labels_and_the_loss_weighs_by_
     del targets["weight"]
     with pytest.raises(ValueError, match="label confidence"):
         total_loss(pred, targets, cfg)
+
+
+def test_tracked_surface_labels_read_the_canonical_mesh_where_each_ray_meets_it():
+    from facecanon_data.stages.render import tracked_surface_labels
+
+    faces = np.array([[0, 1, 2]])
+    canonical_vertices = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], np.float32) * 0.1
+    triangle = np.array([[[0, -1], [0, 0]]])  # (V=1, H=2, W=2): one pixel misses the mesh
+    bary = np.array([[[[1, 0, 0], [0, 0, 0]], [[0, 1, 0], [0.2, 0.3, 0.5]]]], np.float32)
+    mask = np.array([[[True, True], [False, True]]])
+    maps = SimpleNamespace(triangle=triangle, bary=bary, mask=mask, region=np.ones((1, 2, 2), np.uint8))
+    labels = tracked_surface_labels(maps, 0, canonical_vertices, faces)
+    np.testing.assert_array_equal(labels.labelled, [[True, False], [False, True]])  # labelled and hit
+    np.testing.assert_allclose(labels.canonical[1, 1], [0.03, 0.05, 0.0], atol=1e-7)
+    np.testing.assert_allclose(labels.canonical[0, 0], [0.0, 0.0, 0.0])

@@ -37,6 +37,8 @@ def test_shipped_pipelines_load_and_hash_differs():
     ("[track]\nlearning_rate = nan\n", r"track.learning_rate must be a finite number, got nan"),
     ("[track]\nlearning_rate = -0.1\n", r"track.learning_rate must be > 0"),
     ("[reconstruct.foreground]\nlow_floor = inf\n", r"reconstruct.foreground.low_floor must be a finite number"),
+    ("[render]\ncanonical_from = 'mesh'\n", r"render.canonical_from must be 'points' or 'tracked_surface_near'"),
+    ("[render]\nconfidence_observers = 0\n", r"confidence_observers and confidence_cross_view_cameras at least 1"),
 ])
 def test_config_errors_name_file_and_key(tmp_path, text, message):
     path = tmp_path / "bad.toml"

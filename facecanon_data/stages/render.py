@@ -4,7 +4,10 @@ Per timestamp and view: the canonicalized points that the view observed (``recon
 table) are splatted with a z-buffer in torch (``scatter_reduce(..., "amin")`` on CPU or GPU); the depth
 of the nearest point and its canonical coordinate fill the pixel. On a dense reconstruction (COLMAP's
 PatchMatch or the torch MVS) the depth is the backend's filtered depth map and the canonical map is kept
-where the splatted point agrees with it. The tracked FLAME mesh is ray-cast per view for its foreground (the ``valid_fraction`` base)
+where the splatted point agrees with it. With ``render.canonical_from = "tracked_surface_near"`` (the default)
+a labelled pixel whose point lies within ``canonical_from_near_mm`` of the tracked mesh takes instead the
+mesh's canonical point where the pixel's ray meets it (no reconstruction noise; the measurement behind it
+is ``label_epe["error_sources"]``). The tracked FLAME mesh is ray-cast per view for its foreground (the ``valid_fraction`` base)
 and, with ``reconstruct``'s foreground masks, for the per-pixel region map (:mod:`facecanon_data.regions`:
 face, hair, ears, neck, body; face + hair is the evaluation region, the stand-in for Facer masks).
 
@@ -105,6 +108,8 @@ class ViewMaps:
     index: np.ndarray
     foreground: np.ndarray  # (V, H, W) bool: the tracked mesh covers the pixel
     region: np.ndarray  # (V, H, W) uint8 codes of regions.REGION_LABELS (the evaluation's face + hair)
+    triangle: np.ndarray  # (V, H, W) int64 the tracked mesh's triangle each pixel's ray meets first (-1: none)
+    bary: np.ndarray  # (V, H, W, 3) float32 barycentric coordinates of that hit
 
 
 def render_timestamp(points: np.ndarray, canonical: np.ndarray, observed: np.ndarray, keep: np.ndarray,
@@ -126,6 +131,8 @@ def render_timestamp(points: np.ndarray, canonical: np.ndarray, observed: np.nda
     canon = np.zeros((n_v, h, w, 3), np.float32)
     index = np.full((n_v, h, w), -1, np.int64)
     fg = np.zeros((n_v, h, w), bool)
+    hit_triangle = np.full((n_v, h, w), -1, np.int64)
+    hit_bary = np.zeros((n_v, h, w, 3), np.float32)
     region = np.zeros((n_v, h, w), np.uint8)
     scene = raycasting_scene(tracked, faces)
     pts_t = torch.as_tensor(points, dtype=torch.float32, device=device)
@@ -145,14 +152,15 @@ def render_timestamp(points: np.ndarray, canonical: np.ndarray, observed: np.nda
             i = np.where(agree, i, -1)
             c = np.where(agree[..., None], c, 0)
         depth[v], canon[v], index[v] = d, c, i
-        triangle = cast_camera_rays(scene, cam)[1]
+        _, triangle, hit_bary[v] = cast_camera_rays(scene, cam)
+        hit_triangle[v] = triangle
         fg[v] = triangle >= 0
         if vertex_label is not None:
             px, z = cam.project(tracked)
             region[v] = region_map(triangle, faces, vertex_label, px, z > 1e-6,
                                    None if segmentation is None else segmentation.get(s))
     mask = (index >= 0) & (depth > 0)
-    return ViewMaps(serials, depth, canon, mask, index, fg, region)
+    return ViewMaps(serials, depth, canon, mask, index, fg, region, hit_triangle, hit_bary)
 
 
 def cross_view_canonical_mm(maps: ViewMaps, cameras: dict[str, Camera], tol_m: float,
@@ -205,6 +213,7 @@ class RenderResult:
     region_iou_face_hair_min: float | None = None
     # the correspondences the labels define against the true motion (label_motion; docs/pipeline.md)
     confidence_mean: float | None = None  # median over timestamps of the labelled pixels' mean confidence
+    labels_from_tracked_surface: float | None = None  # canonical_from = "tracked_surface_near": their fraction
     label_epe: dict | None = None
     label_epe_px_504_m2: float | None = None  # frontal camera, margin 2, all head, at a 504 px longest side
     label_epe_floor_px_504_m2: float | None = None
@@ -240,6 +249,7 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
     track = StageDir(work, subject, "track")
     with np.load(track.file("vertices.npz")) as z:
         keys, tracked, faces = [str(k) for k in z["keys"]], z["tracked"], z["faces"]
+        canonical_mesh = z["canonical"].astype(np.float32)  # (Vtx, 3) the subject's canonical vertices
     out = StageDir(work, subject, STAGE)
     out.path.mkdir(parents=True, exist_ok=True)
     gt = source.ground_truth(subject) if source is not None else None
@@ -253,6 +263,7 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
     render_s, n_views, cross, pairs, dense_any = 0.0, 0, [], 0, False
     scales = ConfidenceScales(rc.confidence_surface_mm, rc.confidence_cross_view_mm, rc.confidence_observers)
     confidence_means = []  # per timestamp: the mean confidence of its labelled pixels
+    surface_fraction = []  # per timestamp, with canonical_from = "tracked_surface_near": labels from the mesh
     motion = LabelMotion(rc, keys, cfg.capture.frontal_serial) if gt is not None else None
     for i, key in enumerate(keys):
         seq, frame = key.rsplit("/", 1)
@@ -277,6 +288,10 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
         n_views += len(serials)
         has = maps.index >= 0
         pixel_point = np.where(has, maps.index, 0)  # (V, H, W) the point each pixel shows (0 where none)
+        if rc.canonical_from == "tracked_surface_near":
+            near = maps.mask & (maps.triangle >= 0) & (distance_mm[pixel_point] <= rc.canonical_from_near_mm)
+            maps.canonical[near] = barycentric_interpolate(canonical_mesh, faces, maps.triangle[near], maps.bary[near])
+            surface_fraction.append(float(near.sum() / max(maps.mask.sum(), 1)))
         disagreement = cross_view_disagreement_mm(
             maps, cams, nearest_cameras(serials, cams, rc.confidence_cross_view_cameras), rc.consistency_depth_mm / 1000)
         confidence = to_levels(label_confidence(maps.mask, np.where(has, distance_mm[pixel_point], 0), disagreement,
@@ -317,7 +332,8 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
                         "true_at_labelled_pixels": ViewLabels(g["canonical"], m, region_v),
                         "true_of_reconstructed_points": ViewLabels(
                             np.where(maps.mask[v][..., None], point_truth[pixel_point[v]], 0).astype(np.float32),
-                            maps.mask[v], region_v)}
+                            maps.mask[v], region_v),
+                        "tracked_surface_at_pixels": tracked_surface_labels(maps, v, canonical_mesh, faces)}
                     motion.keep(seq, frame, s, cams[s],
                                 ViewLabels(stored[v].astype(np.float32), maps.mask[v], region_v,
                                            from_levels(confidence[v])),
@@ -357,7 +373,8 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
         cross_view_canonical_mm=round(float(np.nanmedian(cross)), 4) if cross else float("nan"),
         cross_view_pairs=pairs, canonical_dtype=rc.canonical_dtype, canonical_storage_error_mm=round(store_err, 5),
         ms_per_view=round(1000 * render_s / max(n_views, 1), 2), dense=dense_any, per_timestamp=per_ts,
-        confidence_mean=round(float(np.nanmedian(confidence_means)), 4) if per_ts else None)
+        confidence_mean=round(float(np.nanmedian(confidence_means)), 4) if per_ts else None,
+        labels_from_tracked_surface=round(float(np.mean(surface_fraction)), 4) if surface_fraction else None)
     if gt_can:
         all_ce, all_rel = np.concatenate(gt_can), np.concatenate(gt_rel)
         result.gt_canonical_error_mm = round(float(np.median(all_ce)), 4)
@@ -382,6 +399,16 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
             setattr(result, f"label_epe_floor_px_504_m{m}", head.get("floor_epe_px_504"))
             setattr(result, f"label_epe_confident_half_px_504_m{m}", head.get("confident_half", {}).get("label_epe_px_504"))
     return result
+
+
+def tracked_surface_labels(maps: ViewMaps, v: int, canonical_vertices: np.ndarray, faces: np.ndarray):
+    """View v's labelled pixels labelled instead with the canonical point of the tracked mesh where the
+    pixel's ray meets it (no reconstructed point involved): :class:`label_motion.ViewLabels`."""
+    tri = maps.triangle[v]
+    labelled = maps.mask[v] & (tri >= 0)
+    canonical = np.zeros(tri.shape + (3,), np.float32)
+    canonical[labelled] = barycentric_interpolate(canonical_vertices, faces, tri[labelled], maps.bary[v][labelled])
+    return ViewLabels(canonical, labelled, eval_region(maps.region[v]))
 
 
 # What a ground-truth pixel shows, for the error table: the head model's region of the hit triangle,
