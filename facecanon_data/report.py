@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .report_views import TILES, write_subject_views
 from .store import open_subject, subjects
 
 # Per-timestamp figures the stages record (attrs["timestamps"][i]); shown when present.
@@ -197,7 +198,6 @@ def write_html(store: str | Path, report: dict, path: str | Path) -> Path:
     to its section) and the plots; every page holds its subjects' sections (figures, thumbnail strips of
     the best, median and worst timestamps, the error by region). Laid out to fit a laptop's window."""
     from .artifacts import atomic_write
-    from .report_views import TILES, write_subject_views
 
     path = Path(path)
     rows = list(report["subjects"])
@@ -232,7 +232,7 @@ def write_html(store: str | Path, report: dict, path: str | Path) -> Path:
     for k, chunk in enumerate(pages):
         nav = "" if len(pages) == 1 else "<nav>pages: " + "".join(
             f'<a href="{_page_name(path, j)}">{j + 1}</a>' if j != k else f"<b>{j + 1}</b>" for j in range(len(pages))) + "</nav>"
-        sections = "".join(_subject_section(store, by_name[s], files, cols, write_subject_views, TILES) for s in chunk)
+        sections = "".join(_subject_section(store, by_name[s], files, cols) for s in chunk)
         top = ""
         if k == 0:
             order = f"worst first by {COLUMN_NAMES.get(worst, worst)}; " if worst else ""
@@ -253,9 +253,10 @@ def write_html(store: str | Path, report: dict, path: str | Path) -> Path:
     return path
 
 
-def _subject_section(store, row: dict, files: Path, cols: list[str], write_views, tiles) -> str:
+def _subject_section(store, row: dict, files: Path, cols: list[str]) -> str:
+    """One subject's section: its figures, thumbnail strips and error by region (images written to ``files``)."""
     subject = row["subject"]
-    views = write_views(store, subject, files)
+    views = write_subject_views(store, subject, files)
     rel = files.name
     figures = ", ".join(f"{html.escape(COLUMN_NAMES.get(c, c))} {html.escape(_cell(row.get(c)))}"
                         for c in cols[1:] if row.get(c) is not None)
@@ -269,6 +270,6 @@ def _subject_section(store, row: dict, files: Path, cols: list[str], write_views
     regions = (f'<figure><img loading="lazy" src="{rel}/{html.escape(views["regions"])}" alt="error by region">'
                "<figcaption>label error by region, all timestamps</figcaption></figure>") if views["regions"] else ""
     return (f'<section id="s-{html.escape(subject)}"><h2>subject {html.escape(subject)}</h2>'
-            f'<p class="figs">{figures}</p><p class="figs">tiles per view: {", ".join(tiles)} '
+            f'<p class="figs">{figures}</p><p class="figs">tiles per view: {", ".join(TILES)} '
             f"(canonical colours on one scale for every subject)</p>"
             f'<div class="strips">{strips}{regions}</div></section>')

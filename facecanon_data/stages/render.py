@@ -288,13 +288,17 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
         n_views += len(serials)
         has = maps.index >= 0
         pixel_point = np.where(has, maps.index, 0)  # (V, H, W) the point each pixel shows (0 where none)
+        surface_mm = np.where(has, distance_mm[pixel_point], 0)  # (V, H, W) the point's distance to the mesh
+        # every labelled pixel's canonical point on the tracked mesh at its ray (the labels near the surface
+        # and the error-source figures read them)
+        on_mesh = [tracked_surface_labels(maps, v, canonical_mesh, faces) for v in range(len(serials))]
         if rc.canonical_from == "tracked_surface_near":
-            near = maps.mask & (maps.triangle >= 0) & (distance_mm[pixel_point] <= rc.canonical_from_near_mm)
-            maps.canonical[near] = barycentric_interpolate(canonical_mesh, faces, maps.triangle[near], maps.bary[near])
+            near = np.stack([view.labelled for view in on_mesh]) & (surface_mm <= rc.canonical_from_near_mm)
+            maps.canonical[near] = np.stack([view.canonical for view in on_mesh])[near]
             surface_fraction.append(float(near.sum() / max(maps.mask.sum(), 1)))
         disagreement = cross_view_disagreement_mm(
             maps, cams, nearest_cameras(serials, cams, rc.confidence_cross_view_cameras), rc.consistency_depth_mm / 1000)
-        confidence = to_levels(label_confidence(maps.mask, np.where(has, distance_mm[pixel_point], 0), disagreement,
+        confidence = to_levels(label_confidence(maps.mask, surface_mm, disagreement,
                                                 np.where(has, observed.sum(1)[pixel_point], 0), scales), maps.mask)
         stored = maps.canonical.astype(rc.canonical_dtype)
         store_err = max(store_err, float(np.abs(stored.astype(np.float32) - maps.canonical).max()) * 1000)
@@ -333,7 +337,7 @@ def run_render(source, subject: str, cfg: PipelineConfig, work, device: str = "c
                         "true_of_reconstructed_points": ViewLabels(
                             np.where(maps.mask[v][..., None], point_truth[pixel_point[v]], 0).astype(np.float32),
                             maps.mask[v], region_v),
-                        "tracked_surface_at_pixels": tracked_surface_labels(maps, v, canonical_mesh, faces)}
+                        "tracked_surface_at_pixels": on_mesh[v]}
                     motion.keep(seq, frame, s, cams[s],
                                 ViewLabels(stored[v].astype(np.float32), maps.mask[v], region_v,
                                            from_levels(confidence[v])),
